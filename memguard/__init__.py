@@ -1,0 +1,7 @@
+"""memguard: keeps Python web apps behind gunicorn or uvicorn from dying of memory."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

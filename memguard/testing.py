@@ -1,0 +1,346 @@
+"""Real servers and real memory cgroups, for memguard's tests, benchmarks and demo.
+
+Nothing here is mocked: :func:`serve` starts a real gunicorn or uvicorn on a loopback
+socket bound to port 0, and :class:`MemoryCgroup` creates a real cgroup v1 memory group.
+Both always clean up after themselves: every process they start is stopped (by its
+process group, which they created), and every group they create is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "CGROUP_V1_MEMORY",
+    "MemoryCgroup",
+    "Server",
+    "cgroup_unavailable_reason",
+    "http_request",
+    "serve",
+]
+
+CGROUP_V1_MEMORY = Path("/sys/fs/cgroup/memory")
+_GROUP_PREFIX = "memguard-"
+
+
+# --------------------------------------------------------------------------------------
+# Memory cgroups
+
+
+def cgroup_unavailable_reason(root: Path = CGROUP_V1_MEMORY) -> str | None:
+    """``None`` when a memory cgroup can be created here, otherwise why not."""
+    if not (root / "memory.limit_in_bytes").exists():
+        return f"no cgroup v1 memory hierarchy at {root}"
+    if os.geteuid() != 0:
+        return "creating memory cgroups needs root"
+    probe = root / f"{_GROUP_PREFIX}probe-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.mkdir()
+    except OSError as exc:
+        return f"{root} is not writable: {exc}"
+    try:
+        probe.rmdir()
+    except OSError:
+        pass
+    return None
+
+
+class MemoryCgroup:
+    """A fresh cgroup v1 memory group with a limit, removed on exit.
+
+    ``with MemoryCgroup("400MiB") as group: proc = group.popen([...])`` runs a command
+    inside it from its first instruction (a shell moves itself in, then ``exec``s the
+    command), so no allocation escapes the limit. ``group.oom_kills`` counts the
+    kernel's OOM kills in the group; ``group.peak`` is the group's peak usage.
+    """
+
+    def __init__(self, limit: int | str, *, name: str | None = None,
+                 root: Path = CGROUP_V1_MEMORY) -> None:
+        from memguard.sizes import parse_size
+
+        self.limit = parse_size(limit)
+        self.path = root / (name or f"{_GROUP_PREFIX}{uuid.uuid4().hex[:12]}")
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> MemoryCgroup:
+        self.path.mkdir()
+        try:
+            self._write("memory.limit_in_bytes", str(self.limit))
+            # No swap either, where the kernel accounts it: a limit that can spill to
+            # swap is not the limit a container has.
+            memsw = self.path / "memory.memsw.limit_in_bytes"
+            if memsw.exists():
+                with contextlib.suppress(OSError):
+                    self._write("memory.memsw.limit_in_bytes", str(self.limit))
+        except BaseException:
+            self.path.rmdir()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _write(self, name: str, value: str) -> None:
+        with open(self.path / name, "w") as f:
+            f.write(value)
+
+    def _read(self, name: str) -> str:
+        with open(self.path / name) as f:
+            return f.read()
+
+    def wrap(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` prefixed so that it runs inside this group from its first instruction."""
+        return ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"',
+                str(self.path), *argv]
+
+    def popen(self, argv: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
+        kwargs.setdefault("start_new_session", True)
+        proc: subprocess.Popen[bytes] = subprocess.Popen(self.wrap(argv), **kwargs)  # type: ignore[call-overload]
+        self._procs.append(proc)
+        return proc
+
+    def run(self, argv: Sequence[str], timeout: float = 60,
+            **kwargs: object) -> subprocess.CompletedProcess[bytes]:
+        kwargs.setdefault("capture_output", True)
+        proc = self.popen(argv, stdout=subprocess.PIPE if kwargs.pop("capture_output") else None,
+                          stderr=subprocess.PIPE, **kwargs)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            out, err = proc.communicate()
+            raise
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def pids(self) -> list[int]:
+        try:
+            return [int(p) for p in self._read("cgroup.procs").split()]
+        except OSError:
+            return []
+
+    @property
+    def oom_kills(self) -> int:
+        for line in self._read("memory.oom_control").splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return 0
+
+    @property
+    def usage(self) -> int:
+        return int(self._read("memory.usage_in_bytes"))
+
+    @property
+    def peak(self) -> int:
+        return int(self._read("memory.max_usage_in_bytes"))
+
+    def close(self) -> None:
+        if not self.path.exists():
+            return
+        for proc in self._procs:
+            _kill_group(proc)
+        deadline = time.monotonic() + 10
+        while True:
+            remaining = self.pids()
+            if not remaining:
+                break
+            # Only processes this object started (or their descendants) can be here:
+            # the group was created empty for it.
+            for pid in remaining:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        for proc in self._procs:
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=5)
+        for _ in range(100):
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.path.rmdir()
+
+
+# --------------------------------------------------------------------------------------
+# Real servers on loopback
+
+
+@dataclass
+class Server:
+    """A running server: its process, port, and the log it writes."""
+
+    proc: subprocess.Popen[bytes]
+    host: str
+    port: int
+    log_path: Path
+    _sock: socket.socket | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        """The server's main process (gunicorn's master), not the ``sh`` of a cgroup."""
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def children(self) -> list[int]:
+        import psutil
+
+        try:
+            return [c.pid for c in psutil.Process(self.proc.pid).children()]
+        except psutil.NoSuchProcess:
+            return []
+
+    def wait_for_workers(self, count: int, timeout: float = 30) -> list[int]:
+        """Wait until the master has ``count`` children (workers boot one by one)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = self.children()
+            if len(pids) >= count or time.monotonic() > deadline:
+                return pids
+            time.sleep(0.05)
+
+
+def _free_listener(host: str) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process group of ``proc`` (which ``start_new_session`` made ours)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def http_request(
+    url: str, method: str = "GET", path: str = "/", body: bytes | None = None,
+    headers: Mapping[str, str] | None = None, timeout: float = 10,
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 request with the standard library: (status, headers, body)."""
+    host_port = url.split("://", 1)[1]
+    host, _, port = host_port.partition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=dict(headers or {}))
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def serve(
+    kind: str,
+    app: str,
+    args: Sequence[str] = (),
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | Path | None = None,
+    cgroup: MemoryCgroup | None = None,
+    ready_path: str = "/",
+    timeout: float = 30,
+    host: str = "127.0.0.1",
+) -> Iterator[Server]:
+    """Run ``gunicorn`` or ``uvicorn`` serving ``app`` on a loopback port until exit.
+
+    The listening socket is bound to port 0 here and handed to the server by descriptor
+    (``--bind fd://N`` for gunicorn, ``--fd N`` for uvicorn), so the port is known
+    before the server starts and no two tests can race for one. The server runs in its
+    own session; on exit it gets SIGTERM (gunicorn's graceful stop), then its whole
+    process group gets SIGKILL, and the function waits until the group is gone.
+    """
+    sock = _free_listener(host)
+    fd = sock.fileno()
+    port = sock.getsockname()[1]
+    if kind == "gunicorn":
+        argv = [sys.executable, "-m", "gunicorn", "--bind", f"fd://{fd}", *args, app]
+    elif kind == "uvicorn":
+        argv = [sys.executable, "-m", "uvicorn", "--fd", str(fd), *args, app]
+    else:
+        raise ValueError(f"unknown server kind {kind!r}: expected 'gunicorn' or 'uvicorn'")
+    log_fd, log_name = tempfile.mkstemp(prefix="memguard-server-", suffix=".log")
+    log_path = Path(log_name)
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    if cgroup is not None:
+        argv = cgroup.wrap(argv)
+    proc = subprocess.Popen(
+        argv, stdout=log_fd, stderr=log_fd, stdin=subprocess.DEVNULL, pass_fds=(fd,),
+        cwd=cwd, env=full_env, start_new_session=True,
+    )
+    os.close(log_fd)
+    server = Server(proc=proc, host=host, port=port, log_path=log_path, _sock=sock)
+    try:
+        _wait_ready(server, ready_path, timeout)
+        yield server
+    finally:
+        _stop(server)
+        sock.close()
+        with contextlib.suppress(OSError):
+            log_path.unlink()
+
+
+def _wait_ready(server: Server, path: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(
+                f"server exited with {server.proc.returncode} before answering:\n{server.log()}"
+            )
+        try:
+            http_request(server.url, path=path, timeout=2)
+            return
+        except (OSError, http.client.HTTPException) as exc:
+            last_error = exc
+            time.sleep(0.05)
+    raise TimeoutError(f"server did not answer within {timeout}s ({last_error}):\n{server.log()}")
+
+
+def _stop(server: Server, grace: float = 15) -> None:
+    proc = server.proc
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    _kill_group(proc)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+    # Wait for stragglers (workers) in the group to be reaped by init.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.02)
