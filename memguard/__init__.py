@@ -4,4 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["MemGuardMiddleware", "MemGuardWSGIMiddleware", "__version__"]
+
+from memguard.asgi import MemGuardMiddleware  # noqa: E402
+from memguard.wsgi import MemGuardWSGIMiddleware  # noqa: E402

@@ -188,6 +188,136 @@ def reference_markdown(sections: Iterable[str] | None = None) -> str:
 # =====================================================================================
 
 
+def parse_body_limit(value: Any) -> int | None:
+    """A body size limit: bytes or a size string; ``None``/"off"/"unlimited" for none.
+    Percentages make no sense for a body and are refused."""
+    limit = parse_optional_size(value)
+    if isinstance(limit, str):
+        raise ValueError(f"invalid body size {value!r}: a percentage is not a body size")
+    return limit
+
+
+def _pairs(value: Any, what: str) -> list[tuple[str, Any]]:
+    """``{"a": 1}`` or the environment's ``"a=1,b=2"`` as a list of pairs."""
+    if isinstance(value, str):
+        pairs: list[tuple[str, Any]] = []
+        for item in value.split(","):
+            if not item.strip():
+                continue
+            key, sep, size = item.partition("=")
+            if not sep:
+                raise ValueError(f"invalid {what} entry {item.strip()!r}: expected PATTERN=SIZE")
+            pairs.append((key.strip(), size.strip()))
+        return pairs
+    if isinstance(value, Mapping):
+        return [(str(k), v) for k, v in value.items()]
+    raise ValueError(f"invalid {what} {value!r}: expected a mapping of pattern to size")
+
+
+def parse_route_limits(value: Any) -> dict[str, int | None | dict[str, int | None]]:
+    """``{"/upload/*": "5GiB", "/api/*": "1MiB"}``; a value may also be a mapping of
+    content types to sizes (``{"*": "64MiB", "application/json": "64MiB"}``) that
+    replaces the content-type limits for that route."""
+    routes: dict[str, int | None | dict[str, int | None]] = {}
+    for pattern, limit in _pairs(value, "routes"):
+        if not pattern.startswith("/") and pattern != "*":
+            raise ValueError(f"invalid route pattern {pattern!r}: must start with '/' or be '*'")
+        if "*" in pattern[:-1]:
+            raise ValueError(f"invalid route pattern {pattern!r}: '*' is allowed only at the end")
+        if isinstance(limit, Mapping):
+            routes[pattern] = {str(k).strip().lower(): parse_body_limit(v)
+                               for k, v in limit.items()}
+        else:
+            routes[pattern] = parse_body_limit(limit)
+    return routes
+
+
+DEFAULT_CONTENT_TYPE_LIMITS: dict[str, str | None] = {
+    "application/json": "1MiB",
+    "application/*+json": "1MiB",
+    "application/x-www-form-urlencoded": "1MiB",
+}
+
+
+def parse_content_type_limits(value: Any) -> dict[str, int | None]:
+    """Content-type caps, merged over :data:`DEFAULT_CONTENT_TYPE_LIMITS` (a value of
+    ``None`` removes a default cap)."""
+    limits = {k: parse_body_limit(v) for k, v in DEFAULT_CONTENT_TYPE_LIMITS.items()}
+    if value is DEFAULT_CONTENT_TYPE_LIMITS:
+        return limits
+    for pattern, limit in _pairs(value, "content_types"):
+        pattern = pattern.strip().lower()
+        if "/" not in pattern:
+            raise ValueError(f"invalid media type pattern {pattern!r}: expected type/subtype")
+        limits[pattern] = parse_body_limit(limit)
+    return limits
+
+
+setting(
+    "max_body_size", "body", "16MiB", parse_body_limit,
+    "The largest request body accepted, in bytes or a size string, for any route without "
+    "its own limit; `None` turns the limit off. Defaults to 16 MiB.",
+    env="MEMGUARD_MAX_BODY_SIZE",
+)
+setting(
+    "routes", "body", {}, parse_route_limits,
+    "Per-route body limits: `{\"/upload/*\": \"5GiB\", \"/api/*\": \"1MiB\"}`. A "
+    "pattern is an exact path or a prefix ending in `*`; the longest matching pattern wins "
+    "and may raise or lower `max_body_size`. Environment form: `/upload/*=5GiB,/api/*=1MiB`.",
+    env="MEMGUARD_BODY_ROUTES",
+)
+setting(
+    "content_types", "body", DEFAULT_CONTENT_TYPE_LIMITS, parse_content_type_limits,
+    "Caps per media type (`type/subtype`, `type/*`, `application/*+json`), merged over the "
+    "defaults; the effective limit is the smaller of the route limit and this cap. "
+    "Defaults to 1 MiB for JSON and url-encoded forms, no cap for other types.",
+    env="MEMGUARD_BODY_CONTENT_TYPES",
+)
+setting(
+    "body_idle_timeout", "body", 60.0, parse_positive_float,
+    "Seconds the app may wait for the next chunk of a request body before the request "
+    "is answered with 408; 0 turns it off. Defaults to 60.",
+    env="MEMGUARD_BODY_IDLE_TIMEOUT",
+)
+setting(
+    "body_min_rate", "body", 500, parse_size_value,
+    "Bytes per second a request body must average once `body_rate_grace` has passed "
+    "(Apache's RequestReadTimeout MinRate), else 408; 0 turns it off. Defaults to 500.",
+    env="MEMGUARD_BODY_MIN_RATE",
+)
+setting(
+    "body_rate_grace", "body", 20.0, parse_positive_float,
+    "Seconds from the first read of a body before `body_min_rate` applies; each further "
+    "`body_min_rate` bytes received buys one more second. Defaults to 20.",
+    env="MEMGUARD_BODY_RATE_GRACE",
+)
+setting(
+    "decompress", "body", False, parse_bool,
+    "Decode `Content-Encoding: gzip` and `deflate` request bodies as a stream, applying "
+    "the limits to the decoded bytes; other encodings then get 415. Defaults to false "
+    "(encoded bodies are passed through and counted as sent).",
+    env="MEMGUARD_BODY_DECOMPRESS",
+)
+setting(
+    "max_decoded_size", "body", None, parse_body_limit,
+    "With `decompress`, the largest decoded body; none means the request's own body "
+    "limit. Defaults to none.",
+    env="MEMGUARD_MAX_DECODED_SIZE",
+)
+setting(
+    "max_decompression_ratio", "body", 100.0, parse_positive_float,
+    "With `decompress`, the largest decoded/encoded size ratio once more than 1 MiB has "
+    "been decoded (zip bombs get 413); 0 turns it off. Defaults to 100.",
+    env="MEMGUARD_MAX_DECOMPRESSION_RATIO",
+)
+setting(
+    "report_only", "body", False, parse_bool,
+    "Log and count what would be refused, but let every request through (for rolling "
+    "memguard out on an existing service). Defaults to false.",
+    env="MEMGUARD_REPORT_ONLY",
+)
+
+
 # =====================================================================================
 # memory: per-request accounting, admission, worker limits (tracking.py, admission.py)
 # =====================================================================================

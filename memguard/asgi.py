@@ -1,0 +1,204 @@
+"""The ASGI middleware: memguard's body policy in front of any ASGI app.
+
+```python
+app = MemGuardMiddleware(app, max_body_size="16MiB")
+app.add_middleware(MemGuardMiddleware, max_body_size="16MiB")   # Starlette, FastAPI
+```
+
+A request goes through these phases (each one a few lines in :class:`_Responder`):
+
+1. **admit**: (memory admission plugs in here; nothing yet)
+2. **frame**: Content-Length / Transfer-Encoding checked, the route's limit found; a
+   declared length over it is answered with 413 before the first ``receive()``, so a
+   server that sends ``100 Continue`` lazily (uvicorn) never invites the body.
+3. **wrap receive**: :class:`memguard.body.ASGIBody` counts real bytes.
+4. **call app**: ``send`` is wrapped so that a refusal remembered during the request
+   replaces whatever response the app or its framework makes of it (a 500, a 400).
+5. **after response**: the body's timer is cancelled.
+
+A request with neither Content-Length nor Transfer-Encoding over HTTP/1 has no body:
+it goes to the app untouched (no wrapper, no allocation). Non-``http`` scopes pass
+straight through.
+
+When a refusal comes after the app has started its response, a second response cannot
+be sent: the rest of the app's messages are dropped and the middleware returns with the
+response incomplete, which uvicorn and gunicorn's ``asgi`` worker both answer by closing
+the connection (the client sees a truncated response, never a wrong complete one).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from memguard.body import ASGIBody, BodyPolicy, header_values, record, refusal_response
+from memguard.config import resolve
+from memguard.errors import RequestRejected
+from memguard.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["MemGuardMiddleware"]
+
+log = logging.getLogger("memguard.body")
+
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+_HTTP1 = frozenset({"1.1", "1.0"})
+
+
+class MemGuardMiddleware:
+    """ASGI middleware; every keyword is a ``body`` option of :mod:`memguard.config`."""
+
+    def __init__(self, app: ASGIApp, **options: Any) -> None:
+        self.app = app
+        self.policy = BodyPolicy(resolve(("body",), options))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, _ in scope["headers"]:
+            if name in _FRAMING:
+                break
+        else:
+            if scope.get("http_version", "1.1") in _HTTP1:
+                # No body: the hot path. Only a refusal raised by the app needs us.
+                try:
+                    await self.app(scope, receive, send)
+                except RequestRejected as exc:
+                    await _Responder(self, scope, receive, send).refuse_late(exc)
+                return
+        await _Responder(self, scope, receive, send).run()
+
+
+class _Responder:
+    """One request with a body: its state lives here, never on the middleware."""
+
+    __slots__ = ("mw", "scope", "receive", "_send", "started", "rejection", "logged",
+                 "replaced", "accept")
+
+    def __init__(self, mw: MemGuardMiddleware, scope: Scope, receive: Receive,
+                 send: Send) -> None:
+        self.mw = mw
+        self.scope = scope
+        self.receive = receive
+        self._send = send
+        self.started = False          # the app's http.response.start went out
+        self.rejection: RequestRejected | None = None
+        self.logged: RequestRejected | None = None
+        self.replaced = False         # our refusal went out in place of the app's response
+        self.accept: bytes | None = None
+
+    async def run(self) -> None:
+        policy = self.mw.policy
+        scope = self.scope
+        # 1. admit: memory admission goes here.
+        # 2. frame
+        found = header_values(scope["headers"])
+        self.accept = found[b"accept"][0] if b"accept" in found else None
+        content_type = found[b"content-type"][0] if b"content-type" in found else None
+        limit = reader_limit = policy.limit_for(scope.get("path", ""), content_type)
+        try:
+            declared = policy.declared_length(found.get(b"content-length", []),
+                                              found.get(b"transfer-encoding", []))
+            if declared is not None:
+                policy.check_declared(declared, limit)
+            encoding = found.get(b"content-encoding")
+            decoder = policy.decoder_for(b",".join(encoding) if encoding else None, limit)
+        except RequestRejected as exc:
+            self.note(exc)
+            if not policy.report_only:
+                await self.send_refusal(exc)
+                return
+            reader_limit, decoder = None, None  # reported once is enough
+        scope = _with_extension(scope, limit)
+        if decoder is not None:
+            scope["headers"] = [(k, v) for k, v in scope["headers"]
+                                if k not in (b"content-encoding", b"content-length")]
+        # 3. wrap receive
+        body = ASGIBody(self.receive, reader_limit, policy, self.reject, decoder)
+        # 4. call app
+        try:
+            await self.mw.app(scope, body.receive, self.send)
+        except Exception as exc:
+            if isinstance(exc, RequestRejected) and self.rejection is None:
+                self.reject(exc)
+            if self.rejection is None or policy.report_only:
+                raise
+            await self.finish_refusal()
+        else:
+            if self.rejection is not None and not policy.report_only:
+                await self.finish_refusal()
+        finally:
+            # 5. after response
+            body.close()
+
+    # ---- refusals ------------------------------------------------------------------
+
+    def note(self, exc: RequestRejected) -> None:
+        """Log, count and emit a refusal once."""
+        if self.logged is exc:
+            return
+        self.logged = exc
+        record(exc, self.scope.get("method", ""), self.scope.get("path", ""),
+               self.mw.policy.report_only)
+
+    def reject(self, exc: RequestRejected) -> None:
+        """Called by the body wrapper (and for refusals the app raises): remember it."""
+        self.note(exc)
+        if not self.mw.policy.report_only and self.rejection is None:
+            self.rejection = exc
+
+    async def finish_refusal(self) -> None:
+        exc = self.rejection
+        assert exc is not None
+        if self.replaced:
+            return
+        if self.started:
+            log.warning("response to %s %s had started: connection ends without it (%s)",
+                        self.scope.get("method"), self.scope.get("path"), exc.reason)
+            return
+        await self.send_refusal(exc)
+
+    async def send_refusal(self, exc: RequestRejected) -> None:
+        self.replaced = True
+        status, headers, body = refusal_response(exc, self.accept)
+        await self._send({"type": "http.response.start", "status": status,
+                          "headers": [(k.encode("latin-1"), v.encode("latin-1"))
+                                      for k, v in headers]})
+        await self._send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def refuse_late(self, exc: RequestRejected) -> None:
+        """A refusal raised by the app on a body-less request (no send wrapper there):
+        answer it if the server still accepts a response start, else let it end."""
+        self.note(exc)
+        if self.mw.policy.report_only:
+            raise exc
+        for name, value in self.scope["headers"]:
+            if name == b"accept":
+                self.accept = value
+        try:
+            await self.send_refusal(exc)
+        except RuntimeError:
+            log.warning("response to %s %s had started: connection ends without it (%s)",
+                        self.scope.get("method"), self.scope.get("path"), exc.reason)
+
+    async def send(self, message: Message) -> None:
+        if self.rejection is None:
+            if message["type"] == "http.response.start":
+                self.started = True
+            await self._send(message)
+            return
+        # A refusal is pending: the app's response (often a 500 or 400 made of our
+        # exception by a framework) is replaced by it, or dropped if one went out.
+        if self.replaced or self.started:
+            return
+        if message["type"] == "http.response.start":
+            await self.send_refusal(self.rejection)
+
+
+def _with_extension(scope: Scope, limit: int | None) -> Scope:
+    """A copy of ``scope`` telling the app the limit that applies (for uploads)."""
+    extensions = dict(scope.get("extensions") or {})
+    extensions["memguard"] = {"max_body_size": limit}
+    new = dict(scope)
+    new["extensions"] = extensions
+    return new

@@ -1,0 +1,717 @@
+"""Request-body policy: framing checks, limits, byte counting, slow bodies, decompression.
+
+This module holds what :mod:`memguard.asgi` and :mod:`memguard.wsgi` share: the compiled
+options (:class:`BodyPolicy`), the ``receive()`` wrapper (:class:`ASGIBody`), the
+``wsgi.input`` wrapper (:class:`WSGIInput`), the streaming decoder and the refusal
+response. The middlewares only compose these in their request phases.
+
+Matching rules
+--------------
+- A **route pattern** is an exact path (``"/health"``) or a prefix ending in ``*``
+  (``"/upload/*"`` matches ``/upload/``, ``/upload/a/b`` and ``/upload`` itself);
+  ``"*"`` matches every path. The path is the full request path (ASGI ``scope["path"]``,
+  WSGI ``SCRIPT_NAME + PATH_INFO``), percent-decoded, without the query string.
+- The **longest** matching pattern wins; an exact pattern beats a prefix pattern of the
+  same length. A route's limit replaces ``max_body_size``, so it may raise or lower it.
+- A **content-type cap** matches the media type (lower-cased, parameters dropped):
+  ``"application/json"`` exactly, ``"text/*"`` any subtype, ``"application/*+json"`` any
+  subtype with that suffix. The most specific (longest) matching pattern wins.
+- The **effective limit** of a request is the smaller of its route limit (or
+  ``max_body_size``) and its content-type cap. Content-type caps only ever lower a limit:
+  JSON and url-encoded bodies are parsed in memory, so a route raised for uploads does
+  not raise them. A route may lift them for itself by giving a mapping instead of a size:
+  ``{"/import": {"*": "64MiB", "application/json": "64MiB"}}`` (``"*"`` is the route's
+  limit; the other keys replace the content-type caps on that route).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import json
+import logging
+import time
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from typing import IO, Any
+
+from memguard import counters, events
+from memguard.errors import (
+    BodyTooLarge,
+    MalformedRequest,
+    RequestRejected,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
+from memguard.types import Message, Receive
+
+__all__ = ["ASGIBody", "BodyPolicy", "Decoder", "WSGIInput", "record", "refusal_response"]
+
+log = logging.getLogger("memguard.body")
+
+# Decompression: largest decoded piece handed to the app at once, and the decoded size
+# below which the expansion ratio is not judged (small JSON compresses 100x honestly).
+DECODE_PIECE = 256 * 1024
+RATIO_FLOOR = 1024 * 1024
+# Longer than this many digits is beyond any limit (and beyond int()'s comfort).
+_MAX_DIGITS = 18
+_CACHE_SIZE = 256
+
+
+def _smaller(a: int | None, b: int | None) -> int | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a if a <= b else b
+
+
+class _TypeCaps:
+    """Content-type caps, compiled: exact names, then patterns longest first."""
+
+    def __init__(self, caps: Mapping[str, int | None]) -> None:
+        self.exact: dict[str, int | None] = {}
+        self.patterns: list[tuple[str, str, int | None]] = []  # (prefix, suffix, cap)
+        for pattern, cap in caps.items():
+            if "*" in pattern:
+                prefix, _, suffix = pattern.partition("*")
+                self.patterns.append((prefix, suffix, cap))
+            else:
+                self.exact[pattern] = cap
+        self.patterns.sort(key=lambda p: len(p[0]) + len(p[1]), reverse=True)
+        self._cache: dict[str, int | None] = {}
+
+    def cap(self, media_type: str) -> int | None:
+        try:
+            return self._cache[media_type]
+        except KeyError:
+            pass
+        cap: int | None = None
+        if media_type in self.exact:
+            cap = self.exact[media_type]
+        else:
+            for prefix, suffix, pattern_cap in self.patterns:
+                if (media_type.startswith(prefix) and media_type.endswith(suffix)
+                        and len(media_type) >= len(prefix) + len(suffix)):
+                    cap = pattern_cap
+                    break
+        if len(self._cache) < _CACHE_SIZE:  # media types with junk in them stay uncached
+            self._cache[media_type] = cap
+        return cap
+
+
+class BodyPolicy:
+    """The resolved ``body`` options, compiled once per middleware (read-only after)."""
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        self.options = dict(options)
+        self.max_body_size: int | None = options["max_body_size"]
+        self.idle_timeout: float = options["body_idle_timeout"]
+        self.min_rate: int = options["body_min_rate"]
+        self.rate_grace: float = options["body_rate_grace"]
+        self.decompress: bool = options["decompress"]
+        self.max_decoded_size: int | None = options["max_decoded_size"]
+        self.max_ratio: float = options["max_decompression_ratio"]
+        self.report_only: bool = options["report_only"]
+        self.type_caps = _TypeCaps(options["content_types"])
+        self._exact: dict[str, tuple[int | None, _TypeCaps]] = {}
+        self._prefixes: list[tuple[str, int | None, _TypeCaps]] = []
+        for pattern, value in options["routes"].items():
+            if isinstance(value, Mapping):
+                route_limit = value.get("*", self.max_body_size)
+                caps = _TypeCaps({**options["content_types"],
+                                  **{k: v for k, v in value.items() if k != "*"}})
+            else:
+                route_limit, caps = value, self.type_caps
+            if pattern.endswith("*"):
+                self._prefixes.append((pattern[:-1], route_limit, caps))
+            else:
+                self._exact[pattern] = (route_limit, caps)
+        self._prefixes.sort(key=lambda p: len(p[0]), reverse=True)
+
+    def limit_for(self, path: str, content_type: bytes | str | None) -> int | None:
+        """The effective limit for a request to ``path`` with this Content-Type."""
+        route_limit, caps = self.max_body_size, self.type_caps
+        hit = self._exact.get(path)
+        if hit is not None:
+            exact_len = len(path)
+            route_limit, caps = hit
+        else:
+            exact_len = -1
+        for prefix, limit, prefix_caps in self._prefixes:
+            if len(prefix) <= exact_len:
+                break
+            if path.startswith(prefix) or path == prefix.rstrip("/"):
+                route_limit, caps = limit, prefix_caps
+                break
+        if not content_type:
+            return route_limit
+        if isinstance(content_type, bytes):
+            content_type = content_type.decode("latin-1")
+        media_type = content_type.partition(";")[0].strip().lower()
+        return _smaller(route_limit, caps.cap(media_type))
+
+    # ---- framing ----------------------------------------------------------------
+
+    @staticmethod
+    def declared_length(values: list[bytes], transfer_encodings: list[bytes]) -> int | None:
+        """The body's declared length, or ``None`` for a chunked body.
+
+        Raises :class:`MalformedRequest` for a Content-Length that is not digits only,
+        duplicates that differ, Content-Length with Transfer-Encoding, and a
+        Transfer-Encoding whose last coding is not ``chunked``.
+        """
+        if transfer_encodings:
+            if values:
+                raise MalformedRequest(
+                    "Content-Length and Transfer-Encoding together",
+                    reason="content_length_with_transfer_encoding")
+            codings = b",".join(transfer_encodings).split(b",")
+            if codings[-1].strip().lower() != b"chunked":
+                raise MalformedRequest(
+                    "Transfer-Encoding must end with chunked",
+                    reason="transfer_encoding_unsupported",
+                    transfer_encoding=b",".join(transfer_encodings).decode("latin-1"))
+            return None
+        length: int | None = None
+        for value in values:
+            for item in value.split(b","):
+                item = item.strip(b" \t")
+                if not item.isdigit():
+                    raise MalformedRequest(
+                        "Content-Length must be digits only", reason="content_length_invalid",
+                        content_length=value.decode("latin-1")[:40])
+                number = int(item) if len(item) <= _MAX_DIGITS else 10**_MAX_DIGITS
+                if length is not None and number != length:
+                    raise MalformedRequest(
+                        "conflicting Content-Length values", reason="content_length_conflict",
+                        content_lengths=[v.decode("latin-1")[:40] for v in values])
+                length = number
+        return length
+
+    @staticmethod
+    def check_declared(declared: int, limit: int | None) -> None:
+        if limit is not None and declared > limit:
+            raise BodyTooLarge(
+                f"request body of {declared} bytes is over the limit of {limit} bytes",
+                reason="content_length_over_limit", limit=limit, declared=declared)
+
+    def decoder_for(self, encoding: bytes | None, limit: int | None) -> Decoder | None:
+        """A decoder for this Content-Encoding when ``decompress`` is on, else ``None``."""
+        if not self.decompress or encoding is None:
+            return None
+        name = encoding.strip().lower()
+        if name in (b"", b"identity"):
+            return None
+        if name not in (b"gzip", b"x-gzip", b"deflate"):
+            raise UnsupportedMediaType(
+                "unsupported Content-Encoding", reason="content_encoding_unsupported",
+                content_encoding=encoding.decode("latin-1")[:40])
+        return Decoder(name, _smaller(limit, self.max_decoded_size) if self.max_decoded_size
+                       is not None else limit, self.max_ratio)
+
+
+# ---- refusals ---------------------------------------------------------------------------
+
+
+def record(exc: RequestRejected, method: str, path: str, report_only: bool) -> None:
+    """The log line, counter and event of one refusal (or of one that report-only let go)."""
+    figures = " ".join(f"{k}={v}" for k, v in exc.figures.items())
+    if report_only:
+        log.warning("report-only: would refuse %s %s with %s %s (%s) %s", method, path,
+                    exc.status, exc.reason, exc.detail, figures)
+        counters.increment("body", f"report_only:{exc.reason}")
+    else:
+        log.warning("refused %s %s with %s %s (%s) %s", method, path, exc.status, exc.reason,
+                    exc.detail, figures)
+        counters.increment("body", exc.reason)
+    events.emit("refusal", status=exc.status, reason=exc.reason, method=method, path=path,
+                report_only=report_only, **exc.figures)
+
+
+def refusal_response(exc: RequestRejected, accept: bytes | str | None,
+                     close: bool = True) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Status, headers and body answering ``exc``: problem+json when the client accepts
+    JSON, else one line of plain text; always ``Connection: close``."""
+    try:
+        phrase = http.HTTPStatus(exc.status).phrase
+    except ValueError:
+        phrase = "Error"
+    if isinstance(accept, str):
+        accept = accept.encode("latin-1")
+    if accept and b"json" in accept:
+        body = json.dumps({"type": "about:blank", "title": phrase, "status": exc.status,
+                           "detail": exc.detail, "reason": exc.reason}).encode()
+        content_type = "application/problem+json"
+    else:
+        body = f"{exc.status} {phrase}: {exc.detail}\n".encode()
+        content_type = "text/plain; charset=utf-8"
+    headers = [("content-type", content_type), ("content-length", str(len(body)))]
+    if close:
+        headers.append(("connection", "close"))
+    headers.extend((k.lower(), v) for k, v in exc.headers.items())
+    return exc.status, headers, body
+
+
+# ---- decompression ------------------------------------------------------------------
+
+
+class Decoder:
+    """Streaming gzip/deflate decoding with a cap on decoded bytes and on expansion.
+
+    Never produces more than :data:`DECODE_PIECE` bytes (or one byte past the limit) per
+    call: the rest of the input waits in zlib's ``unconsumed_tail`` for the next call.
+    """
+
+    __slots__ = ("_z", "encoded", "decoded", "limit", "ratio")
+
+    def __init__(self, encoding: bytes, limit: int | None, ratio: float) -> None:
+        wbits = zlib.MAX_WBITS if encoding == b"deflate" else 16 + zlib.MAX_WBITS
+        self._z = zlib.decompressobj(wbits)
+        self.encoded = 0
+        self.decoded = 0
+        self.limit = limit
+        self.ratio = ratio
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._z.unconsumed_tail)
+
+    def feed(self, data: bytes) -> bytes:
+        """Decode from ``data`` (after any pending input); ``b""`` continues the tail."""
+        self.encoded += len(data)
+        source = self._z.unconsumed_tail + data if self._z.unconsumed_tail else data
+        room = DECODE_PIECE if self.limit is None else min(DECODE_PIECE,
+                                                           self.limit - self.decoded + 1)
+        try:
+            out = self._z.decompress(source, max(room, 1))
+        except zlib.error as exc:
+            raise MalformedRequest("request body could not be decoded",
+                                   reason="body_decode_error", error=str(exc)) from None
+        self.decoded += len(out)
+        if self.limit is not None and self.decoded > self.limit:
+            raise BodyTooLarge(
+                f"decoded request body is over the limit of {self.limit} bytes",
+                reason="decoded_body_over_limit", limit=self.limit, decoded=self.decoded,
+                encoded=self.encoded)
+        if (self.ratio and self.decoded > RATIO_FLOOR
+                and self.decoded > self.ratio * self.encoded):
+            raise BodyTooLarge(
+                "request body expands too much when decoded", reason="decompression_ratio",
+                ratio=round(self.decoded / max(self.encoded, 1), 1), max_ratio=self.ratio,
+                decoded=self.decoded, encoded=self.encoded)
+        return out
+
+    def finish(self) -> None:
+        if not self._z.eof:
+            raise MalformedRequest("compressed request body is truncated",
+                                   reason="body_decode_error", encoded=self.encoded)
+
+
+# ---- the ASGI receive() wrapper -----------------------------------------------------
+
+
+def _over_limit(limit: int, received: int) -> BodyTooLarge:
+    return BodyTooLarge(f"request body is over the limit of {limit} bytes",
+                        reason="body_over_limit", limit=limit, received=received)
+
+
+class ASGIBody:
+    """Wraps one request's ``receive``: counts real bytes, enforces slow-body timeouts,
+    decodes when asked. A refusal is raised into the app *and* handed to ``on_reject``
+    (the middleware's responder), which remembers it so that whatever the app or its
+    framework does with the exception, the client gets the refusal.
+
+    Idle timeout and minimum rate cost one ``monotonic()`` per chunk: the waiting is
+    bounded by a single timer per request (``loop.call_at``) that re-arms itself and,
+    when a limit passes while the app waits in ``receive()``, cancels that wait.
+    """
+
+    __slots__ = ("_receive", "limit", "received", "done", "error", "on_reject",
+                 "report_only", "decoder", "idle", "min_rate", "grace", "_loop", "_timer",
+                 "_task", "_waiting", "_t_enter", "_start", "_timeout", "receive")
+
+    def __init__(self, receive: Receive, limit: int | None, policy: BodyPolicy,
+                 on_reject: Any, decoder: Decoder | None = None) -> None:
+        self._receive = receive
+        self.limit = limit
+        self.received = 0
+        self.done = False
+        self.error: RequestRejected | None = None
+        self.on_reject = on_reject
+        self.report_only = policy.report_only
+        self.decoder = decoder
+        self.idle = policy.idle_timeout
+        self.min_rate = policy.min_rate
+        self.grace = policy.rate_grace
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._waiting = False
+        self._t_enter = 0.0
+        self._start = 0.0
+        self._timeout: RequestTimeout | None = None
+        self.receive = self._receive_decoded if decoder is not None else self._receive_plain
+
+    def _reject(self, exc: RequestRejected) -> RequestRejected | None:
+        """Hand a refusal to the responder; ``None`` when report-only lets it go."""
+        self.on_reject(exc)
+        if self.report_only:
+            return None
+        self.error = exc
+        self.done = True
+        self.close()
+        return exc
+
+    async def _wait(self) -> Message:
+        if self._timer is None and not self.done and (self.idle or self.min_rate):
+            self._arm()
+        self._t_enter = time.monotonic()
+        self._task = asyncio.current_task()
+        self._waiting = True
+        try:
+            return await self._receive()
+        except asyncio.CancelledError:
+            timeout = self._timeout
+            if timeout is None:
+                raise
+            if self._task is not None and hasattr(self._task, "uncancel"):
+                self._task.uncancel()
+            exc = self._reject(timeout)
+            assert exc is not None  # report-only never cancels a wait
+            raise exc from None
+        finally:
+            self._waiting = False
+
+    async def _receive_plain(self) -> Message:
+        if self.done:
+            if self.error is not None:
+                raise self.error
+            return await self._receive()
+        message = await self._wait()
+        if message["type"] != "http.request":
+            self.done = True
+            self.close()
+            return message
+        self.received += len(message.get("body", b""))
+        if self.limit is not None and self.received > self.limit:
+            exc = self._reject(_over_limit(self.limit, self.received))
+            if exc is not None:
+                raise exc
+            self.limit = None
+        if not message.get("more_body", False):
+            self.done = True
+            self.close()
+        return message
+
+    async def _receive_decoded(self) -> Message:
+        decoder = self.decoder
+        assert decoder is not None
+        if self.done:
+            if self.error is not None:
+                raise self.error
+            return await self._receive()
+        try:
+            if decoder.pending:
+                out = decoder.feed(b"")
+                return {"type": "http.request", "body": out, "more_body": True}
+            message = await self._wait()
+            if message["type"] != "http.request":
+                self.done = True
+                self.close()
+                return message
+            data = message.get("body", b"")
+            self.received += len(data)
+            if self.limit is not None and self.received > self.limit:
+                raise _over_limit(self.limit, self.received)
+            out = decoder.feed(data)
+            more = message.get("more_body", False) or decoder.pending
+            if not more:
+                decoder.finish()
+                self.done = True
+                self.close()
+            return {"type": "http.request", "body": out, "more_body": more}
+        except RequestRejected as exc:
+            if exc is self.error:
+                raise
+            rejected = self._reject(exc)
+            if rejected is not None:
+                raise rejected from None
+            # Report-only: stop decoding limits, hand over what is left undecoded-capped.
+            self.limit = decoder.limit = None
+            decoder.ratio = 0
+            return {"type": "http.request", "body": b"", "more_body": True}
+
+    # ---- slow bodies: one self-re-arming timer per request ----------------------
+
+    def _arm(self) -> None:
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio (trio): no timers, counting still applies
+            return
+        self._start = time.monotonic()
+        self._schedule(self._start)
+
+    def _schedule(self, now: float) -> None:
+        assert self._loop is not None
+        due = now + (self.idle or 1.0)
+        if self._waiting and self.idle:
+            due = self._t_enter + self.idle
+        if self.min_rate:
+            # Past the rate deadline the check waits for the app to be waiting on the
+            # client (a slow app is not the client's fault), looking a few times a second.
+            deadline = self._rate_deadline()
+            due = min(due, deadline if deadline > now else now + 0.25)
+        self._timer = self._loop.call_at(max(due, now + 0.01), self._tick)
+
+    def _rate_deadline(self) -> float:
+        return self._start + self.grace + self.received / self.min_rate
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self.done:
+            return
+        now = time.monotonic()
+        if self._waiting:
+            exc: RequestTimeout | None = None
+            if self.idle and now - self._t_enter >= self.idle:
+                exc = RequestTimeout("no request body data arrived in time",
+                                     reason="body_idle_timeout", idle_timeout=self.idle,
+                                     received=self.received)
+            elif self.min_rate and now >= self._rate_deadline():
+                exc = RequestTimeout(
+                    "request body is arriving too slowly", reason="body_too_slow",
+                    min_rate=self.min_rate, received=self.received,
+                    seconds=round(now - self._start, 2))
+            if exc is not None:
+                if self.report_only:
+                    self.on_reject(exc)
+                    return  # reported once; stop watching this body
+                self._timeout = exc
+                if self._task is not None:
+                    self._task.cancel()
+                return
+        self._schedule(now)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+# ---- the wsgi.input wrapper ---------------------------------------------------------
+
+_READ_CHUNK = 64 * 1024
+
+
+class WSGIInput:
+    """A ``wsgi.input`` that counts, limits, times and optionally decodes the body.
+
+    Reads never ask the server's stream for more than the declared length (a blocking
+    read past it would hang on servers that do not bound the stream) nor for more than
+    one byte past the limit. Under gunicorn, the idle timeout is enforced on the socket
+    itself (``settimeout`` on ``environ["gunicorn.socket"]`` for the duration of the
+    body); elsewhere it and the minimum rate are judged when a read returns.
+    """
+
+    def __init__(self, stream: IO[bytes], declared: int | None, limit: int | None,
+                 policy: BodyPolicy, on_reject: Any, decoder: Decoder | None = None,
+                 sock: Any = None) -> None:
+        self._stream = stream
+        self.declared = declared
+        self.limit = limit
+        self.received = 0
+        self.error: RequestRejected | None = None
+        self.on_reject = on_reject
+        self.report_only = policy.report_only
+        self.decoder = decoder
+        self.idle = policy.idle_timeout
+        self.min_rate = policy.min_rate
+        self.grace = policy.rate_grace
+        self._start = 0.0
+        self._last = 0.0
+        self._eof = False
+        self._buffer = bytearray()  # decoded bytes not yet read (decoding only)
+        self._sock = sock
+        self._sock_timeout: float | None = None
+        self._sock_set = False
+
+    # ---- raw reads, counted ------------------------------------------------------
+
+    def _fail(self, exc: RequestRejected) -> None:
+        self.on_reject(exc)
+        if not self.report_only:
+            self.error = exc
+            self._eof = True
+            raise exc
+
+    def _raw(self, size: int, line: bool = False) -> bytes:
+        if self.error is not None:
+            raise self.error
+        if self._eof:
+            return b""
+        if self.declared is not None:
+            size = min(size, self.declared - self.received)
+            if size <= 0:
+                self._eof = True
+                self._restore()
+                return b""
+        if self.limit is not None:
+            size = min(size, self.limit - self.received + 1)
+        if self._start == 0.0:
+            self._begin()
+        try:
+            data = self._stream.readline(size) if line else self._stream.read(size)
+        except TimeoutError:
+            self._fail(RequestTimeout("no request body data arrived in time",
+                                      reason="body_idle_timeout", idle_timeout=self.idle,
+                                      received=self.received))
+            raise  # report-only: the server's read failed all the same
+        n = len(data)
+        self.received += n
+        if n == 0:
+            self._eof = True
+            self._restore()
+            if self.declared is not None and self.received < self.declared:
+                self._fail(MalformedRequest("request body ended before its Content-Length",
+                                            reason="body_incomplete",
+                                            declared=self.declared, received=self.received))
+            return data
+        if self.limit is not None and self.received > self.limit:
+            self._fail(_over_limit(self.limit, self.received))
+            self.limit = None
+        if self.min_rate:
+            now = time.monotonic()
+            if now > self._start + self.grace + self.received / self.min_rate:
+                self._fail(RequestTimeout(
+                    "request body is arriving too slowly", reason="body_too_slow",
+                    min_rate=self.min_rate, received=self.received,
+                    seconds=round(now - self._start, 2)))
+                self.min_rate = 0
+        return data
+
+    def _begin(self) -> None:
+        self._start = time.monotonic()
+        if self._sock is not None and self.idle:
+            try:
+                self._sock_timeout = self._sock.gettimeout()
+                self._sock.settimeout(self.idle)
+                self._sock_set = True
+            except (OSError, AttributeError):
+                pass
+
+    def _restore(self) -> None:
+        """Put the socket's timeout back once the body is read (not after a refusal:
+        then the server's next read should fail fast, so it closes the connection)."""
+        if self._sock_set and self.error is None:
+            self._sock_set = False
+            try:
+                self._sock.settimeout(self._sock_timeout)
+            except OSError:
+                pass
+
+    # ---- decoded reads -----------------------------------------------------------
+
+    def _fill(self) -> bool:
+        """Decode more into the buffer; False at the end of the body."""
+        decoder = self.decoder
+        assert decoder is not None
+        while True:
+            try:
+                if decoder.pending:
+                    out = decoder.feed(b"")
+                else:
+                    data = self._raw(_READ_CHUNK)
+                    if not data:
+                        if decoder.decoded or decoder.encoded:
+                            decoder.finish()
+                        return False
+                    out = decoder.feed(data)
+            except RequestRejected as exc:
+                if exc is self.error:
+                    raise
+                self._fail(exc)
+                self.limit = decoder.limit = None
+                decoder.ratio = 0
+                continue
+            if out:
+                self._buffer += out
+                return True
+
+    def _take(self, size: int) -> bytes:
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+    # ---- the file-like interface (PEP 3333) --------------------------------------
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.decoder is None:
+            if size is not None and size >= 0:
+                return self._raw(size)
+            parts: list[bytes] = []
+            while True:
+                data = self._raw(_READ_CHUNK)
+                if not data:
+                    return b"".join(parts)
+                parts.append(data)
+        if size is None or size < 0:
+            while self._fill():
+                pass
+            return self._take(len(self._buffer))
+        while len(self._buffer) < size and self._fill():
+            pass
+        return self._take(size)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        if self.decoder is None:
+            limit = _READ_CHUNK if size is None or size < 0 else size
+            parts: list[bytes] = []
+            while True:
+                data = self._raw(limit, line=True)
+                parts.append(data)
+                if not data or data.endswith(b"\n") or (size is not None and size >= 0):
+                    return b"".join(parts)
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0 and (size is None or size < 0 or end < size):
+                return self._take(end + 1)
+            if size is not None and 0 <= size <= len(self._buffer):
+                return self._take(size)
+            if not self._fill():
+                return self._take(len(self._buffer))
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        lines: list[bytes] = []
+        total = 0
+        while True:
+            line = self.readline()
+            if not line:
+                return lines
+            lines.append(line)
+            total += len(line)
+            if 0 < hint <= total:
+                return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            line = self.readline()
+            if not line:
+                return
+            yield line
+
+    def close(self) -> None:
+        self._restore()
+
+
+def header_values(headers: Iterable[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
+    """The request headers memguard reads for a body, from an ASGI header list."""
+    found: dict[bytes, list[bytes]] = {}
+    for name, value in headers:
+        if name in _BODY_HEADERS:
+            found.setdefault(name, []).append(value)
+    return found
+
+
+_BODY_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"content-type",
+                           b"content-encoding", b"accept"})

@@ -1,0 +1,230 @@
+"""The WSGI middleware: memguard's body policy in front of any WSGI app.
+
+```python
+wsgi = MemGuardWSGIMiddleware(wsgi, max_body_size="16MiB")
+```
+
+The phases are those of :mod:`memguard.asgi`, in WSGI terms (see :class:`_Request`):
+admit, frame (Content-Length checked before anything is read; over the limit: 413),
+wrap ``wsgi.input`` (:class:`memguard.body.WSGIInput`), call the app with a wrapped
+``start_response``, and after the response (the returned iterable's ``close()``).
+
+A request with neither Content-Length nor Transfer-Encoding has no body and goes to the
+app untouched. A chunked body is read only when the server sets ``wsgi.input_terminated``
+(gunicorn does); otherwise it cannot be read safely and is answered with 411.
+
+A refusal raised while the app runs replaces the app's response (``start_response`` is
+held back when the refusal is already known, or called again with ``exc_info`` while
+the headers are unsent). When the headers are already on the wire, the refusal is raised
+to the server, which ends the connection (gunicorn logs "Error handling request" and
+closes the socket).
+
+``Connection: close`` is sent with refusals except to wsgiref (which forbids hop-by-hop
+headers from apps). gunicorn drops that header from WSGI apps; for a body refused
+mid-stream under gunicorn, the idle timeout stays on the socket so that the server's
+drain of the unread rest fails fast and it closes the connection.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from types import TracebackType
+from typing import Any
+
+from memguard.body import BodyPolicy, WSGIInput, record, refusal_response
+from memguard.config import resolve
+from memguard.errors import LengthRequired, RequestRejected
+
+__all__ = ["MemGuardWSGIMiddleware"]
+
+Environ = dict[str, Any]
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+StartResponse = Callable[..., Callable[[bytes], object]]
+WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+
+
+class MemGuardWSGIMiddleware:
+    """WSGI middleware; every keyword is a ``body`` option of :mod:`memguard.config`."""
+
+    def __init__(self, app: WSGIApp, **options: Any) -> None:
+        self.app = app
+        self.policy = BodyPolicy(resolve(("body",), options))
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        if "CONTENT_LENGTH" not in environ and "HTTP_TRANSFER_ENCODING" not in environ:
+            try:
+                return self.app(environ, start_response)
+            except RequestRejected as exc:
+                return _Request(self, environ, start_response).refuse_now(exc)
+        if environ.get("CONTENT_LENGTH") == "" and "HTTP_TRANSFER_ENCODING" not in environ:
+            return self.app(environ, start_response)  # wsgiref's "no length"
+        return _Request(self, environ, start_response).run()
+
+
+def _discard(data: bytes) -> None:
+    """The ``write`` callable handed to an app whose response is being replaced."""
+
+
+class _Request:
+    """One WSGI request with a body: all its state, none on the middleware."""
+
+    def __init__(self, mw: MemGuardWSGIMiddleware, environ: Environ,
+                 start_response: StartResponse) -> None:
+        self.mw = mw
+        self.environ = environ
+        self.start_response = start_response
+        self.rejection: RequestRejected | None = None
+        self.logged: RequestRejected | None = None
+        self.started = False     # the app's start_response reached the server
+        self.replaced = False    # our refusal is the response
+        self.input: WSGIInput | None = None
+
+    def run(self) -> Iterable[bytes]:
+        policy = self.mw.policy
+        environ = self.environ
+        # 1. admit: memory admission goes here.
+        # 2. frame
+        path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        limit = reader_limit = policy.limit_for(path, environ.get("CONTENT_TYPE"))
+        cl = environ.get("CONTENT_LENGTH")
+        te = environ.get("HTTP_TRANSFER_ENCODING")
+        decoder = None
+        try:
+            declared = policy.declared_length(
+                [cl.encode("latin-1")] if cl is not None else [],
+                [te.encode("latin-1")] if te is not None else [])
+            if declared is None and not environ.get("wsgi.input_terminated"):
+                raise LengthRequired("a chunked body needs a server that can terminate it "
+                                     "(wsgi.input_terminated)", reason="length_required")
+            if declared is not None:
+                policy.check_declared(declared, limit)
+            encoding = environ.get("HTTP_CONTENT_ENCODING")
+            decoder = policy.decoder_for(encoding.encode("latin-1") if encoding else None,
+                                         limit)
+        except RequestRejected as exc:
+            self.note(exc)
+            if not policy.report_only:
+                return self.refusal(exc)
+            declared = int(cl) if cl and cl.isdigit() else None
+            reader_limit = None  # reported once is enough
+        environ["memguard.max_body_size"] = limit
+        # 3. wrap wsgi.input
+        self.input = WSGIInput(environ["wsgi.input"], declared, reader_limit, policy, self.reject,
+                               decoder, sock=environ.get("gunicorn.socket"))
+        environ["wsgi.input"] = self.input
+        if decoder is not None:
+            environ.pop("CONTENT_LENGTH", None)
+            environ.pop("HTTP_CONTENT_ENCODING", None)
+            environ["wsgi.input_terminated"] = True
+        # 4. call app
+        try:
+            result = self.mw.app(environ, self.wrapped_start_response)
+        except Exception as exc:
+            if isinstance(exc, RequestRejected) and self.rejection is None:
+                self.reject(exc)
+            if self.rejection is None or policy.report_only:
+                raise
+            return self.refusal(self.rejection, sys.exc_info() if self.started else None)
+        if self.rejection is not None and not policy.report_only:
+            _close(result)
+            return self.refusal(self.rejection)
+        return _Body(self, result)
+
+    # ---- refusals ------------------------------------------------------------------
+
+    def note(self, exc: RequestRejected) -> None:
+        if self.logged is exc:
+            return
+        self.logged = exc
+        record(exc, self.environ.get("REQUEST_METHOD", ""),
+               self.environ.get("SCRIPT_NAME", "") + self.environ.get("PATH_INFO", ""),
+               self.mw.policy.report_only)
+
+    def reject(self, exc: RequestRejected) -> None:
+        self.note(exc)
+        if not self.mw.policy.report_only and self.rejection is None:
+            self.rejection = exc
+
+    def wrapped_start_response(self, status: str, headers: list[tuple[str, str]],
+                               exc_info: ExcInfo | None = None) -> Callable[[bytes], object]:
+        if self.rejection is not None and not self.mw.policy.report_only:
+            return _discard  # the app's answer to our refusal; ours replaces it
+        self.started = True
+        return self.start_response(status, headers, exc_info)
+
+    def refusal(self, exc: RequestRejected, exc_info: Any = None) -> list[bytes]:
+        """Our response for ``exc``. With ``exc_info`` (the app's start_response already
+        went through), the server replaces the unsent headers or, if they are sent,
+        re-raises, and the connection ends."""
+        self.replaced = True
+        accept = self.environ.get("HTTP_ACCEPT")
+        close = not self.environ.get("SERVER_SOFTWARE", "").startswith("WSGIServer/")
+        status, headers, body = refusal_response(exc, accept, close=close)
+        phrase = f"{status} {_phrase(status)}"
+        if exc_info is None and self.started:
+            exc_info = (type(exc), exc, exc.__traceback__)
+        self.start_response(phrase, headers, exc_info)
+        return [body]
+
+    def refuse_now(self, exc: RequestRejected) -> list[bytes]:
+        self.note(exc)
+        if self.mw.policy.report_only:
+            raise exc
+        return self.refusal(exc)
+
+
+def _phrase(status: int) -> str:
+    import http
+
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def _close(result: Iterable[bytes]) -> None:
+    close = getattr(result, "close", None)
+    if close is not None:
+        close()
+
+
+class _Body:
+    """The app's response iterable, watched: a refusal raised while it is iterated (an
+    app that reads its input lazily) becomes our response if nothing was sent yet.
+    ``close()`` is the after-response phase and always closes the app's iterable."""
+
+    def __init__(self, request: _Request, result: Iterable[bytes]) -> None:
+        self.request = request
+        self.result = result
+
+    def __iter__(self) -> Iterator[bytes]:
+        request = self.request
+        sent = False
+        try:
+            for chunk in self.result:
+                if request.rejection is not None and not request.mw.policy.report_only:
+                    break
+                if chunk:
+                    sent = True
+                yield chunk
+        except Exception as exc:
+            if isinstance(exc, RequestRejected) and request.rejection is None:
+                request.reject(exc)
+            if request.rejection is None or request.mw.policy.report_only:
+                raise
+        if request.rejection is not None and not request.mw.policy.report_only:
+            if sent:
+                # Headers and some of the body are out: only ending the connection
+                # tells the client this response is not whole.
+                raise request.rejection
+            yield from request.refusal(request.rejection, sys.exc_info()
+                                       if sys.exc_info()[0] else None)
+
+    def close(self) -> None:
+        try:
+            _close(self.result)
+        finally:
+            # 5. after response
+            if self.request.input is not None:
+                self.request.input.close()

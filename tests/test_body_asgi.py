@@ -1,0 +1,462 @@
+"""The ASGI body guard, driven directly: framing, limits, refusals, timeouts, decoding."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import logging
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import memguard
+from memguard import MemGuardMiddleware, counters, events
+from memguard.errors import BodyTooLarge, MemoryPressure
+from memguard.types import Message, Receive, Scope, Send
+from tests.apps.body_apps import asgi_echo
+from tests.body_helpers import exchange, run
+
+
+@pytest.fixture(autouse=True)
+def _fresh_counts() -> None:
+    counters.reset()
+
+
+def cl(n: int | str) -> tuple[bytes, bytes]:
+    return (b"content-length", str(n).encode())
+
+
+TE = (b"transfer-encoding", b"chunked")
+
+
+def test_public_names() -> None:
+    assert memguard.__all__ == ["MemGuardMiddleware", "MemGuardWSGIMiddleware", "__version__"]
+    from memguard.asgi import MemGuardMiddleware as A
+    from memguard.wsgi import MemGuardWSGIMiddleware as W
+
+    assert memguard.MemGuardMiddleware is A and memguard.MemGuardWSGIMiddleware is W
+
+
+def test_unknown_option_names_the_closest() -> None:
+    with pytest.raises(TypeError, match="max_body_size"):
+        MemGuardMiddleware(asgi_echo, max_body_sise="1MiB")
+    with pytest.raises(ValueError, match="max_body_size"):
+        MemGuardMiddleware(asgi_echo, max_body_size="lots")
+
+
+def test_bodyless_request_reaches_app_with_the_servers_own_receive() -> None:
+    seen: dict[str, Any] = {}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen["receive"], seen["scope"] = receive, scope
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def main() -> None:
+        scope = {"type": "http", "http_version": "1.1", "method": "GET", "path": "/",
+                 "headers": [(b"host", b"x"), (b"accept", b"*/*")]}
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Message) -> None:
+            pass
+
+        await MemGuardMiddleware(app)(scope, receive, send)
+        assert seen["receive"] is receive and seen["scope"] is scope
+
+    asyncio.run(main())
+
+
+def test_non_http_scopes_pass_through() -> None:
+    calls: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        calls.append(scope["type"])
+
+    async def main() -> None:
+        mw = MemGuardMiddleware(app, max_body_size=1)
+        for kind in ("lifespan", "websocket"):
+            await mw({"type": kind, "headers": [cl(10**9)]}, None, None)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+    assert calls == ["lifespan", "websocket"]
+
+
+def test_body_within_limit_is_delivered_whole_and_limit_is_exposed() -> None:
+    app = MemGuardMiddleware(asgi_echo, max_body_size=100)
+    ex = run(app, headers=[cl(100)], chunks=[b"a" * 40, b"b" * 60])
+    assert ex.status == 200
+    length, _, limit = ex.body.split()
+    assert length == b"100" and limit == b"100"
+
+
+def test_extensions_are_copied_not_mutated() -> None:
+    shared = {"http.response.trailers": {}}
+    seen: dict[str, Any] = {}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.update(scope["extensions"])
+        await asgi_echo(scope, receive, send)
+
+    ex = run(MemGuardMiddleware(app), headers=[cl(3)], chunks=[b"abc"],
+             scope_extra={"extensions": shared})
+    assert ex.status == 200
+    assert seen["memguard"] == {"max_body_size": 16 * 1024 * 1024}
+    assert "http.response.trailers" in seen and shared == {"http.response.trailers": {}}
+
+
+def test_declared_length_over_limit_is_refused_before_the_first_receive(
+        caplog: pytest.LogCaptureFixture) -> None:
+    app = MemGuardMiddleware(asgi_echo, max_body_size="1KiB")
+    with caplog.at_level(logging.WARNING, logger="memguard.body"):
+        ex = run(app, path="/up", headers=[cl(1025)], chunks=[b"x" * 1025])
+    assert ex.receive_calls == 0
+    assert ex.status == 413 and ex.complete
+    assert ex.headers[b"connection"] == b"close"
+    assert ex.headers[b"content-type"].startswith(b"text/plain")
+    assert ex.body.startswith(b"413 Content Too Large") or ex.body.startswith(b"413 Request")
+    assert counters.get("body", "content_length_over_limit") == 1
+    (rec,) = [r for r in caplog.records if r.name == "memguard.body"]
+    assert "content_length_over_limit" in rec.getMessage()
+    assert "limit=1024" in rec.getMessage() and "declared=1025" in rec.getMessage()
+
+
+def test_problem_json_when_the_client_accepts_json() -> None:
+    app = MemGuardMiddleware(asgi_echo, max_body_size=10)
+    ex = run(app, headers=[cl(11), (b"accept", b"application/json")], chunks=[b"x" * 11])
+    assert ex.status == 413
+    assert ex.headers[b"content-type"] == b"application/problem+json"
+    doc = json.loads(ex.body)
+    assert doc["status"] == 413 and doc["reason"] == "content_length_over_limit"
+
+
+@pytest.mark.parametrize("headers, reason", [
+    ([cl("abc")], "content_length_invalid"),
+    ([cl("-1")], "content_length_invalid"),
+    ([cl("+5")], "content_length_invalid"),
+    ([cl("1e3")], "content_length_invalid"),
+    ([cl("")], "content_length_invalid"),
+    ([cl(5), cl(6)], "content_length_conflict"),
+    ([cl("5, 6")], "content_length_conflict"),
+    ([cl(5), TE], "content_length_with_transfer_encoding"),
+    ([(b"transfer-encoding", b"gzip")], "transfer_encoding_unsupported"),
+])
+def test_bad_framing_is_400(headers: list[tuple[bytes, bytes]], reason: str) -> None:
+    ex = run(MemGuardMiddleware(asgi_echo), headers=headers, chunks=[b"hello"])
+    assert ex.status == 400 and ex.receive_calls == 0
+    assert ex.headers[b"connection"] == b"close"
+    assert counters.get("body", reason) == 1
+
+
+def test_identical_duplicate_content_lengths_are_accepted() -> None:
+    ex = run(MemGuardMiddleware(asgi_echo), headers=[cl(5), cl(5)], chunks=[b"hello"])
+    assert ex.status == 200 and ex.body.startswith(b"5 ")
+    ex = run(MemGuardMiddleware(asgi_echo), headers=[cl("5, 5")], chunks=[b"hello"])
+    assert ex.status == 200
+
+
+def test_huge_declared_length_is_413_not_a_crash() -> None:
+    ex = run(MemGuardMiddleware(asgi_echo), headers=[cl("9" * 5000)], chunks=[b"x"])
+    assert ex.status == 413
+
+
+def test_chunked_body_over_limit_is_cut_at_the_chunk_that_crosses() -> None:
+    app = MemGuardMiddleware(asgi_echo, max_body_size=1000)
+    chunks = [b"x" * 300] * 10
+    ex = run(app, headers=[TE], chunks=chunks)
+    assert ex.status == 413 and ex.complete
+    assert ex.delivered == 1200  # the fourth chunk crossed; nothing after it was read
+    assert counters.get("body", "body_over_limit") == 1
+
+
+def test_http2_request_without_length_is_still_counted() -> None:
+    app = MemGuardMiddleware(asgi_echo, max_body_size=10)
+    ex = run(app, headers=[], chunks=[b"x" * 8, b"x" * 8], http_version="2")
+    assert ex.status == 413
+
+
+def test_a_500_made_of_our_refusal_still_reaches_the_client_as_413() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            while (await receive()).get("more_body"):
+                pass
+        except Exception:  # what a framework's error handler does
+            await send({"type": "http.response.start", "status": 500, "headers": []})
+            await send({"type": "http.response.body", "body": b"Internal Server Error"})
+            return
+
+    ex = run(MemGuardMiddleware(app, max_body_size=10), headers=[TE], chunks=[b"x" * 6] * 3)
+    assert ex.status == 413 and b"Internal" not in ex.body and ex.complete
+
+
+def test_any_exception_after_a_refusal_becomes_the_refusal() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            while (await receive()).get("more_body"):
+                pass
+        except BodyTooLarge as exc:
+            raise RuntimeError("framework wrapped it") from exc
+
+    ex = run(MemGuardMiddleware(app, max_body_size=10), headers=[TE], chunks=[b"x" * 6] * 3)
+    assert ex.status == 413
+
+
+def test_refusal_after_the_response_started_leaves_it_incomplete(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        try:
+            while True:
+                message = await receive()
+                await send({"type": "http.response.body", "body": message["body"],
+                            "more_body": True})
+                if not message.get("more_body"):
+                    break
+        finally:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    with caplog.at_level(logging.WARNING, logger="memguard.body"):
+        ex = run(MemGuardMiddleware(app, max_body_size=10), headers=[TE],
+                 chunks=[b"x" * 6] * 3)
+    assert ex.status == 200 and not ex.complete and ex.body == b"x" * 6
+    assert any("had started" in r.getMessage() for r in caplog.records)
+
+
+def test_app_raising_a_refusal_on_a_bodyless_request_gets_its_answer() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise MemoryPressure("busy", reason="memory_high", headers={"Retry-After": "3"}, rss=1)
+
+    ex = run(MemGuardMiddleware(app), method="GET")
+    assert ex.status == 503 and ex.headers[b"retry-after"] == b"3"
+    assert ex.headers[b"connection"] == b"close"
+    assert counters.get("body", "memory_high") == 1
+
+
+def test_app_raising_a_refusal_while_reading_gets_its_answer() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        raise BodyTooLarge("quota", reason="upload_quota", limit=1)
+
+    ex = run(MemGuardMiddleware(app), headers=[cl(3)], chunks=[b"abc"])
+    assert ex.status == 413 and counters.get("body", "upload_quota") == 1
+
+
+def test_report_only_lets_everything_through_and_counts(
+        caplog: pytest.LogCaptureFixture) -> None:
+    app = MemGuardMiddleware(asgi_echo, max_body_size=10, report_only=True)
+    with caplog.at_level(logging.WARNING, logger="memguard.body"):
+        declared = run(app, headers=[cl(20)], chunks=[b"x" * 20])
+        chunked = run(app, headers=[TE], chunks=[b"x" * 8] * 3)
+        bad = run(app, headers=[cl(5), cl(6)], chunks=[b"x" * 5])
+    assert declared.status == 200 and declared.body.startswith(b"20 ")
+    assert chunked.status == 200 and chunked.body.startswith(b"24 ")
+    assert bad.status == 200
+    assert counters.get("body", "report_only:content_length_over_limit") == 1
+    assert counters.get("body", "report_only:body_over_limit") == 1
+    assert counters.get("body", "report_only:content_length_conflict") == 1
+    assert counters.get("body", "body_over_limit") == 0
+    assert sum("would refuse" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_refusals_are_event_log_lines(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    events.configure(str(path))
+    try:
+        run(MemGuardMiddleware(asgi_echo, max_body_size=10), path="/x",
+            headers=[cl(11)], chunks=[b"x" * 11])
+    finally:
+        events.configure(None)
+    (line,) = path.read_text().splitlines()
+    event = json.loads(line)
+    assert event["kind"] == "refusal" and event["status"] == 413
+    assert event["reason"] == "content_length_over_limit" and event["path"] == "/x"
+    assert event["limit"] == 10 and event["declared"] == 11
+
+
+# ---- routes and content types -------------------------------------------------------
+
+
+def test_route_limits_longest_match_wins_and_can_raise_or_lower() -> None:
+    app = MemGuardMiddleware(asgi_echo, max_body_size=100,
+                             routes={"/upload/*": 1000, "/upload/small/*": 10, "/api": 5})
+    assert run(app, path="/upload/a", headers=[cl(500)], chunks=[b"x" * 500]).status == 200
+    assert run(app, path="/upload/small/a", headers=[cl(11)], chunks=[b"x" * 11]).status == 413
+    assert run(app, path="/upload", headers=[cl(500)], chunks=[b"x" * 500]).status == 200
+    assert run(app, path="/api", headers=[cl(6)], chunks=[b"x" * 6]).status == 413
+    assert run(app, path="/api/v1", headers=[cl(50)], chunks=[b"x" * 50]).status == 200
+    assert run(app, path="/other", headers=[cl(101)], chunks=[b"x" * 101]).status == 413
+
+
+def test_content_type_caps_lower_the_route_limit() -> None:
+    app = MemGuardMiddleware(asgi_echo, routes={"/upload/*": "5GiB"})
+    policy = app.policy
+    mib = 1024 * 1024
+    assert policy.limit_for("/upload/x", b"application/json; charset=utf-8") == mib
+    assert policy.limit_for("/upload/x", b"application/vnd.api+json") == mib
+    assert policy.limit_for("/upload/x", b"Application/X-WWW-Form-Urlencoded") == mib
+    assert policy.limit_for("/upload/x", b"multipart/form-data; boundary=z") == 5 * 1024**3
+    assert policy.limit_for("/upload/x", b"application/octet-stream") == 5 * 1024**3
+    assert policy.limit_for("/x", b"application/octet-stream") == 16 * mib
+    ex = run(app, path="/upload/x", headers=[cl(mib + 1), (b"content-type", b"application/json")],
+             chunks=[b"x" * (mib + 1)])
+    assert ex.status == 413
+
+
+def test_a_route_mapping_lifts_the_content_type_cap_for_itself() -> None:
+    app = MemGuardMiddleware(asgi_echo, routes={
+        "/import": {"*": "64MiB", "application/json": "32MiB"}},
+        content_types={"text/*": "1KiB", "application/json": None, "application/*+json": "2k"})
+    policy = app.policy
+    assert policy.limit_for("/import", "application/json") == 32 * 1024**2
+    assert policy.limit_for("/import", "text/csv") == 1024
+    assert policy.limit_for("/import", "image/png") == 64 * 1024**2
+    assert policy.limit_for("/elsewhere", "application/json") == 16 * 1024**2
+    assert policy.limit_for("/elsewhere", "application/ld+json") == 2048
+
+
+def test_routes_and_limits_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEMGUARD_MAX_BODY_SIZE", "2KiB")
+    monkeypatch.setenv("MEMGUARD_BODY_ROUTES", "/up/*=1MiB, /tiny=10")
+    policy = MemGuardMiddleware(asgi_echo).policy
+    assert policy.limit_for("/", None) == 2048
+    assert policy.limit_for("/up/a", None) == 1024**2
+    assert policy.limit_for("/tiny", None) == 10
+    monkeypatch.setenv("MEMGUARD_BODY_ROUTES", "/bad")
+    with pytest.raises(ValueError, match="PATTERN=SIZE"):
+        MemGuardMiddleware(asgi_echo)
+
+
+def test_unlimited_route() -> None:
+    app = MemGuardMiddleware(asgi_echo, max_body_size=10, routes={"/free/*": None})
+    ex = run(app, path="/free/a", headers=[TE], chunks=[b"x" * 100] * 3)
+    assert ex.status == 200 and ex.body.split()[2] == b"None"
+
+
+# ---- slow bodies ----------------------------------------------------------------------
+
+
+def test_idle_body_gets_408() -> None:
+    app = MemGuardMiddleware(asgi_echo, body_idle_timeout=0.2)
+
+    async def main() -> Any:
+        return await asyncio.wait_for(
+            exchange(app, headers=[cl(100)], chunks=[b"x" * 10, b"y" * 90], stall_after=1),
+            timeout=10)
+
+    ex = asyncio.run(main())
+    assert ex.status == 408 and ex.headers[b"connection"] == b"close"
+    assert counters.get("body", "body_idle_timeout") == 1
+
+
+def test_drip_below_min_rate_gets_408_after_the_grace() -> None:
+    app = MemGuardMiddleware(asgi_echo, body_idle_timeout=5, body_min_rate=10_000,
+                             body_rate_grace=0.3)
+    ex = run(app, headers=[TE], chunks=[b"x" * 10] * 200, delay=0.02)
+    assert ex.status == 408
+    assert counters.get("body", "body_too_slow") == 1
+    assert ex.delivered < 2000
+
+
+def test_a_normal_paced_body_is_not_hurt_by_the_defaults() -> None:
+    app = MemGuardMiddleware(asgi_echo)
+    ex = run(app, headers=[TE], chunks=[b"x" * 1000] * 20, delay=0.01)
+    assert ex.status == 200 and ex.body.startswith(b"20000 ")
+
+
+def test_a_slow_app_is_not_blamed_for_the_wait() -> None:
+    async def slow(scope: Scope, receive: Receive, send: Send) -> None:
+        more = True
+        while more:
+            await asyncio.sleep(0.15)  # the app itself takes longer than the idle timeout
+            more = (await receive()).get("more_body", False)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    app = MemGuardMiddleware(slow, body_idle_timeout=0.1)
+    ex = run(app, headers=[TE], chunks=[b"x"] * 4)
+    assert ex.status == 200
+
+
+def test_timeout_after_the_body_does_not_touch_disconnect_waits() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        assert not (await receive()).get("more_body")
+        # Waiting for a disconnect after the body is not a slow body.
+        try:
+            await asyncio.wait_for(receive(), 0.3)
+        except asyncio.TimeoutError:
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    ex = run(MemGuardMiddleware(app, body_idle_timeout=0.1), headers=[cl(2)], chunks=[b"ok"])
+    assert ex.status == 200
+
+
+# ---- compressed bodies ----------------------------------------------------------------
+
+GZ = (b"content-encoding", b"gzip")
+
+
+def test_gzip_is_passed_through_encoded_by_default() -> None:
+    data = gzip.compress(b"a" * 5000)
+    ex = run(MemGuardMiddleware(asgi_echo), headers=[cl(len(data)), GZ], chunks=[data])
+    assert ex.status == 200 and ex.body.startswith(f"{len(data)} ".encode())
+
+
+@pytest.mark.parametrize("encoding, compress", [
+    (b"gzip", gzip.compress), (b"x-gzip", gzip.compress), (b"deflate", zlib.compress)])
+def test_decompression_delivers_the_decoded_body(encoding: bytes, compress: Any) -> None:
+    import hashlib
+
+    raw = bytes(range(256)) * 3000
+    data = compress(raw)
+    seen: dict[str, Any] = {}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen["headers"] = dict(scope["headers"])
+        await asgi_echo(scope, receive, send)
+
+    ex = run(MemGuardMiddleware(app, decompress=True),
+             headers=[cl(len(data)), (b"content-encoding", encoding)],
+             chunks=[data[i:i + 1000] for i in range(0, len(data), 1000)])
+    assert ex.status == 200
+    length, digest, _ = ex.body.split()
+    assert int(length) == len(raw) and digest.decode() == hashlib.sha256(raw).hexdigest()
+    assert b"content-encoding" not in seen["headers"]
+    assert b"content-length" not in seen["headers"]
+
+
+def test_gzip_bomb_is_413_without_inflating_it() -> None:
+    bomb = gzip.compress(b"\0" * (200 * 1024 * 1024), compresslevel=9)  # ~200 KiB
+    app = MemGuardMiddleware(asgi_echo, decompress=True, max_body_size="1GiB")
+    ex = run(app, headers=[cl(len(bomb)), GZ],
+             chunks=[bomb[i:i + 65536] for i in range(0, len(bomb), 65536)])
+    assert ex.status == 413
+    assert counters.get("body", "decompression_ratio") == 1
+
+
+def test_decoded_size_limit() -> None:
+    data = gzip.compress(bytes(range(256)) * 400)  # 100 KiB of low-ratio data
+    app = MemGuardMiddleware(asgi_echo, decompress=True, max_decoded_size="50KiB")
+    ex = run(app, headers=[cl(len(data)), GZ], chunks=[data])
+    assert ex.status == 413
+    assert counters.get("body", "decoded_body_over_limit") == 1
+
+
+def test_unknown_encoding_is_415_when_decompressing() -> None:
+    app = MemGuardMiddleware(asgi_echo, decompress=True)
+    ex = run(app, headers=[cl(3), (b"content-encoding", b"br")], chunks=[b"abc"])
+    assert ex.status == 415 and ex.receive_calls == 0
+
+
+def test_corrupt_or_truncated_gzip_is_400() -> None:
+    data = gzip.compress(b"hello world" * 100)
+    app = MemGuardMiddleware(asgi_echo, decompress=True)
+    assert run(app, headers=[cl(20), GZ], chunks=[b"not gzip at all....."]).status == 400
+    truncated = data[:-12]
+    ex = run(app, headers=[cl(len(truncated)), GZ], chunks=[truncated])
+    assert ex.status == 400 and counters.get("body", "body_decode_error") == 2
