@@ -50,6 +50,9 @@ class MemGuardMiddleware:
     def __init__(self, app: ASGIApp, **options: Any) -> None:
         self.app = app
         self.policy = BodyPolicy(resolve(("body",), options))
+        # Django's ASGI handler spools the body to a file before any view runs and
+        # closes that file only on http.disconnect: refusals reach it as a disconnect.
+        self.disconnect_on_refusal = type(app).__module__.startswith("django.")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -109,12 +112,13 @@ class _Responder:
                 await self.send_refusal(exc)
                 return
             reader_limit, decoder = None, None  # reported once is enough
-        scope = _with_extension(scope, limit)
+        scope = _with_extension(scope, limit, self.reject)
         if decoder is not None:
             scope["headers"] = [(k, v) for k, v in scope["headers"]
                                 if k not in (b"content-encoding", b"content-length")]
         # 3. wrap receive
-        body = ASGIBody(self.receive, reader_limit, policy, self.reject, decoder)
+        body = ASGIBody(self.receive, reader_limit, policy, self.reject, decoder,
+                        self.mw.disconnect_on_refusal)
         # 4. call app
         try:
             await self.mw.app(scope, body.receive, self.send)
@@ -195,10 +199,11 @@ class _Responder:
             await self.send_refusal(self.rejection)
 
 
-def _with_extension(scope: Scope, limit: int | None) -> Scope:
-    """A copy of ``scope`` telling the app the limit that applies (for uploads)."""
+def _with_extension(scope: Scope, limit: int | None, reject: Any) -> Scope:
+    """A copy of ``scope`` telling the app the limit that applies (for uploads), and a
+    ``reject(exc)`` that makes ``exc`` the response whatever the framework does with it."""
     extensions = dict(scope.get("extensions") or {})
-    extensions["memguard"] = {"max_body_size": limit}
+    extensions["memguard"] = {"max_body_size": limit, "reject": reject}
     new = dict(scope)
     new["extensions"] = extensions
     return new

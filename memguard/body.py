@@ -329,11 +329,16 @@ class ASGIBody:
 
     __slots__ = ("_receive", "limit", "received", "done", "error", "on_reject",
                  "report_only", "decoder", "idle", "min_rate", "grace", "_loop", "_timer",
-                 "_task", "_waiting", "_t_enter", "_start", "_timeout", "receive")
+                 "_task", "_waiting", "_t_enter", "_start", "_timeout", "receive",
+                 "disconnect")
 
     def __init__(self, receive: Receive, limit: int | None, policy: BodyPolicy,
-                 on_reject: Any, decoder: Decoder | None = None) -> None:
+                 on_reject: Any, decoder: Decoder | None = None,
+                 disconnect: bool = False) -> None:
         self._receive = receive
+        # True: a refusal reaches the app as http.disconnect instead of an exception
+        # (Django's ASGI handler leaks its spooled body file on any other exception).
+        self.disconnect = disconnect
         self.limit = limit
         self.received = 0
         self.done = False
@@ -363,6 +368,11 @@ class ASGIBody:
         self.close()
         return exc
 
+    def _signal(self, exc: RequestRejected) -> Message:
+        if self.disconnect:
+            return {"type": "http.disconnect"}
+        raise exc
+
     async def _wait(self) -> Message:
         if self._timer is None and not self.done and (self.idle or self.min_rate):
             self._arm()
@@ -379,16 +389,18 @@ class ASGIBody:
                 self._task.uncancel()
             exc = self._reject(timeout)
             assert exc is not None  # report-only never cancels a wait
-            raise exc from None
+            return self._signal(exc)
         finally:
             self._waiting = False
 
     async def _receive_plain(self) -> Message:
         if self.done:
             if self.error is not None:
-                raise self.error
+                return self._signal(self.error)
             return await self._receive()
         message = await self._wait()
+        if self.error is not None:
+            return message  # the disconnect standing for a timeout
         if message["type"] != "http.request":
             self.done = True
             self.close()
@@ -397,7 +409,7 @@ class ASGIBody:
         if self.limit is not None and self.received > self.limit:
             exc = self._reject(_over_limit(self.limit, self.received))
             if exc is not None:
-                raise exc
+                return self._signal(exc)
             self.limit = None
         if not message.get("more_body", False):
             self.done = True
@@ -409,13 +421,15 @@ class ASGIBody:
         assert decoder is not None
         if self.done:
             if self.error is not None:
-                raise self.error
+                return self._signal(self.error)
             return await self._receive()
         try:
             if decoder.pending:
                 out = decoder.feed(b"")
                 return {"type": "http.request", "body": out, "more_body": True}
             message = await self._wait()
+            if self.error is not None:
+                return message
             if message["type"] != "http.request":
                 self.done = True
                 self.close()
@@ -436,7 +450,7 @@ class ASGIBody:
                 raise
             rejected = self._reject(exc)
             if rejected is not None:
-                raise rejected from None
+                return self._signal(rejected)
             # Report-only: stop decoding limits, hand over what is left undecoded-capped.
             self.limit = decoder.limit = None
             decoder.ratio = 0

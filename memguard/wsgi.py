@@ -109,6 +109,7 @@ class _Request:
             declared = int(cl) if cl and cl.isdigit() else None
             reader_limit = None  # reported once is enough
         environ["memguard.max_body_size"] = limit
+        environ["memguard.reject"] = self.reject
         # 3. wrap wsgi.input
         self.input = WSGIInput(environ["wsgi.input"], declared, reader_limit, policy, self.reject,
                                decoder, sock=environ.get("gunicorn.socket"))

@@ -105,7 +105,8 @@ def test_extensions_are_copied_not_mutated() -> None:
     ex = run(MemGuardMiddleware(app), headers=[cl(3)], chunks=[b"abc"],
              scope_extra={"extensions": shared})
     assert ex.status == 200
-    assert seen["memguard"] == {"max_body_size": 16 * 1024 * 1024}
+    assert seen["memguard"]["max_body_size"] == 16 * 1024 * 1024
+    assert callable(seen["memguard"]["reject"])
     assert "http.response.trailers" in seen and shared == {"http.response.trailers": {}}
 
 
