@@ -21,6 +21,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doctor.add_argument("--pid", type=int, help="a gunicorn master pid (default: find them)")
     doctor.add_argument("--json", action="store_true", help="print one JSON object")
+    report = sub.add_parser(
+        "report", help="summarize an event log (MEMGUARD_EVENTS) and draw its memory timeline"
+    )
+    report.add_argument("events", help="the JSON-lines event log")
+    report.add_argument("--out", help="draw the timeline to this .png, .svg or .html file")
+    report.add_argument("--metric", default="auto", choices=["auto", "uss", "pss", "rss"],
+                        help="memory figure per process (default: the one most samples carry)")
+    report.add_argument("--title", help="the picture's title (default: the summary counts)")
+    report.add_argument("--json", action="store_true", help="print the summary as JSON")
+    report.add_argument("--summary", action="store_true",
+                        help="print the text summary (the default unless --json)")
+    options = sub.add_parser("options", help="list every memguard option")
+    options.add_argument("--markdown", action="store_true",
+                         help="print the reference as Markdown (docs/options.md)")
     return parser
 
 
@@ -28,6 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "doctor":
         return _doctor(args)
+    if args.command == "report":
+        return _report(args)
+    if args.command == "options":
+        return _options(args)
     raise AssertionError(args.command)
 
 
@@ -40,4 +58,40 @@ def _doctor(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         print(doctor.render_text(report))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from memguard import report
+
+    try:
+        timeline = report.load(args.events)
+        summary = report.summarize(timeline, args.metric)
+        if args.out:
+            report.draw(timeline, args.out, metric=args.metric, title=args.title)
+    except report.ReportError as exc:
+        print(f"memguard report: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        json.dump(summary, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    if args.summary or not args.json:
+        print(report.render_summary(summary))
+    if args.out:
+        print(f"\nwrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def _options(args: argparse.Namespace) -> int:
+    from memguard import config
+
+    if args.markdown:
+        sys.stdout.write(config.reference_markdown())
+        return 0
+    for s in config.SETTINGS.values():
+        default = "none" if s.default is None else repr(s.default)
+        env = f"  ({s.env})" if s.env else ""
+        print(f"{s.section}.{s.name} = {default}{env}\n    {s.doc}")
+    if not config.SETTINGS:
+        print("no options declared yet")
     return 0
