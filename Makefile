@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.memguard-installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks --quick
+
+# Generated docs (a test fails when they are stale): the options reference from
+# memguard/config.py.
+docs: $(STAMP)
+	$(BIN)/memguard options --markdown > docs/options.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -397,7 +397,7 @@ def render_summary(summary: dict[str, Any]) -> str:
         f"memguard report: {summary['source']}",
         "",
         f"  span        {summary['duration']:.1f} s from {start}, {summary['events']} events"
-        + (f", {summary['unreadable_lines']} unreadable lines skipped"
+        + (f", {_plural(summary['unreadable_lines'], 'unreadable line')} skipped"
            if summary["unreadable_lines"] else ""),
         f"  samples     {summary['samples']}",
         f"  workers     {summary['workers']} processes, at most "
@@ -432,8 +432,11 @@ _LIMIT_STYLES = {
     "hard": ("#d62728", (0, (6, 3))),
     "soft": ("#ff7f0e", (0, (6, 3))),
     "cgroup": ("#d62728", "solid"),
-    "total": ("#9467bd", (0, (6, 2, 1, 2))),
+    "total": ("black", (0, (6, 2, 1, 2))),
 }
+# Worker colours leave out orange and red, which mark limits, and grey (the master).
+_WORKER_COLOURS = ["#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+                   "#bcbd22", "#393b79"]
 
 
 def _limit_style(name: str) -> tuple[str, Any]:
@@ -508,7 +511,7 @@ def figure(timeline: Timeline, metric: str = "auto", title: str | None = None) -
     axes = fig.subplots(len(ratios), 1, sharex=True, height_ratios=ratios)
     ax_mem, ax_events = axes[0], axes[-1]
     ax_total = axes[1] if show_total else None
-    colours = [f"C{i}" for i in range(10)]
+    colours = _WORKER_COLOURS
     end_x = max(timeline.duration, 1.0)
 
     # -- per-worker memory, one line per process, one colour per slot -------------------
@@ -641,17 +644,17 @@ def draw(timeline: Timeline, out: str | Path, metric: str = "auto",
     if suffix == ".html":
         buffer = io.StringIO()
         fig.savefig(buffer, format="svg")
-        out.write_text(_html(timeline, buffer.getvalue(), metric), encoding="utf-8")
+        out.write_text(_html(timeline, buffer.getvalue(), metric, title), encoding="utf-8")
     else:
         fig.savefig(out, format=suffix[1:], dpi=100)
     return out
 
 
-def _html(timeline: Timeline, svg: str, metric: str) -> str:
+def _html(timeline: Timeline, svg: str, metric: str, title: str | None) -> str:
     # The SVG starts with an XML prolog and a DOCTYPE that do not belong inside HTML.
     svg = svg[svg.index("<svg"):]
     summary = html.escape(render_summary(summarize(timeline, metric)))
-    title = html.escape(f"memguard timeline: {_headline(timeline)}")
+    title = html.escape(title or f"memguard timeline: {_headline(timeline)}")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         f"<title>{title}</title>\n"

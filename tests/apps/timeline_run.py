@@ -29,14 +29,19 @@ class Observed:
 
     statuses: Counter[int] = field(default_factory=Counter)
     failures: int = 0
+    pids: set[int] = field(default_factory=set)  # workers that answered
+    cgroup_oom_kills: int | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, status: int | None) -> None:
+    def add(self, status: int | None, body: bytes = b"") -> None:
         with self.lock:
             if status is None:
                 self.failures += 1
             else:
                 self.statuses[status] += 1
+            _, _, pid = body.rpartition(b"pid=")
+            if pid.strip().isdigit():
+                self.pids.add(int(pid))
 
 
 def declared_upload(url: str, length: int) -> int:
@@ -52,11 +57,11 @@ def declared_upload(url: str, length: int) -> int:
 
 def _get(url: str, path: str, observed: Observed, **kwargs: object) -> None:
     try:
-        status, _, _ = http_request(url, path=path, **kwargs)  # type: ignore[arg-type]
+        status, _, body = http_request(url, path=path, **kwargs)  # type: ignore[arg-type]
     except (OSError, http.client.HTTPException):
         observed.add(None)
     else:
-        observed.add(status)
+        observed.add(status, body)
 
 
 def run(events: Path, *, seconds: float = 10.0, clients: int = 3, workers: int = 3,
@@ -105,6 +110,8 @@ def run(events: Path, *, seconds: float = 10.0, clients: int = 3, workers: int =
             t.join()
         # Let the master take its last samples, and see the last exit.
         time.sleep(0.6)
+        if group is not None:
+            observed.cgroup_oom_kills = group.oom_kills
     return observed
 
 
