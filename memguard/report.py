@@ -12,7 +12,8 @@ What the report reads from each kind (any other field is kept but not needed):
   ``rss``, ``uss``, ``pss`` in bytes.
 - ``recycle``, ``oom_kill``, ``worker_exit``, ``worker_start``: the process concerned is
   ``worker_pid`` when present (the master reporting on a worker), else ``pid``;
-  ``recycle`` has a ``reason``.
+  ``recycle`` has a ``reason``. A worker's line is drawn up to its ``worker_exit``:
+  samples after it are of its shutdown (they still count in the total).
 - ``refusal``: ``status`` and ``reason``.
 - ``limit``: every numeric field is a configured limit in bytes named by its key
   (``worker_memory_limit=...``), or one limit as ``name=...`` and ``value=...``. Names
@@ -86,6 +87,7 @@ class WorkerSeries:
     end: str | None = None  # "recycled", "oom_killed", "exited", None: alive at the end
     end_reason: str = ""
     ended: float | None = None
+    exited: float | None = None  # its worker_exit event: it was shutting down after this
     slot: int = 0  # processes that replaced one another share a slot (and a colour)
 
     @property
@@ -100,10 +102,13 @@ class WorkerSeries:
                       if t is not None]
         return max(candidates) if candidates else self.first
 
-    def series(self, metric: str) -> tuple[list[float], list[float]]:
-        """(times, bytes) of the samples that carry ``metric``."""
+    def series(self, metric: str, drawn: bool = False) -> tuple[list[float], list[float]]:
+        """(times, bytes) of the samples that carry ``metric``; with ``drawn``, only up to
+        the process's ``worker_exit`` (later samples are of its interpreter shutting down:
+        they count in the total, but the worker's own line ends where its work did)."""
+        until = self.exited if drawn and self.exited is not None else math.inf
         pairs = [(t, v) for t, v in zip(self.times, self.values[metric], strict=True)
-                 if v is not None]
+                 if v is not None and t <= until]
         return [t for t, _ in pairs], [v for _, v in pairs]
 
     def peak(self, metric: str) -> float | None:
@@ -300,6 +305,7 @@ def parse_events(lines: list[str], source: str = "<events>") -> Timeline:
             process(_target(r)).started = t
         elif kind == "worker_exit":
             series = process(_target(r))
+            series.exited = t if series.exited is None else series.exited
             if series.end is None:
                 series.end, series.end_reason = "exited", str(r.get("reason") or "")
             if series.ended is None or series.end == "exited":
@@ -522,14 +528,14 @@ def figure(timeline: Timeline, metric: str = "auto", title: str | None = None) -
     for slot, members in sorted(slots.items()):
         colour = colours[slot % len(colours)]
         for p in members:
-            xs, ys = p.series(chosen)
+            xs, ys = p.series(chosen, drawn=True)
             if not xs:
                 continue
             ax_mem.plot(xs, [y / MiB for y in ys], color=colour, linewidth=1.6,
                         solid_capstyle="butt")
         pids = [p.pid for p in members]
         who = (f"pid {pids[0]}" if len(pids) == 1
-               else f"{len(pids)} pids in turn" if len(pids) > 3
+               else f"{len(pids)} processes in turn" if len(pids) > 3
                else "pids " + ", ".join(map(str, pids)))
         handles.append(Line2D([], [], color=colour, linewidth=2,
                               label=f"worker {slot + 1} ({who})"))
@@ -646,7 +652,8 @@ def draw(timeline: Timeline, out: str | Path, metric: str = "auto",
         fig.savefig(buffer, format="svg")
         out.write_text(_html(timeline, buffer.getvalue(), metric, title), encoding="utf-8")
     else:
-        fig.savefig(out, format=suffix[1:], dpi=100)
+        kwargs = {"pil_kwargs": {"optimize": True}} if suffix == ".png" else {}
+        fig.savefig(out, format=suffix[1:], dpi=100, **kwargs)
     return out
 
 

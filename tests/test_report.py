@@ -176,3 +176,19 @@ def test_cli_report(synthetic: tuple[Path, Truth], tmp_path: Path,
     assert "staging, Tuesday" in out.read_text()
     assert cli.main(["report", str(tmp_path / "nope.jsonl")]) == 2
     assert "no such event log" in capsys.readouterr().err
+
+
+def test_a_worker_line_ends_at_its_exit_but_the_total_keeps_its_shutdown() -> None:
+    lines = [json.dumps(e) for e in [
+        {"ts": 0, "kind": "sample", "pid": 1, "role": "worker", "uss": 60 * MiB},
+        {"ts": 1, "kind": "recycle", "pid": 1, "reason": "worker_memory_limit"},
+        {"ts": 1.1, "kind": "worker_exit", "pid": 1},
+        {"ts": 1.2, "kind": "sample", "pid": 9, "worker_pid": 1, "role": "worker",
+         "uss": 70 * MiB},
+    ]]
+    timeline = report.parse_events(lines)
+    worker = timeline.processes[1]
+    assert worker.series("uss", drawn=True) == ([0.0], [60 * MiB])
+    assert worker.series("uss") == ([0.0, 1.2], [60 * MiB, 70 * MiB])
+    assert worker.peak("uss") == 70 * MiB and worker.end == "recycled" and worker.ended == 1
+    assert timeline.total_series("uss")[1][-2:] == [70 * MiB, 0]

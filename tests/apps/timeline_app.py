@@ -54,7 +54,10 @@ def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         return _respond(start_response, "200 OK", f"kept {len(_kept)} blocks")
     if path == "/bloat":
         mib = int(query.get("mib", ["512"])[0])
-        _kept.append(b"\x01" * (mib * MiB))
+        # In steps, sampled, as a request that reads a big body into memory grows.
+        for _ in range(0, mib, 32):
+            _kept.append(b"\x01" * (32 * MiB))
+            sample()
         return _respond(start_response, "200 OK", "survived")
     if path == "/upload":
         length = int(environ.get("CONTENT_LENGTH") or 0)
