@@ -205,7 +205,7 @@ class Timeline:
         edges: list[tuple[float, int]] = []
         for p in self.workers:
             edges += [(p.first, 1), (p.last, -1)]
-        edges.sort(key=lambda e: (e[0], e[1]))
+        edges.sort(key=lambda e: (e[0], -e[1]))  # a process alive for an instant counts
         best = running = 0
         for _, delta in edges:
             running += delta
@@ -402,11 +402,12 @@ def render_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"memguard report: {summary['source']}",
         "",
-        f"  span        {summary['duration']:.1f} s from {start}, {summary['events']} events"
+        f"  span        {summary['duration']:.1f} s from {start}, "
+        f"{_plural(summary['events'], 'event')}"
         + (f", {_plural(summary['unreadable_lines'], 'unreadable line')} skipped"
            if summary["unreadable_lines"] else ""),
         f"  samples     {summary['samples']}",
-        f"  workers     {summary['workers']} processes, at most "
+        f"  workers     {_plural(summary['workers'], 'process', 'processes')}, at most "
         f"{summary['max_concurrent_workers']} at a time",
         f"  recycles    {summary['recycles']}{_by(summary['recycles_by_reason'])}",
         f"  refusals    {summary['refusals']}{_by(summary['refusals_by_status_reason'])}",
@@ -577,6 +578,9 @@ def figure(timeline: Timeline, metric: str = "auto", title: str | None = None) -
         return drawn
 
     handles += draw_limits(ax_mem, timeline.worker_limits())
+    if not timeline.kinds["sample"]:
+        ax_mem.text(0.5, 0.5, "no memory samples in this log", transform=ax_mem.transAxes,
+                    ha="center", va="center", fontsize=12, color="0.4")
     label = {"uss": "USS (memory unique to the process)",
              "pss": "PSS (shared pages split among users)",
              "rss": "RSS (resident, shared pages counted in full)"}[chosen]
