@@ -562,7 +562,7 @@ class WSGIInput:
     def _raw(self, size: int, line: bool = False) -> bytes:
         if self.error is not None:
             raise self.error
-        if self._eof:
+        if self._eof or size == 0:
             return b""
         if self.declared is not None:
             size = min(size, self.declared - self.received)

@@ -260,3 +260,16 @@ def test_socket_timeout_restored_after_a_whole_body() -> None:
     finally:
         client.close()
         server.close()
+
+
+def test_read_zero_is_not_the_end_of_the_body() -> None:
+    got: list[bytes] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        got.append(environ["wsgi.input"].read(0))
+        got.append(environ["wsgi.input"].read())
+        start_response("200 OK", [])
+        return [b""]
+
+    wsgi_call(MemGuardWSGIMiddleware(app), body=b"abc", environ={"CONTENT_LENGTH": "3"})
+    assert got == [b"", b"abc"]
