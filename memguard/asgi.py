@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from memguard.body import ASGIBody, BodyPolicy, header_values, record, refusal_response
+from memguard.body import ASGIBody, BodyPolicy, record, refusal_response
 from memguard.config import resolve
 from memguard.errors import RequestRejected
 from memguard.types import ASGIApp, Message, Receive, Scope, Send
@@ -42,6 +42,8 @@ log = logging.getLogger("memguard.body")
 
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _HTTP1 = frozenset({"1.1", "1.0"})
+_BODY_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"content-type",
+                           b"content-encoding", b"accept"})
 
 
 class MemGuardMiddleware:
@@ -95,17 +97,27 @@ class _Responder:
         scope = self.scope
         # 1. admit: memory admission goes here.
         # 2. frame
-        found = header_values(scope["headers"])
-        self.accept = found[b"accept"][0] if b"accept" in found else None
-        content_type = found[b"content-type"][0] if b"content-type" in found else None
+        lengths: list[bytes] = []
+        codings: list[bytes] = []
+        content_type = encoding = None
+        for name, value in scope["headers"]:
+            if name in _BODY_HEADERS:
+                if name == b"content-length":
+                    lengths.append(value)
+                elif name == b"transfer-encoding":
+                    codings.append(value)
+                elif name == b"content-type":
+                    content_type = value
+                elif name == b"content-encoding":
+                    encoding = value if encoding is None else encoding + b"," + value
+                else:
+                    self.accept = value
         limit = reader_limit = policy.limit_for(scope.get("path", ""), content_type)
         try:
-            declared = policy.declared_length(found.get(b"content-length", []),
-                                              found.get(b"transfer-encoding", []))
-            if declared is not None:
+            declared = policy.declared_length(lengths, codings)
+            if declared is not None and limit is not None and declared > limit:
                 policy.check_declared(declared, limit)
-            encoding = found.get(b"content-encoding")
-            decoder = policy.decoder_for(b",".join(encoding) if encoding else None, limit)
+            decoder = policy.decoder_for(encoding, limit) if encoding is not None else None
         except RequestRejected as exc:
             self.note(exc)
             if not policy.report_only:
@@ -202,8 +214,7 @@ class _Responder:
 def _with_extension(scope: Scope, limit: int | None, reject: Any) -> Scope:
     """A copy of ``scope`` telling the app the limit that applies (for uploads), and a
     ``reject(exc)`` that makes ``exc`` the response whatever the framework does with it."""
-    extensions = dict(scope.get("extensions") or {})
-    extensions["memguard"] = {"max_body_size": limit, "reject": reject}
-    new = dict(scope)
-    new["extensions"] = extensions
-    return new
+    memguard = {"max_body_size": limit, "reject": reject}
+    extensions = scope.get("extensions")
+    return {**scope, "extensions": {**extensions, "memguard": memguard} if extensions
+            else {"memguard": memguard}}
