@@ -461,3 +461,22 @@ def test_corrupt_or_truncated_gzip_is_400() -> None:
     truncated = data[:-12]
     ex = run(app, headers=[cl(len(truncated)), GZ], chunks=[truncated])
     assert ex.status == 400 and counters.get("body", "body_decode_error") == 2
+
+
+def test_idle_timeout_finds_a_reader_in_another_task_and_leaves_nothing_behind() -> None:
+    from memguard.body import _Sweeper
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()  # first chunk in the request's task, the rest in another
+        await asyncio.get_running_loop().create_task(receive())
+
+    async def main() -> Any:
+        ex = await exchange(MemGuardMiddleware(app, body_idle_timeout=0.1),
+                            headers=[cl(100)], chunks=[b"x" * 10, b"y" * 90], stall_after=1)
+        ok = await exchange(MemGuardMiddleware(asgi_echo, body_idle_timeout=0.1),
+                            headers=[cl(3)], chunks=[b"abc"])
+        return ex, ok, set(_Sweeper.of(asyncio.get_running_loop()).bodies)
+
+    ex, ok, left = asyncio.run(main())
+    assert ex.status == 408 and ok.status == 200
+    assert left == set()

@@ -282,3 +282,22 @@ def test_django_wsgi() -> None:
         assert ok.status_code == 200 and ok.text.startswith("1000 ")
         assert client.post("/echo", content=b"d" * (64 * KIB + 1)).status_code == 413
         assert client.get("/nope").status_code == 404
+
+
+def test_flask_view_uses_the_reject_hook_so_flasks_500_becomes_the_refusal() -> None:
+    from flask import request as r
+
+    app = Flask(__name__)
+
+    @app.post("/save")
+    def save() -> str:
+        r.get_data()
+        exc = InsufficientStorage("disk full", reason="disk_full", free=0)
+        r.environ["memguard.reject"](exc)
+        raise exc
+
+    guarded = MemGuardWSGIMiddleware(app)
+    with httpx.Client(transport=httpx.WSGITransport(app=guarded), base_url="http://t") as c:
+        resp = c.post("/save", content=b"abc")
+    assert resp.status_code == 507 and b"disk full" in resp.content
+    assert counters.get("body", "disk_full") == 1
