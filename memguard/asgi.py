@@ -119,12 +119,12 @@ class _Responder:
                 policy.check_declared(declared, limit)
             decoder = policy.decoder_for(encoding, limit) if encoding is not None else None
         except RequestRejected as exc:
-            self.note(exc)
+            self.note(exc, policy.report_only)
             if not policy.report_only:
                 await self.send_refusal(exc)
                 return
             reader_limit, decoder = None, None  # reported once is enough
-        scope = _with_extension(scope, limit, self.reject)
+        scope = _with_extension(scope, limit, self.refused_by_app)
         if decoder is not None:
             scope["headers"] = [(k, v) for k, v in scope["headers"]
                                 if k not in (b"content-encoding", b"content-length")]
@@ -136,12 +136,12 @@ class _Responder:
             await self.mw.app(scope, body.receive, self.send)
         except Exception as exc:
             if isinstance(exc, RequestRejected) and self.rejection is None:
-                self.reject(exc)
-            if self.rejection is None or policy.report_only:
+                self.refused_by_app(exc)
+            if self.rejection is None:
                 raise
             await self.finish_refusal()
         else:
-            if self.rejection is not None and not policy.report_only:
+            if self.rejection is not None:
                 await self.finish_refusal()
         finally:
             # 5. after response
@@ -149,18 +149,25 @@ class _Responder:
 
     # ---- refusals ------------------------------------------------------------------
 
-    def note(self, exc: RequestRejected) -> None:
+    def note(self, exc: RequestRejected, report_only: bool = False) -> None:
         """Log, count and emit a refusal once."""
         if self.logged is exc:
             return
         self.logged = exc
-        record(exc, self.scope.get("method", ""), self.scope.get("path", ""),
-               self.mw.policy.report_only)
+        record(exc, self.scope.get("method", ""), self.scope.get("path", ""), report_only)
 
     def reject(self, exc: RequestRejected) -> None:
-        """Called by the body wrapper (and for refusals the app raises): remember it."""
+        """A refusal found by the body wrapper: remember it (report-only: just note it)."""
+        report_only = self.mw.policy.report_only
+        self.note(exc, report_only)
+        if not report_only and self.rejection is None:
+            self.rejection = exc
+
+    def refused_by_app(self, exc: RequestRejected) -> None:
+        """A refusal the app raised or handed to the ``reject`` hook: it has happened
+        already, so it is answered even in report-only mode."""
         self.note(exc)
-        if not self.mw.policy.report_only and self.rejection is None:
+        if self.rejection is None:
             self.rejection = exc
 
     async def finish_refusal(self) -> None:
@@ -186,8 +193,6 @@ class _Responder:
         """A refusal raised by the app on a body-less request (no send wrapper there):
         answer it if the server still accepts a response start, else let it end."""
         self.note(exc)
-        if self.mw.policy.report_only:
-            raise exc
         for name, value in self.scope["headers"]:
             if name == b"accept":
                 self.accept = value

@@ -103,13 +103,13 @@ class _Request:
             decoder = policy.decoder_for(encoding.encode("latin-1") if encoding else None,
                                          limit)
         except RequestRejected as exc:
-            self.note(exc)
+            self.note(exc, policy.report_only)
             if not policy.report_only:
                 return self.refusal(exc)
             declared = int(cl) if cl and cl.isdigit() else None
             reader_limit = None  # reported once is enough
         environ["memguard.max_body_size"] = limit
-        environ["memguard.reject"] = self.reject
+        environ["memguard.reject"] = self.refused_by_app
         # 3. wrap wsgi.input
         self.input = WSGIInput(environ["wsgi.input"], declared, reader_limit, policy, self.reject,
                                decoder, sock=environ.get("gunicorn.socket"))
@@ -123,33 +123,42 @@ class _Request:
             result = self.mw.app(environ, self.wrapped_start_response)
         except Exception as exc:
             if isinstance(exc, RequestRejected) and self.rejection is None:
-                self.reject(exc)
-            if self.rejection is None or policy.report_only:
+                self.refused_by_app(exc)
+            if self.rejection is None:
                 raise
             return self.refusal(self.rejection, sys.exc_info() if self.started else None)
-        if self.rejection is not None and not policy.report_only:
+        if self.rejection is not None:
             _close(result)
             return self.refusal(self.rejection)
         return _Body(self, result)
 
     # ---- refusals ------------------------------------------------------------------
 
-    def note(self, exc: RequestRejected) -> None:
+    def note(self, exc: RequestRejected, report_only: bool = False) -> None:
         if self.logged is exc:
             return
         self.logged = exc
         record(exc, self.environ.get("REQUEST_METHOD", ""),
                self.environ.get("SCRIPT_NAME", "") + self.environ.get("PATH_INFO", ""),
-               self.mw.policy.report_only)
+               report_only)
 
     def reject(self, exc: RequestRejected) -> None:
+        """A refusal found by the input wrapper (report-only: just note it)."""
+        report_only = self.mw.policy.report_only
+        self.note(exc, report_only)
+        if not report_only and self.rejection is None:
+            self.rejection = exc
+
+    def refused_by_app(self, exc: RequestRejected) -> None:
+        """A refusal the app raised or handed to ``environ["memguard.reject"]``: it has
+        happened already, so it is answered even in report-only mode."""
         self.note(exc)
-        if not self.mw.policy.report_only and self.rejection is None:
+        if self.rejection is None:
             self.rejection = exc
 
     def wrapped_start_response(self, status: str, headers: list[tuple[str, str]],
                                exc_info: ExcInfo | None = None) -> Callable[[bytes], object]:
-        if self.rejection is not None and not self.mw.policy.report_only:
+        if self.rejection is not None:
             return _discard  # the app's answer to our refusal; ours replaces it
         self.started = True
         return self.start_response(status, headers, exc_info)
@@ -170,8 +179,6 @@ class _Request:
 
     def refuse_now(self, exc: RequestRejected) -> list[bytes]:
         self.note(exc)
-        if self.mw.policy.report_only:
-            raise exc
         return self.refusal(exc)
 
 
@@ -204,17 +211,17 @@ class _Body:
         sent = False
         try:
             for chunk in self.result:
-                if request.rejection is not None and not request.mw.policy.report_only:
+                if request.rejection is not None:
                     break
                 if chunk:
                     sent = True
                 yield chunk
         except Exception as exc:
             if isinstance(exc, RequestRejected) and request.rejection is None:
-                request.reject(exc)
-            if request.rejection is None or request.mw.policy.report_only:
+                request.refused_by_app(exc)
+            if request.rejection is None:
                 raise
-        if request.rejection is not None and not request.mw.policy.report_only:
+        if request.rejection is not None:
             if sent:
                 # Headers and some of the body are out: only ending the connection
                 # tells the client this response is not whole.

@@ -480,3 +480,37 @@ def test_idle_timeout_finds_a_reader_in_another_task_and_leaves_nothing_behind()
     ex, ok, left = asyncio.run(main())
     assert ex.status == 408 and ok.status == 200
     assert left == set()
+
+
+def test_report_only_still_answers_refusals_the_app_raised() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        raise BodyTooLarge("quota", reason="upload_quota", limit=1)
+
+    ex = run(MemGuardMiddleware(app, report_only=True), headers=[cl(3)], chunks=[b"abc"])
+    assert ex.status == 413 and counters.get("body", "upload_quota") == 1
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"routes": {"upload/*": "1MiB"}}, "must start with '/'"),
+    ({"routes": {"/a/*/b": "1MiB"}}, "only at the end"),
+    ({"routes": {"/a": "10%"}}, "percentage"),
+    ({"max_body_size": "50%"}, "percentage"),
+    ({"content_types": {"json": "1MiB"}}, "type/subtype"),
+    ({"body_idle_timeout": -1}, "negative"),
+    ({"decompress": "maybe"}, "boolean"),
+])
+def test_bad_options_are_refused_with_the_option_named(options: dict[str, Any],
+                                                       message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        MemGuardMiddleware(asgi_echo, **options)
+
+
+def test_options_reference_covers_the_body_section() -> None:
+    from memguard.config import reference_markdown
+
+    text = reference_markdown(["body"])
+    for name in ("max_body_size", "routes", "content_types", "body_idle_timeout",
+                 "body_min_rate", "body_rate_grace", "decompress", "max_decoded_size",
+                 "max_decompression_ratio", "report_only"):
+        assert f"`{name}`" in text
