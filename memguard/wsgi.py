@@ -179,7 +179,9 @@ class _Request:
 
     def refuse_now(self, exc: RequestRejected) -> list[bytes]:
         self.note(exc)
-        return self.refusal(exc)
+        # The app may have called start_response before raising: exc_info lets the
+        # server replace those unsent headers.
+        return self.refusal(exc, (type(exc), exc, exc.__traceback__))
 
 
 def _phrase(status: int) -> str:

@@ -273,3 +273,15 @@ def test_read_zero_is_not_the_end_of_the_body() -> None:
 
     wsgi_call(MemGuardWSGIMiddleware(app), body=b"abc", environ={"CONTENT_LENGTH": "3"})
     assert got == [b"", b"abc"]
+
+
+def test_app_raising_a_refusal_without_a_body_after_start_response() -> None:
+    from memguard.errors import MemoryPressure
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", [])
+        raise MemoryPressure("busy", reason="memory_high", headers={"Retry-After": "2"})
+
+    status, headers, body = wsgi_call(MemGuardWSGIMiddleware(app), "GET")
+    assert status.startswith("503") and headers["retry-after"] == "2"
+    assert counters.get("body", "memory_high") == 1
