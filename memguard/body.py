@@ -11,11 +11,13 @@ Matching rules
   (``"/upload/*"`` matches ``/upload/``, ``/upload/a/b`` and ``/upload`` itself);
   ``"*"`` matches every path. The path is the full request path (ASGI ``scope["path"]``,
   WSGI ``SCRIPT_NAME + PATH_INFO``), percent-decoded, without the query string.
-- The **longest** matching pattern wins; an exact pattern beats a prefix pattern of the
-  same length. A route's limit replaces ``max_body_size``, so it may raise or lower it.
+- The **longest** matching pattern wins, so an exact pattern (which matches all of the
+  path) beats every prefix pattern. A route's limit replaces ``max_body_size``, so it may
+  raise or lower it.
 - A **content-type cap** matches the media type (lower-cased, parameters dropped):
   ``"application/json"`` exactly, ``"text/*"`` any subtype, ``"application/*+json"`` any
-  subtype with that suffix. The most specific (longest) matching pattern wins.
+  subtype with that suffix, ``"*/*"`` any type. An exact name wins, then the longest
+  matching pattern.
 - The **effective limit** of a request is the smaller of its route limit (or
   ``max_body_size``) and its content-type cap. Content-type caps only ever lower a limit:
   JSON and url-encoded bodies are parsed in memory, so a route raised for uploads does
@@ -89,7 +91,9 @@ class _TypeCaps:
         self.exact: dict[str, int | None] = {}
         self.patterns: list[tuple[str, str, int | None]] = []  # (prefix, suffix, cap)
         for pattern, cap in caps.items():
-            if "*" in pattern:
+            if pattern == "*/*":
+                self.patterns.append(("", "", cap))
+            elif "*" in pattern:
                 prefix, _, suffix = pattern.partition("*")
                 self.patterns.append((prefix, suffix, cap))
             else:
@@ -170,16 +174,12 @@ class BodyPolicy:
         route_limit, caps = self.max_body_size, self.type_caps
         hit = self._exact.get(path)
         if hit is not None:
-            exact_len = len(path)
-            route_limit, caps = hit
+            route_limit, caps = hit  # an exact pattern matches all of the path: longest
         else:
-            exact_len = -1
-        for prefix, limit, prefix_caps in self._prefixes:
-            if len(prefix) <= exact_len:
-                break
-            if path.startswith(prefix) or path == prefix.rstrip("/"):
-                route_limit, caps = limit, prefix_caps
-                break
+            for prefix, limit, prefix_caps in self._prefixes:
+                if path.startswith(prefix) or path == prefix.rstrip("/"):
+                    route_limit, caps = limit, prefix_caps
+                    break
         if not content_type:
             return route_limit
         if isinstance(content_type, bytes):

@@ -247,8 +247,9 @@ def parse_content_type_limits(value: Any) -> dict[str, int | None]:
         return limits
     for pattern, limit in _pairs(value, "content_types"):
         pattern = pattern.strip().lower()
-        if "/" not in pattern:
-            raise ValueError(f"invalid media type pattern {pattern!r}: expected type/subtype")
+        if "/" not in pattern or (pattern.count("*") > 1 and pattern != "*/*"):
+            raise ValueError(f"invalid media type pattern {pattern!r}: expected type/subtype "
+                             "with at most one '*' (or '*/*')")
         limits[pattern] = parse_body_limit(limit)
     return limits
 

@@ -514,3 +514,17 @@ def test_options_reference_covers_the_body_section() -> None:
                  "body_min_rate", "body_rate_grace", "decompress", "max_decoded_size",
                  "max_decompression_ratio", "report_only"):
         assert f"`{name}`" in text
+
+
+def test_exact_route_beats_prefix_and_catch_all_type() -> None:
+    policy = MemGuardMiddleware(asgi_echo, max_body_size=100, routes={
+        "/upload": 5, "/upload/*": 1000, "*": 50},
+        content_types={"*/*": 70, "image/*": 20, "image/png": None}).policy
+    assert policy.limit_for("/upload", None) == 5
+    assert policy.limit_for("/upload/x", None) == 1000
+    assert policy.limit_for("/other", None) == 50
+    assert policy.limit_for("/upload/x", "text/csv") == 70
+    assert policy.limit_for("/upload/x", "image/jpeg") == 20
+    assert policy.limit_for("/upload/x", "image/png") == 1000
+    with pytest.raises(ValueError, match="at most one"):
+        MemGuardMiddleware(asgi_echo, content_types={"*/*+json": 1})
