@@ -263,8 +263,10 @@ def record(exc: RequestRejected, method: str, path: str, report_only: bool) -> N
         log.warning("refused %s %s with %s %s (%s) %s", method, path, exc.status, exc.reason,
                     exc.detail, figures)
         counters.increment("body", exc.reason)
-    events.emit("refusal", status=exc.status, reason=exc.reason, method=method, path=path,
-                report_only=report_only, **exc.figures)
+    fields = {k: v for k, v in exc.figures.items() if k not in ("kind", "ts", "pid")}
+    fields.update(status=exc.status, reason=exc.reason, method=method, path=path,
+                  report_only=report_only)
+    events.emit("refusal", **fields)
 
 
 def refusal_response(exc: RequestRejected, accept: bytes | str | None,

@@ -528,3 +528,18 @@ def test_exact_route_beats_prefix_and_catch_all_type() -> None:
     assert policy.limit_for("/upload/x", "image/png") == 1000
     with pytest.raises(ValueError, match="at most one"):
         MemGuardMiddleware(asgi_echo, content_types={"*/*+json": 1})
+
+
+def test_figures_named_like_event_fields_do_not_break_a_refusal(tmp_path: Path) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        raise BodyTooLarge("quota", reason="upload_quota", path="/srv/x", kind="odd", status=1)
+
+    events.configure(str(tmp_path / "e.jsonl"))
+    try:
+        ex = run(MemGuardMiddleware(app), path="/up", headers=[cl(3)], chunks=[b"abc"])
+    finally:
+        events.configure(None)
+    assert ex.status == 413
+    event = json.loads((tmp_path / "e.jsonl").read_text())
+    assert event["kind"] == "refusal" and event["path"] == "/up" and event["status"] == 413
