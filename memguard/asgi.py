@@ -60,6 +60,8 @@ class MemGuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        # 1. admit: memory admission (503 + Retry-After) goes here, for every request.
+        # 2. frame: no Content-Length and no Transfer-Encoding over HTTP/1 is no body.
         for name, _ in scope["headers"]:
             if name in _FRAMING:
                 break
@@ -95,8 +97,7 @@ class _Responder:
     async def run(self) -> None:
         policy = self.mw.policy
         scope = self.scope
-        # 1. admit: memory admission goes here.
-        # 2. frame
+        # 2. frame (admission ran in MemGuardMiddleware.__call__)
         lengths: list[bytes] = []
         codings: list[bytes] = []
         content_type = encoding = None

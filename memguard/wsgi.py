@@ -52,6 +52,8 @@ class MemGuardWSGIMiddleware:
         self.policy = BodyPolicy(resolve(("body",), options))
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        # 1. admit: memory admission (503 + Retry-After) goes here, for every request.
+        # 2. frame: no Content-Length and no Transfer-Encoding is no body.
         if "CONTENT_LENGTH" not in environ and "HTTP_TRANSFER_ENCODING" not in environ:
             try:
                 return self.app(environ, start_response)
@@ -83,8 +85,7 @@ class _Request:
     def run(self) -> Iterable[bytes]:
         policy = self.mw.policy
         environ = self.environ
-        # 1. admit: memory admission goes here.
-        # 2. frame
+        # 2. frame (admission ran in MemGuardWSGIMiddleware.__call__)
         path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
         limit = reader_limit = policy.limit_for(path, environ.get("CONTENT_TYPE"))
         cl = environ.get("CONTENT_LENGTH")

@@ -301,3 +301,22 @@ def test_flask_view_uses_the_reject_hook_so_flasks_500_becomes_the_refusal() -> 
         resp = c.post("/save", content=b"abc")
     assert resp.status_code == 507 and b"disk full" in resp.content
     assert counters.get("body", "disk_full") == 1
+
+
+def test_idle_timeout_inside_base_http_middleware_and_task_groups_is_408() -> None:
+    from tests.body_helpers import exchange
+
+    app = starlette_app(Middleware(MemGuardMiddleware, body_idle_timeout=0.2),
+                        Middleware(SwallowErrors), Middleware(Passing))
+
+    async def main() -> Any:
+        slow = await asyncio.wait_for(exchange(
+            app, path="/stream", headers=[(b"content-length", b"100")],
+            chunks=[b"x" * 10, b"y" * 90], stall_after=1), 10)
+        fine = await exchange(app, path="/stream", headers=[(b"content-length", b"3")],
+                              chunks=[b"abc"])
+        return slow, fine
+
+    slow, fine = asyncio.run(main())
+    assert slow.status == 408 and slow.headers[b"connection"] == b"close"
+    assert fine.status == 200 and fine.body == b"3"
