@@ -113,3 +113,15 @@ def wsgi_call(app: Any, method: str = "POST", path: str = "/", body: bytes = b""
         if close is not None:
             close()
     return state["status"], state["headers"], out
+
+
+def gzip_bomb(mib: int) -> bytes:
+    """``mib`` MiB of zeros, gzipped (about 1 KiB per MiB), built without ever holding
+    the inflated bytes."""
+    import zlib
+
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    zeros = bytes(1 << 20)
+    parts = [packer.compress(zeros) for _ in range(mib)]
+    parts.append(packer.flush())
+    return b"".join(parts)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from memguard.testing import Server, http_request, serve
+from tests.body_helpers import gzip_bomb
 
 pytestmark = pytest.mark.server
 
@@ -147,7 +148,7 @@ def test_hostile_suite_then_still_serving(server: tuple[str, Server]) -> None:
     assert time.monotonic() - started < 10
 
     # A gzip bomb (decompression on): 200 MiB of zeros in ~200 KiB.
-    bomb = gzip.compress(b"\0" * (200 * 1024 * 1024), compresslevel=9)
+    bomb = gzip_bomb(200)
     statuses, body = exchange(port, req("POST", f"Content-Length: {len(bomb)}",
                                         "Content-Encoding: gzip"), bomb)
     assert statuses[-1] == 413, statuses
