@@ -20,9 +20,11 @@ to the server, which ends the connection (gunicorn logs "Error handling request"
 closes the socket).
 
 ``Connection: close`` is sent with refusals except to wsgiref (which forbids hop-by-hop
-headers from apps). gunicorn drops that header from WSGI apps; for a body refused
-mid-stream under gunicorn, the idle timeout stays on the socket so that the server's
-drain of the unread rest fails fast and it closes the connection.
+headers from apps). gunicorn drops that header from WSGI apps but ends the connection
+itself after a refused body: the sync worker closes every connection, and gthread drains
+at most 64 KiB of an unread body before it closes instead of keeping the connection
+alive. For a body refused mid-stream under gunicorn, the idle timeout is left on the
+socket, so that drain cannot hang on a client that went silent.
 """
 
 from __future__ import annotations
