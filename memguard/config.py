@@ -332,3 +332,98 @@ setting(
 # =====================================================================================
 # uploads: streaming saves to disk (memguard/uploads.py)
 # =====================================================================================
+
+
+def parse_storage_floor(value: Any) -> int | str:
+    """A size, or a percentage of the target filesystem's size ("5%"); 0 turns it off."""
+    parsed = parse_optional_size(value)
+    return 0 if parsed is None else parsed
+
+
+def parse_optional_bytes(value: Any) -> int | None:
+    """A size in bytes or ``None``/"off"; percentages make no sense here."""
+    parsed = parse_optional_size(value)
+    if isinstance(parsed, str):
+        raise ValueError(f"invalid size {value!r}: a percentage is not allowed here")
+    return parsed
+
+
+setting(
+    "upload_max_size", "uploads", "1GiB", parse_size_value,
+    "Largest body `save_body`/`save_multipart` accept when neither a `max_size=` argument "
+    "nor the body-guard middleware's route limit applies (413 above it). Defaults to 1 GiB.",
+    env="MEMGUARD_UPLOAD_MAX_SIZE", type_doc="size",
+)
+setting(
+    "upload_fsync", "uploads", True, parse_bool,
+    "fsync each saved file before it gets its name, and its directory after, so a saved "
+    "upload survives a power cut. Defaults to on.",
+    env="MEMGUARD_UPLOAD_FSYNC", type_doc="bool",
+)
+setting(
+    "upload_min_free", "uploads", "256MiB", parse_storage_floor,
+    "Free space to keep on the target filesystem: an upload that would leave less is "
+    "refused with 507 (before reading when Content-Length is known). A size or a "
+    "percentage of the filesystem (\"5%\"); 0 turns it off. Defaults to 256 MiB.",
+    env="MEMGUARD_UPLOAD_MIN_FREE", type_doc="size or %",
+)
+setting(
+    "upload_request_quota", "uploads", None, parse_optional_bytes,
+    "Most bytes one call may write to disk, all files together (507 above it). Defaults "
+    "to no quota beyond the body limit.",
+    env="MEMGUARD_UPLOAD_REQUEST_QUOTA", type_doc="size",
+)
+setting(
+    "upload_process_quota", "uploads", None, parse_optional_bytes,
+    "Most bytes this worker process may hold in unfinished upload files at once, across "
+    "concurrent requests (507 above it). Defaults to no quota.",
+    env="MEMGUARD_UPLOAD_PROCESS_QUOTA", type_doc="size",
+)
+setting(
+    "upload_batch_size", "uploads", "1MiB", parse_size_value,
+    "Bytes gathered before one write to disk in a writer thread; the memory one upload "
+    "holds is about twice this. Defaults to 1 MiB.",
+    env="MEMGUARD_UPLOAD_BATCH_SIZE", type_doc="size",
+)
+setting(
+    "upload_max_parts", "uploads", 1000, parse_int,
+    "Most parts (fields and files) in one multipart body; counting stops the parse at the "
+    "first part over it (413). Defaults to 1000.",
+    env="MEMGUARD_UPLOAD_MAX_PARTS", type_doc="int",
+)
+setting(
+    "upload_max_fields", "uploads", 1000, parse_int,
+    "Most non-file fields in one multipart body (413). Defaults to 1000.",
+    env="MEMGUARD_UPLOAD_MAX_FIELDS", type_doc="int",
+)
+setting(
+    "upload_max_files", "uploads", 100, parse_int,
+    "Most files in one multipart body (413). Defaults to 100.",
+    env="MEMGUARD_UPLOAD_MAX_FILES", type_doc="int",
+)
+setting(
+    "upload_max_field_size", "uploads", "1MiB", parse_size_value,
+    "Largest value of one non-file field, which is held in memory (413). Defaults to 1 MiB.",
+    env="MEMGUARD_UPLOAD_MAX_FIELD_SIZE", type_doc="size",
+)
+setting(
+    "upload_max_file_size", "uploads", None, parse_optional_bytes,
+    "Largest single file in a multipart body (413). Defaults to the body limit.",
+    env="MEMGUARD_UPLOAD_MAX_FILE_SIZE", type_doc="size",
+)
+setting(
+    "upload_max_part_header_size", "uploads", "4KiB", parse_size_value,
+    "Longest header line of one multipart part (400 above it). Defaults to 4 KiB.",
+    env="MEMGUARD_UPLOAD_MAX_PART_HEADER_SIZE", type_doc="size",
+)
+setting(
+    "upload_max_part_headers", "uploads", 8, parse_int,
+    "Most header lines in one multipart part (400 above it). Defaults to 8.",
+    env="MEMGUARD_UPLOAD_MAX_PART_HEADERS", type_doc="int",
+)
+setting(
+    "upload_parse_budget", "uploads", 5.0, parse_positive_float,
+    "Seconds of parser time one multipart body may use; a backstop behind the part caps "
+    "against bodies built to be slow to parse (408 above it). Defaults to 5.",
+    env="MEMGUARD_UPLOAD_PARSE_BUDGET", type_doc="seconds",
+)

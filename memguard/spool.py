@@ -1,0 +1,361 @@
+"""A file that appears at its destination whole or not at all.
+
+:class:`Spool` writes batches of bytes to a temporary file in the destination's own
+directory (so the final step is a rename or link on one filesystem, never a copy),
+hashes them with SHA-256 on the way, and checks storage as it goes: a per-request byte
+budget, a process-wide budget for bytes sitting in temporary files, and a free-space
+floor on the target filesystem. :meth:`Spool.commit` fsyncs (when asked) and gives the
+file its name atomically; :meth:`Spool.discard` removes every trace.
+
+On Linux the temporary file is created with ``O_TMPFILE``: it has no name until commit,
+so even a worker killed by SIGKILL (an OOM kill) leaves nothing behind. Elsewhere, or on
+filesystems without ``O_TMPFILE``, it is a hidden ``.memguard-*.part`` file next to the
+destination, removed on every failure path this process survives.
+
+Every method here blocks: the asynchronous callers run them in :func:`executor` threads
+(``os.writev``, ``fsync`` and ``hashlib`` on large buffers all release the GIL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import secrets
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from memguard.errors import InsufficientStorage
+
+__all__ = ["ProcessQuota", "RequestBudget", "Spool", "executor", "free_bytes"]
+
+TEMP_PREFIX = ".memguard-"
+TEMP_SUFFIX = ".part"
+_IOV_MAX = 512  # well under every platform's IOV_MAX (1024 on Linux)
+_HAVE_TMPFILE = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
+
+
+# --------------------------------------------------------------------------------------
+# The writer threads
+
+
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def executor() -> ThreadPoolExecutor:
+    """The process's upload writer threads (created on first use, again after fork:
+    threads do not survive ``fork()``, so a pool made in a preloading master would be
+    dead in every worker)."""
+    global _executor
+    if _executor is None:
+        with _executor_lock:
+            if _executor is None:
+                _executor = ThreadPoolExecutor(max_workers=8,
+                                               thread_name_prefix="memguard-upload")
+    return _executor
+
+
+def _forget_executor_after_fork() -> None:
+    global _executor, _executor_lock
+    _executor = None
+    _executor_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_executor_after_fork)
+
+
+# --------------------------------------------------------------------------------------
+# Storage budgets
+
+
+class ProcessQuota:
+    """Bytes in this process's unfinished temporary files, against a limit.
+
+    Reserved before each batch is written, released when the file is committed or
+    discarded. A lock per batch (about a MiB) costs nothing measurable.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.in_use = 0
+
+    def reserve(self, amount: int, limit: int | None) -> None:
+        with self._lock:
+            if limit is not None and self.in_use + amount > limit:
+                in_use = self.in_use
+                raise InsufficientStorage(
+                    "The server's temporary upload space is full.",
+                    reason="process_temp_quota", limit=limit, in_use=in_use, wanted=amount)
+            self.in_use += amount
+
+    def release(self, amount: int) -> None:
+        with self._lock:
+            self.in_use = max(0, self.in_use - amount)
+
+
+PROCESS_QUOTA = ProcessQuota()
+
+
+class RequestBudget:
+    """What one call may put on disk: a byte quota and a free-space floor.
+
+    Shared by every file of one multipart request, so the quota counts them together.
+    """
+
+    def __init__(self, *, quota: int | None, process_limit: int | None, min_free: int,
+                 process_quota: ProcessQuota = PROCESS_QUOTA) -> None:
+        self.quota = quota
+        self.process_limit = process_limit
+        self.min_free = min_free
+        self.process_quota = process_quota
+        self.used = 0
+
+    def take(self, amount: int, directory: Path) -> None:
+        if self.quota is not None and self.used + amount > self.quota:
+            raise InsufficientStorage(
+                "This upload needs more temporary disk space than one request may use.",
+                reason="request_temp_quota", limit=self.quota, used=self.used, wanted=amount)
+        if self.min_free:
+            free = free_bytes(directory)
+            if free - amount < self.min_free:
+                raise InsufficientStorage(
+                    "The server does not have enough free disk space for this upload.",
+                    reason="free_space_floor", free=free, floor=self.min_free, wanted=amount,
+                    directory=str(directory))
+        self.process_quota.reserve(amount, self.process_limit)
+        self.used += amount
+
+
+def free_bytes(directory: Path | str) -> int:
+    """Bytes an unprivileged process may still write on ``directory``'s filesystem."""
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+# --------------------------------------------------------------------------------------
+# The file
+
+
+class Spool:
+    """One temporary file under ``directory``, written in batches, committed by name.
+
+    Not thread-safe by itself: its owner runs at most one method at a time (the
+    asynchronous callers keep one batch in flight per file).
+    """
+
+    def __init__(self, directory: Path, budget: RequestBudget, *, fsync: bool = True,
+                 use_tmpfile: bool | None = None) -> None:
+        self.directory = directory
+        self.budget = budget
+        self.fsync = fsync
+        self.use_tmpfile = _HAVE_TMPFILE if use_tmpfile is None else use_tmpfile
+        self.size = 0
+        self.reserved = 0
+        self.temp_path: Path | None = None  # the named fallback's temporary name
+        self.path: Path | None = None  # set by commit
+        self._hash = hashlib.sha256()
+        self._fd = -1
+        self._closed = False
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    # ---- blocking operations (run in a writer thread by async callers) ----------------
+
+    def open(self) -> None:
+        if self._fd >= 0 or self._closed:
+            return
+        flags = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
+        if self.use_tmpfile:
+            try:
+                with _disk_full():
+                    self._fd = os.open(self.directory, flags | os.O_TMPFILE, 0o666)
+                return
+            except OSError as exc:
+                # Filesystems without O_TMPFILE answer EOPNOTSUPP, EISDIR or EINVAL.
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+                self.use_tmpfile = False
+        flags |= os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        for _ in range(16):
+            candidate = self.directory / f"{TEMP_PREFIX}{secrets.token_hex(8)}{TEMP_SUFFIX}"
+            try:
+                with _disk_full():
+                    self._fd = os.open(candidate, flags, 0o666)
+            except FileExistsError:
+                continue
+            self.temp_path = candidate
+            return
+        raise FileExistsError(errno.EEXIST, "could not create a unique temporary file",
+                              str(self.directory))
+
+    def write(self, chunks: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Write ``chunks`` (in order), hash them, count them against the budget."""
+        total = 0
+        for chunk in chunks:
+            total += len(chunk)
+        if total == 0:
+            self.open()
+            return
+        self.budget.take(total, self.directory)
+        self.reserved += total
+        self.open()
+        fd = self._fd
+        update = self._hash.update
+        for start in range(0, len(chunks), _IOV_MAX):
+            group = list(chunks[start:start + _IOV_MAX])
+            for chunk in group:
+                update(chunk)
+            while group:
+                with _disk_full():
+                    written = os.writev(fd, group)
+                # A regular file takes everything unless the disk filled up mid-call;
+                # then go round again and let the next writev raise ENOSPC.
+                while written and group:
+                    head = group[0]
+                    if written >= len(head):
+                        written -= len(head)
+                        group.pop(0)
+                    else:
+                        group[0] = memoryview(head)[written:]
+                        written = 0
+        self.size += total
+
+    def commit(self, destination: Path, *, overwrite: bool) -> Path:
+        """fsync (when configured), then give the file the name ``destination``.
+
+        Without ``overwrite`` an existing ``destination`` is never replaced:
+        ``FileExistsError`` is raised and the temporary file is removed. With it, the
+        old file is replaced atomically (readers see the old or the new, never a mix).
+        """
+        self.open()
+        try:
+            if self.fsync:
+                os.fsync(self._fd)
+            if self.temp_path is None:
+                self._link_tmpfile(destination, overwrite)
+            else:
+                self._rename_named(self.temp_path, destination, overwrite)
+                self.temp_path = None
+            if self.fsync:
+                _fsync_directory(destination.parent)
+        except BaseException:
+            self.discard()
+            raise
+        self.path = destination
+        self._close()
+        return destination
+
+    def discard(self) -> None:
+        """Remove the temporary file (idempotent, never raises)."""
+        if self.temp_path is not None:
+            try:
+                os.unlink(self.temp_path)
+            except OSError:
+                pass
+            self.temp_path = None
+        self._close()
+
+    # ---- helpers ----------------------------------------------------------------------
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = -1
+        self._closed = True
+        if self.reserved:
+            self.budget.process_quota.release(self.reserved)
+            self.reserved = 0
+
+    def _link_tmpfile(self, destination: Path, overwrite: bool) -> None:
+        if not overwrite:
+            # linkat() fails with EEXIST if anything (even a dangling symlink) has the
+            # name: no check-then-act race.
+            self._link_fd(destination)
+            return
+        for _ in range(16):
+            temp = destination.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}{TEMP_SUFFIX}"
+            try:
+                self._link_fd(temp)
+            except FileExistsError:
+                continue
+            try:
+                os.replace(temp, destination)
+            except BaseException:
+                try:
+                    os.unlink(temp)
+                except OSError:
+                    pass
+                raise
+            return
+        raise FileExistsError(errno.EEXIST, "could not create a unique temporary name",
+                              str(destination.parent))
+
+    def _link_fd(self, destination: Path) -> None:
+        """Give the nameless O_TMPFILE file a name: linkat(AT_SYMLINK_FOLLOW) through
+        /proc/self/fd. Python's os.link only passes that flag when a dir_fd is given
+        (plain link() would try to link the /proc symlink itself: EXDEV)."""
+        dir_fd = os.open(destination.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            with _disk_full():
+                os.link(f"/proc/self/fd/{self._fd}", destination.name, dst_dir_fd=dir_fd,
+                        follow_symlinks=True)
+        finally:
+            os.close(dir_fd)
+
+    @staticmethod
+    def _rename_named(temp: Path, destination: Path, overwrite: bool) -> None:
+        if overwrite:
+            os.replace(temp, destination)
+            return
+        try:
+            with _disk_full():
+                os.link(temp, destination)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            # No hard links here (some FUSE and FAT filesystems): check, then rename.
+            # A racing writer could still slip in between; documented.
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+                raise
+            if os.path.lexists(destination):
+                raise FileExistsError(errno.EEXIST, "destination exists",
+                                      str(destination)) from None
+            os.rename(temp, destination)
+            return
+        os.unlink(temp)
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # platforms where directories cannot be opened (Windows)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _disk_full() -> Iterator[None]:
+    """A full disk or an exhausted disk quota becomes a 507."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientStorage(
+                "The server ran out of disk space while storing this upload.",
+                reason="disk_full", errno=exc.errno) from exc
+        raise
