@@ -88,10 +88,12 @@ def _truncate(text: str, max_length: int) -> str:
         tail = "." + ext
     else:
         stem, tail = text, ""
+    stem = stem[: max(0, limit - len(tail))]
     while stem and not fits(stem + tail):
-        # Cut by characters, checking bytes: never splits a UTF-8 sequence.
-        excess = max(1, len((stem + tail).encode("utf-8")) - limit, len(stem + tail) - limit)
-        stem = stem[: max(0, len(stem) - excess)]
+        # Cut by characters, checking bytes (never splits a UTF-8 sequence): a character
+        # is at most 4 bytes, so this removes what is needed and at most 3 bytes more.
+        excess = len((stem + tail).encode("utf-8")) - limit
+        stem = stem[: len(stem) - max(1, -(-excess // 4))]
     result = (stem.rstrip(" .") + tail) if stem else tail.lstrip(".")
     return result if fits(result) else result[:0]
 
