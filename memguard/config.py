@@ -427,3 +427,11 @@ setting(
     "against bodies built to be slow to parse (408 above it). Defaults to 5.",
     env="MEMGUARD_UPLOAD_PARSE_BUDGET", type_doc="seconds",
 )
+setting(
+    "upload_tmpfile", "uploads", True, parse_bool,
+    "Write uploads to a nameless O_TMPFILE file (Linux) that gets its name only when "
+    "complete, so not even a killed worker leaves a partial file; off, or where the "
+    "filesystem lacks it, a hidden `.memguard-*.part` file next to the destination is "
+    "used and removed on failure. Defaults to on.",
+    env="MEMGUARD_UPLOAD_TMPFILE", type_doc="bool",
+)

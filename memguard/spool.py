@@ -153,7 +153,8 @@ class Spool:
         self.directory = directory
         self.budget = budget
         self.fsync = fsync
-        self.use_tmpfile = _HAVE_TMPFILE if use_tmpfile is None else use_tmpfile
+        # Asked for and available (looked up at call time so tests can turn it off).
+        self.use_tmpfile = _HAVE_TMPFILE and use_tmpfile is not False
         self.size = 0
         self.reserved = 0
         self.temp_path: Path | None = None  # the named fallback's temporary name

@@ -127,6 +127,7 @@ class _Options:
     max_part_header_size: int
     max_part_headers: int
     parse_budget: float
+    tmpfile: bool
 
 
 def _options(max_size: int | str | None, route_limit: Any, kwargs: Mapping[str, Any]) -> _Options:
@@ -152,6 +153,7 @@ def _options(max_size: int | str | None, route_limit: Any, kwargs: Mapping[str, 
         max_part_header_size=values["upload_max_part_header_size"],
         max_part_headers=values["upload_max_part_headers"],
         parse_budget=values["upload_parse_budget"],
+        tmpfile=values["upload_tmpfile"],
     )
 
 
@@ -270,6 +272,17 @@ class _AsyncFile:
         self.inflight = executor().submit(job)
         await asyncio.wrap_future(self.inflight)
 
+    async def discard(self) -> None:
+        """Remove the file, waiting for the batch in flight first, so that the file is
+        gone when the caller sees the exception (if this wait is itself cancelled, the
+        removal still happens when the batch ends)."""
+        inflight = self.inflight
+        try:
+            if inflight is not None and not inflight.done():
+                await asyncio.wait([asyncio.wrap_future(inflight)])
+        finally:
+            self.abandon()
+
     def abandon(self) -> None:
         """Remove the file once no thread touches it (now, or when the batch in flight
         ends: closing a descriptor another thread writes to could hit a reused one)."""
@@ -378,7 +391,7 @@ async def save_body(
         headers = _asgi_headers(scope)
         budget = _budget(opts, directory)
         _precheck(opts, budget, directory, _content_length(headers.get(b"content-length")))
-        spool = Spool(directory, budget, fsync=opts.fsync)
+        spool = Spool(directory, budget, fsync=opts.fsync, use_tmpfile=opts.tmpfile)
         writer = _AsyncFile(spool)
         batch = opts.batch
         async with aclosing(_asgi_body(receive_, opts.max_size)) as chunks:
@@ -389,7 +402,7 @@ async def save_body(
         await writer.finish(dest, overwrite)
     except BaseException as exc:
         if writer is not None:
-            writer.abandon()
+            await writer.discard()
         if isinstance(exc, RequestRejected):
             _reject(exc, "body")
         raise
@@ -466,7 +479,7 @@ def save_body_wsgi(
         directory = _destination_directory(dest, overwrite)
         budget = _budget(opts, directory)
         _precheck(opts, budget, directory, _content_length(environ.get("CONTENT_LENGTH") or None))
-        spool = Spool(directory, budget, fsync=opts.fsync)
+        spool = Spool(directory, budget, fsync=opts.fsync, use_tmpfile=opts.tmpfile)
         pending: list[bytes] = []
         pending_size = 0
         batch = opts.batch
@@ -598,7 +611,8 @@ class _Form:
                                limit=self.opts.max_files)
         part = _Part(name, display_name(_decode_header_text(raw_filename)), ctype)
         part.path = self.directory / self._file_name(part)
-        part.spool = Spool(self.directory, self.budget, fsync=self.opts.fsync)
+        part.spool = Spool(self.directory, self.budget, fsync=self.opts.fsync,
+                           use_tmpfile=self.opts.tmpfile)
         if self.is_async:
             part.file = _AsyncFile(part.spool)
         self.open_files.append(part)
@@ -792,7 +806,7 @@ async def save_multipart(
         if form is not None:
             for part in form.open_files:
                 if part.file is not None:
-                    part.file.abandon()
+                    await part.file.discard()
         if isinstance(exc, RequestRejected):
             _reject(exc, "multipart")
         raise

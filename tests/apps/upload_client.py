@@ -9,11 +9,11 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import os
 import random
 import socket
+import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,23 +107,23 @@ def post_stream(url: str, path: str, chunks: Iterator[bytes], length: int | None
 
 
 def abort_upload(url: str, path: str, declared: int, send: int,
-                 headers: dict[str, str] | None = None) -> None:
-    """Declare ``declared`` bytes, send ``send`` of them, then reset the connection."""
+                 headers: dict[str, str] | None = None, prefix: bytes = b"",
+                 before_reset: Callable[[], None] | None = None) -> None:
+    """Declare ``declared`` bytes, send ``prefix`` and ``send`` random bytes, call
+    ``before_reset`` (to look at the server meanwhile), then reset the connection."""
     host, port = url.split("://", 1)[1].split(":")
     sock = socket.create_connection((host, int(port)), timeout=10)
     try:
         head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {declared}\r\n"
         for k, v in (headers or {}).items():
             head += f"{k}: {v}\r\n"
-        sock.sendall(head.encode() + b"\r\n")
-        block = os.urandom(64 * 1024)
-        sent = 0
-        while sent < send:
-            piece = block[: min(len(block), send - sent)]
-            sock.sendall(piece)
-            sent += len(piece)
-        time.sleep(0.2)  # let the server take what was sent
+        sock.sendall(head.encode() + b"\r\n" + prefix)
+        for chunk in Payload(send, seed_blocks=2).chunks():
+            sock.sendall(chunk)
+        time.sleep(0.3)  # let the server take what was sent
+        if before_reset is not None:
+            before_reset()
         # RST, not FIN: the harshest way a client can go away.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     finally:
         sock.close()
