@@ -191,8 +191,15 @@ def _storage(reason: str, what: str, **figures: Any) -> RequestRejected:
                                reason=reason, **figures)
 
 
-def _reject(exc: RequestRejected, kind: str) -> None:
-    """The log line, counter and event every refusal gets."""
+def _reject(exc: RequestRejected, kind: str, reject: Any) -> None:
+    """The log line, counter and event every refusal of ours gets, once; and the
+    body-guard middleware's ``reject`` hook, when there is one, so that the refusal
+    becomes the response even if the framework turns the exception into a 500."""
+    if callable(reject):
+        reject(exc)
+    if getattr(exc, "_memguard_upload_seen", False):
+        return  # raised by the middleware's body wrapper, which reports its own
+    exc._memguard_upload_seen = True  # type: ignore[attr-defined]
     logger.warning("upload refused (%s): %s status=%s reason=%s %s", kind, exc.detail,
                    exc.status, exc.reason,
                    " ".join(f"{k}={v}" for k, v in sorted(exc.figures.items())))
@@ -329,17 +336,23 @@ def _asgi_headers(scope: Scope) -> dict[bytes, bytes]:
     return headers
 
 
-def _route_limit_asgi(scope: Scope) -> Any:
+def _middleware_asgi(scope: Scope) -> tuple[Any, Any]:
+    """The body guard's (limit, reject hook) for this request, when it runs."""
     extensions = scope.get("extensions") or {}
     memguard = extensions.get("memguard") or {}
-    return memguard.get("max_body_size")
+    return memguard.get("max_body_size"), memguard.get("reject")
 
 
 async def _asgi_body(receive: Receive, limit: int) -> AsyncGenerator[bytes, None]:
     """Yield the body's chunks, enforcing ``limit`` on real bytes (chunked bodies too)."""
     received = 0
     while True:
-        message = await receive()
+        try:
+            message = await receive()
+        except RequestRejected as exc:
+            # The body guard's wrapper refused the body: it logs and answers that itself.
+            exc._memguard_upload_seen = True  # type: ignore[attr-defined]
+            raise
         kind = message["type"]
         if kind == "http.request":
             chunk = message.get("body", b"")
@@ -383,7 +396,8 @@ async def save_body(
     """
     scope, receive_ = _asgi_source(request, receive)
     dest = Path(destination)
-    opts = _options(max_size, _route_limit_asgi(scope), options)
+    route_limit, reject = _middleware_asgi(scope)
+    opts = _options(max_size, route_limit, options)
     spool: Spool | None = None
     writer: _AsyncFile | None = None
     try:
@@ -404,7 +418,7 @@ async def save_body(
         if writer is not None:
             await writer.discard()
         if isinstance(exc, RequestRejected):
-            _reject(exc, "body")
+            _reject(exc, "body", reject)
         raise
     ctype = headers.get(b"content-type")
     disposition = headers.get(b"content-disposition")
@@ -446,7 +460,11 @@ def _wsgi_body(environ: Mapping[str, Any], limit: int) -> Iterator[bytes]:
     read = stream.read
     while remaining != 0:
         size = _WSGI_READ if remaining < 0 else min(_WSGI_READ, remaining)
-        chunk = read(size)
+        try:
+            chunk = read(size)
+        except RequestRejected as exc:
+            exc._memguard_upload_seen = True  # type: ignore[attr-defined]
+            raise
         if not chunk:
             break
         received += len(chunk)
@@ -474,6 +492,7 @@ def save_body_wsgi(
     (Flask's ``request.data``/``.form``, Django's ``request.body``/``.POST``)."""
     dest = Path(destination)
     opts = _options(max_size, environ.get("memguard.max_body_size"), options)
+    reject = environ.get("memguard.reject")
     spool: Spool | None = None
     try:
         directory = _destination_directory(dest, overwrite)
@@ -495,7 +514,7 @@ def save_body_wsgi(
         if spool is not None:
             _abandon(spool)
         if isinstance(exc, RequestRejected):
-            _reject(exc, "body")
+            _reject(exc, "body", reject)
         raise
     disposition = environ.get("HTTP_CONTENT_DISPOSITION")
     return SavedFile(path=dest, size=spool.size, sha256=spool.sha256,
@@ -778,7 +797,8 @@ async def save_multipart(
     """
     scope, receive_ = _asgi_source(request, receive)
     folder = _form_directory(directory)
-    opts = _options(max_size, _route_limit_asgi(scope), options)
+    route_limit, reject = _middleware_asgi(scope)
+    opts = _options(max_size, route_limit, options)
     form: _Form | None = None
     try:
         headers = _asgi_headers(scope)
@@ -808,7 +828,7 @@ async def save_multipart(
                 if part.file is not None:
                     await part.file.discard()
         if isinstance(exc, RequestRejected):
-            _reject(exc, "multipart")
+            _reject(exc, "multipart", reject)
         raise
     return form.result
 
@@ -827,6 +847,7 @@ def save_multipart_wsgi(
     body (Flask's ``request.form``/``.files``, Django's ``request.POST``/``.FILES``)."""
     folder = _form_directory(directory)
     opts = _options(max_size, environ.get("memguard.max_body_size"), options)
+    reject = environ.get("memguard.reject")
     form: _Form | None = None
     try:
         boundary = _boundary(environ.get("CONTENT_TYPE"))
@@ -856,6 +877,6 @@ def save_multipart_wsgi(
                 if part.spool is not None:
                     _abandon(part.spool)
         if isinstance(exc, RequestRejected):
-            _reject(exc, "multipart")
+            _reject(exc, "multipart", reject)
         raise
     return form.result

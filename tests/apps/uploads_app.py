@@ -154,3 +154,67 @@ def flask_form() -> Any:
     except RequestRejected as exc:
         return rejected_json(exc), exc.status, {"Connection": "close"}
     return result_json(result)
+
+
+# ---- under the body guard: no try/except, the middleware answers refusals -------------
+
+GUARD_ROUTES = {"/g/body": "300MiB", "/g/form": "300MiB", "/g/small": "2MiB"}
+
+
+async def guarded_body(request: Request) -> Response:
+    saved = await save_body(request, UPLOAD_DIR / request.query_params.get("name", "g.bin"),
+                            **_opts(request.query_params.get("opts")))
+    return JSONResponse(saved_json(saved))
+
+
+async def guarded_form(request: Request) -> Response:
+    result = await save_multipart(request, UPLOAD_DIR, **_opts(request.query_params.get("opts")))
+    return JSONResponse(result_json(result))
+
+
+def _guarded_asgi() -> Any:
+    from memguard import MemGuardMiddleware
+
+    inner = Starlette(routes=[
+        Route("/", index),
+        Route("/g/body", guarded_body, methods=["POST"]),
+        Route("/g/small", guarded_body, methods=["POST"]),
+        Route("/g/form", guarded_form, methods=["POST"]),
+    ])
+    return MemGuardMiddleware(inner, max_body_size="1MiB", routes=GUARD_ROUTES)
+
+
+guarded_app = _guarded_asgi()
+
+guarded_flask = Flask("guarded")
+
+
+@guarded_flask.get("/")
+def guarded_flask_index() -> str:
+    return f"ok {os.getpid()}\n"
+
+
+@guarded_flask.post("/g/body")
+@guarded_flask.post("/g/small")
+def guarded_flask_body() -> Any:
+    saved = save_body_wsgi(flask_request.environ,
+                           UPLOAD_DIR / flask_request.args.get("name", "g.bin"),
+                           **_opts(flask_request.args.get("opts")))
+    return saved_json(saved)
+
+
+@guarded_flask.post("/g/form")
+def guarded_flask_form() -> Any:
+    result = save_multipart_wsgi(flask_request.environ, UPLOAD_DIR,
+                                 **_opts(flask_request.args.get("opts")))
+    return result_json(result)
+
+
+def _guarded_wsgi() -> Any:
+    from memguard import MemGuardWSGIMiddleware
+
+    return MemGuardWSGIMiddleware(guarded_flask.wsgi_app, max_body_size="1MiB",
+                                  routes=GUARD_ROUTES)
+
+
+guarded_wsgi = _guarded_wsgi()
