@@ -32,6 +32,7 @@ import logging
 import os
 import secrets
 import time
+from collections import deque
 from collections.abc import (
     AsyncGenerator,
     Awaitable,
@@ -239,66 +240,105 @@ def _decode_header_text(raw: bytes) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# Asynchronous writing: one batch in flight per file
+# Asynchronous writing: a few batches in flight per file, in order
+
+# Batches one upload may have queued for its writer while the next is received. Waiting
+# for every batch before reading on stalls the client (uvicorn stops reading the socket
+# once it holds 64 KiB); three keep the loop reading while the disk and SHA-256 work,
+# for at most (3 + 1) x batch_size of memory.
+_DEPTH = 3
+
+
+def _chained(prev: Future[Any] | None, func: Callable[..., Any], *args: Any) -> Any:
+    """Run ``func`` after ``prev`` (a batch never overtakes the one before it); if
+    ``prev`` failed, fail the same way without writing."""
+    if prev is not None:
+        prev.result()
+    return func(*args)
+
+
+def _after_quietly(prev: Future[Any] | None, func: Callable[..., Any], *args: Any) -> Any:
+    if prev is not None:
+        try:
+            prev.result()
+        except BaseException:
+            pass
+    return func(*args)
+
+
+async def _result(job: Future[Any]) -> Any:
+    if job.done():
+        return job.result()
+    # Shielded: cancelling the caller must never cancel a queued job, or a later job
+    # (chained on it) could run while an earlier one still writes.
+    return await asyncio.shield(asyncio.wrap_future(job))
 
 
 class _AsyncFile:
-    """Gathers chunks for one :class:`Spool` and writes them in a writer thread, keeping
-    one batch in flight while the next is received."""
+    """Gathers chunks for one :class:`Spool` and writes them, in order, in writer
+    threads, with up to ``_DEPTH`` batches in flight while more is received."""
 
-    __slots__ = ("spool", "pending", "pending_size", "inflight")
+    __slots__ = ("spool", "pending", "pending_size", "tail", "inflight")
 
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
         self.pending: list[bytes | memoryview] = []
         self.pending_size = 0
-        self.inflight: Future[Any] | None = None
+        self.tail: Future[Any] | None = None  # the last job submitted
+        self.inflight: deque[Future[Any]] = deque()
 
     def add(self, chunk: bytes | memoryview) -> None:
         self.pending.append(chunk)
         self.pending_size += len(chunk)
 
-    async def _wait(self) -> None:
-        if self.inflight is not None:
-            await asyncio.wrap_future(self.inflight)
+    def _submit(self, func: Callable[..., Any], *args: Any) -> Future[Any]:
+        self.tail = executor().submit(_chained, self.tail, func, *args)
+        return self.tail
 
     async def flush(self) -> None:
-        await self._wait()
         chunks, self.pending, self.pending_size = self.pending, [], 0
-        self.inflight = executor().submit(self.spool.write, chunks)
+        inflight = self.inflight
+        inflight.append(self._submit(self.spool.write, chunks))
+        # Collect finished jobs (a refusal such as a full quota surfaces here, early)
+        # and wait only when too many are queued.
+        while inflight and (inflight[0].done() or len(inflight) > _DEPTH):
+            await _result(inflight.popleft())
 
     async def finish(self, destination: Path, overwrite: bool) -> None:
-        await self._wait()
         chunks, self.pending, self.pending_size = self.pending, [], 0
         spool = self.spool
 
-        def job() -> Path:
+        def write_and_commit() -> Path:
             spool.write(chunks)
             return spool.commit(destination, overwrite=overwrite)
 
-        self.inflight = executor().submit(job)
-        await asyncio.wrap_future(self.inflight)
+        self.inflight.clear()
+        await _result(self._submit(write_and_commit))
 
     async def discard(self) -> None:
-        """Remove the file, waiting for the batch in flight first, so that the file is
+        """Remove the file, waiting for the jobs in flight first, so that the file is
         gone when the caller sees the exception (if this wait is itself cancelled, the
-        removal still happens when the batch ends)."""
-        inflight = self.inflight
+        removal still happens, after the last job)."""
+        tail = self.tail
         try:
-            if inflight is not None and not inflight.done():
-                await asyncio.wait([asyncio.wrap_future(inflight)])
+            if tail is not None and not tail.done():
+                await asyncio.wait([asyncio.wrap_future(tail)])
         finally:
             self.abandon()
 
     def abandon(self) -> None:
-        """Remove the file once no thread touches it (now, or when the batch in flight
-        ends: closing a descriptor another thread writes to could hit a reused one)."""
+        """Remove the file once no thread touches it: now, or as a job queued after the
+        last one (closing a descriptor another thread writes to could hit a reused one)."""
         self.pending = []
-        inflight = self.inflight
-        if inflight is None:
+        self.inflight.clear()
+        tail, self.tail = self.tail, None
+        if tail is None or tail.done():
             _abandon(self.spool)
-        else:
-            inflight.add_done_callback(lambda _: _abandon(self.spool))
+            return
+        try:
+            executor().submit(_after_quietly, tail, _abandon, self.spool)
+        except RuntimeError:  # interpreter shutting down: no new jobs
+            tail.add_done_callback(lambda _: _abandon(self.spool))
 
 
 def _abandon(spool: Spool) -> None:
