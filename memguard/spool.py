@@ -12,25 +12,30 @@ so even a worker killed by SIGKILL (an OOM kill) leaves nothing behind. Elsewher
 filesystems without ``O_TMPFILE``, it is a hidden ``.memguard-*.part`` file next to the
 destination, removed on every failure path this process survives.
 
-Every method here blocks: the asynchronous callers run them in :func:`executor` threads
-(``os.writev``, ``fsync`` and ``hashlib`` on large buffers all release the GIL).
+Every :class:`Spool` method blocks. :class:`AsyncSpool` is how asynchronous code uses
+one: it runs them in :func:`executor` threads (``os.writev``, ``fsync`` and ``hashlib``
+on large buffers all release the GIL), in order, a few batches in flight, so that the
+event loop never waits for the disk.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import hashlib
 import os
 import secrets
 import threading
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from memguard.errors import InsufficientStorage
 
-__all__ = ["ProcessQuota", "RequestBudget", "Spool", "executor", "free_bytes"]
+__all__ = ["AsyncSpool", "ProcessQuota", "RequestBudget", "Spool", "executor", "free_bytes"]
 
 TEMP_PREFIX = ".memguard-"
 TEMP_SUFFIX = ".part"
@@ -263,6 +268,18 @@ class Spool:
             self.temp_path = None
         self._close()
 
+    def abandon(self) -> None:
+        """Discard, and if the file had already been committed (a cancellation that
+        arrived while the commit ran, or a later part of the same form that failed),
+        remove the committed file too: the caller never learnt of it."""
+        self.discard()
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            self.path = None
+
     # ---- helpers ----------------------------------------------------------------------
 
     def _close(self) -> None:
@@ -360,3 +377,105 @@ def _disk_full() -> Iterator[None]:
                 "The server ran out of disk space while storing this upload.",
                 reason="disk_full", errno=exc.errno) from exc
         raise
+
+
+# --------------------------------------------------------------------------------------
+# Asynchronous writing: a few batches in flight per file, in order
+
+# Batches one upload may have queued for its writer while the next is received. Waiting
+# for every batch before reading on stalls the client (uvicorn stops reading the socket
+# once it holds 64 KiB); three keep the loop reading while the disk and SHA-256 work,
+# for at most (3 + 1) x batch_size of memory.
+_DEPTH = 3
+
+
+def _chained(prev: Future[Any] | None, func: Callable[..., Any], *args: Any) -> Any:
+    """Run ``func`` after ``prev`` (a batch never overtakes the one before it); if
+    ``prev`` failed, fail the same way without writing."""
+    if prev is not None:
+        prev.result()
+    return func(*args)
+
+
+def _after_quietly(prev: Future[Any] | None, func: Callable[..., Any], *args: Any) -> Any:
+    if prev is not None:
+        try:
+            prev.result()
+        except BaseException:
+            pass
+    return func(*args)
+
+
+async def _result(job: Future[Any]) -> Any:
+    if job.done():
+        return job.result()
+    # Shielded: cancelling the caller must never cancel a queued job, or a later job
+    # (chained on it) could run while an earlier one still writes.
+    return await asyncio.shield(asyncio.wrap_future(job))
+
+
+class AsyncSpool:
+    """Gathers chunks for one :class:`Spool` and writes them, in order, in writer
+    threads, with up to ``_DEPTH`` batches in flight while more is received."""
+
+    __slots__ = ("spool", "pending", "pending_size", "tail", "inflight")
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.pending: list[bytes | memoryview] = []
+        self.pending_size = 0
+        self.tail: Future[Any] | None = None  # the last job submitted
+        self.inflight: deque[Future[Any]] = deque()
+
+    def add(self, chunk: bytes | memoryview) -> None:
+        self.pending.append(chunk)
+        self.pending_size += len(chunk)
+
+    def _submit(self, func: Callable[..., Any], *args: Any) -> Future[Any]:
+        self.tail = executor().submit(_chained, self.tail, func, *args)
+        return self.tail
+
+    async def flush(self) -> None:
+        chunks, self.pending, self.pending_size = self.pending, [], 0
+        inflight = self.inflight
+        inflight.append(self._submit(self.spool.write, chunks))
+        # Collect finished jobs (a refusal such as a full quota surfaces here, early)
+        # and wait only when too many are queued.
+        while inflight and (inflight[0].done() or len(inflight) > _DEPTH):
+            await _result(inflight.popleft())
+
+    async def finish(self, destination: Path, overwrite: bool) -> None:
+        chunks, self.pending, self.pending_size = self.pending, [], 0
+        spool = self.spool
+
+        def write_and_commit() -> Path:
+            spool.write(chunks)
+            return spool.commit(destination, overwrite=overwrite)
+
+        self.inflight.clear()
+        await _result(self._submit(write_and_commit))
+
+    async def discard(self) -> None:
+        """Remove the file, waiting for the jobs in flight first, so that the file is
+        gone when the caller sees the exception (if this wait is itself cancelled, the
+        removal still happens, after the last job)."""
+        tail = self.tail
+        try:
+            if tail is not None and not tail.done():
+                await asyncio.wait([asyncio.wrap_future(tail)])
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Remove the file once no thread touches it: now, or as a job queued after the
+        last one (closing a descriptor another thread writes to could hit a reused one)."""
+        self.pending = []
+        self.inflight.clear()
+        tail, self.tail = self.tail, None
+        if tail is None or tail.done():
+            self.spool.abandon()
+            return
+        try:
+            executor().submit(_after_quietly, tail, self.spool.abandon)
+        except RuntimeError:  # interpreter shutting down: no new jobs
+            tail.add_done_callback(lambda _: self.spool.abandon())

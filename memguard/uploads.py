@@ -27,12 +27,8 @@ the client's name is kept, sanitised, as :attr:`SavedFile.filename` for display.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import secrets
-import time
-from collections import deque
 from collections.abc import (
     AsyncGenerator,
     Awaitable,
@@ -42,7 +38,6 @@ from collections.abc import (
     Mapping,
     MutableMapping,
 )
-from concurrent.futures import Future
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,12 +51,18 @@ from memguard.errors import (
     LengthRequired,
     MalformedRequest,
     RequestRejected,
-    RequestTimeout,
-    UnsupportedMediaType,
 )
-from memguard.filenames import display_name, is_safe_component
+from memguard.filenames import display_name
+from memguard.formparts import (
+    Feeder,
+    FormReader,
+    Namer,
+    Part,
+    boundary_of,
+    decode_header_text,
+)
 from memguard.sizes import parse_size
-from memguard.spool import TEMP_PREFIX, RequestBudget, Spool, executor, free_bytes
+from memguard.spool import AsyncSpool, RequestBudget, Spool, free_bytes
 
 __all__ = [
     "MultipartResult",
@@ -77,11 +78,8 @@ logger = logging.getLogger("memguard.uploads")
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
-Namer = Callable[[str, str, "str | None"], str]
 
 _WSGI_READ = 64 * 1024
-_PREAMBLE_LIMIT = 64 * 1024  # bytes before the first boundary (only CR/LF are allowed)
-_EPILOGUE_LIMIT = 64 * 1024  # bytes after the closing boundary
 
 
 @dataclass(frozen=True)
@@ -228,129 +226,7 @@ def _header_filename(value: str | None) -> str:
 
     _, params = parse_options_header(value)
     raw = params.get(b"filename")
-    return display_name(_decode_header_text(raw)) if raw else ""
-
-
-def _decode_header_text(raw: bytes) -> str:
-    # Header values arrive as latin-1 text; browsers put raw UTF-8 in them.
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
-
-
-# --------------------------------------------------------------------------------------
-# Asynchronous writing: a few batches in flight per file, in order
-
-# Batches one upload may have queued for its writer while the next is received. Waiting
-# for every batch before reading on stalls the client (uvicorn stops reading the socket
-# once it holds 64 KiB); three keep the loop reading while the disk and SHA-256 work,
-# for at most (3 + 1) x batch_size of memory.
-_DEPTH = 3
-
-
-def _chained(prev: Future[Any] | None, func: Callable[..., Any], *args: Any) -> Any:
-    """Run ``func`` after ``prev`` (a batch never overtakes the one before it); if
-    ``prev`` failed, fail the same way without writing."""
-    if prev is not None:
-        prev.result()
-    return func(*args)
-
-
-def _after_quietly(prev: Future[Any] | None, func: Callable[..., Any], *args: Any) -> Any:
-    if prev is not None:
-        try:
-            prev.result()
-        except BaseException:
-            pass
-    return func(*args)
-
-
-async def _result(job: Future[Any]) -> Any:
-    if job.done():
-        return job.result()
-    # Shielded: cancelling the caller must never cancel a queued job, or a later job
-    # (chained on it) could run while an earlier one still writes.
-    return await asyncio.shield(asyncio.wrap_future(job))
-
-
-class _AsyncFile:
-    """Gathers chunks for one :class:`Spool` and writes them, in order, in writer
-    threads, with up to ``_DEPTH`` batches in flight while more is received."""
-
-    __slots__ = ("spool", "pending", "pending_size", "tail", "inflight")
-
-    def __init__(self, spool: Spool) -> None:
-        self.spool = spool
-        self.pending: list[bytes | memoryview] = []
-        self.pending_size = 0
-        self.tail: Future[Any] | None = None  # the last job submitted
-        self.inflight: deque[Future[Any]] = deque()
-
-    def add(self, chunk: bytes | memoryview) -> None:
-        self.pending.append(chunk)
-        self.pending_size += len(chunk)
-
-    def _submit(self, func: Callable[..., Any], *args: Any) -> Future[Any]:
-        self.tail = executor().submit(_chained, self.tail, func, *args)
-        return self.tail
-
-    async def flush(self) -> None:
-        chunks, self.pending, self.pending_size = self.pending, [], 0
-        inflight = self.inflight
-        inflight.append(self._submit(self.spool.write, chunks))
-        # Collect finished jobs (a refusal such as a full quota surfaces here, early)
-        # and wait only when too many are queued.
-        while inflight and (inflight[0].done() or len(inflight) > _DEPTH):
-            await _result(inflight.popleft())
-
-    async def finish(self, destination: Path, overwrite: bool) -> None:
-        chunks, self.pending, self.pending_size = self.pending, [], 0
-        spool = self.spool
-
-        def write_and_commit() -> Path:
-            spool.write(chunks)
-            return spool.commit(destination, overwrite=overwrite)
-
-        self.inflight.clear()
-        await _result(self._submit(write_and_commit))
-
-    async def discard(self) -> None:
-        """Remove the file, waiting for the jobs in flight first, so that the file is
-        gone when the caller sees the exception (if this wait is itself cancelled, the
-        removal still happens, after the last job)."""
-        tail = self.tail
-        try:
-            if tail is not None and not tail.done():
-                await asyncio.wait([asyncio.wrap_future(tail)])
-        finally:
-            self.abandon()
-
-    def abandon(self) -> None:
-        """Remove the file once no thread touches it: now, or as a job queued after the
-        last one (closing a descriptor another thread writes to could hit a reused one)."""
-        self.pending = []
-        self.inflight.clear()
-        tail, self.tail = self.tail, None
-        if tail is None or tail.done():
-            _abandon(self.spool)
-            return
-        try:
-            executor().submit(_after_quietly, tail, _abandon, self.spool)
-        except RuntimeError:  # interpreter shutting down: no new jobs
-            tail.add_done_callback(lambda _: _abandon(self.spool))
-
-
-def _abandon(spool: Spool) -> None:
-    """Discard a spool; if it had already been committed (a cancellation that arrived
-    while the commit ran), remove the committed file too: the caller never learnt of it."""
-    spool.discard()
-    if spool.path is not None:
-        try:
-            os.unlink(spool.path)
-        except OSError:
-            pass
-        spool.path = None
+    return display_name(decode_header_text(raw)) if raw else ""
 
 
 def _asgi_source(request: Any, receive: Receive | None) -> tuple[Scope, Receive]:
@@ -439,14 +315,14 @@ async def save_body(
     route_limit, reject = _middleware_asgi(scope)
     opts = _options(max_size, route_limit, options)
     spool: Spool | None = None
-    writer: _AsyncFile | None = None
+    writer: AsyncSpool | None = None
     try:
         directory = _destination_directory(dest, overwrite)
         headers = _asgi_headers(scope)
         budget = _budget(opts, directory)
         _precheck(opts, budget, directory, _content_length(headers.get(b"content-length")))
         spool = Spool(directory, budget, fsync=opts.fsync, use_tmpfile=opts.tmpfile)
-        writer = _AsyncFile(spool)
+        writer = AsyncSpool(spool)
         batch = opts.batch
         async with aclosing(_asgi_body(receive_, opts.max_size)) as chunks:
             async for chunk in chunks:
@@ -552,7 +428,7 @@ def save_body_wsgi(
         spool.commit(dest, overwrite=overwrite)
     except BaseException as exc:
         if spool is not None:
-            _abandon(spool)
+            spool.abandon()
         if isinstance(exc, RequestRejected):
             _reject(exc, "body", reject)
         raise
@@ -566,247 +442,11 @@ def save_body_wsgi(
 # Multipart
 
 
-class _Part:
-    __slots__ = ("name", "filename", "content_type", "size", "value", "spool", "file",
-                 "path", "sync_pending", "sync_pending_size")
-
-    def __init__(self, name: str, filename: str | None, content_type: str | None) -> None:
-        self.name = name
-        self.filename = filename  # None: a field; a str (maybe ""): a file
-        self.content_type = content_type
-        self.size = 0
-        self.value = bytearray()
-        self.spool: Spool | None = None
-        self.file: _AsyncFile | None = None
-        self.path: Path | None = None
-        self.sync_pending: list[bytes | memoryview] = []
-        self.sync_pending_size = 0
-
-
-class _Form:
-    """python-multipart's callbacks: counts, caps and allow-lists, applied as the parser
-    meets each part, so a hostile body stops at the first part over a limit. Field
-    values collect here (bounded); file data is queued on the part's spool, and the
-    driver (async or sync) writes it after each ``parser.write``."""
-
-    def __init__(self, opts: _Options, directory: Path, budget: RequestBudget,
-                 allowed: Collection[str] | None, namer: Namer | None, is_async: bool) -> None:
-        self.opts = opts
-        self.directory = directory
-        self.budget = budget
-        self.allowed = None if allowed is None else frozenset(allowed)
-        self.namer = namer
-        self.is_async = is_async
-        self.result = MultipartResult()
-        self.parts = self.fields = self.files = 0
-        self.part: _Part | None = None
-        self.open_files: list[_Part] = []  # every file part begun: for abandon()
-        self.finished: list[_Part] = []  # file parts whose data is complete
-        self.ended = False
-        self._headers: dict[bytes, bytes] = {}
-        self._hname = bytearray()
-        self._hvalue = bytearray()
-
-    def callbacks(self) -> dict[str, Any]:
-        return {
-            "on_part_begin": self.on_part_begin,
-            "on_header_field": self.on_header_field,
-            "on_header_value": self.on_header_value,
-            "on_header_end": self.on_header_end,
-            "on_headers_finished": self.on_headers_finished,
-            "on_part_data": self.on_part_data,
-            "on_part_end": self.on_part_end,
-            "on_end": self.on_end,
-        }
-
-    def on_part_begin(self) -> None:
-        self.parts += 1
-        if self.parts > self.opts.max_parts:
-            raise BodyTooLarge("The form has too many parts.", reason="too_many_parts",
-                               limit=self.opts.max_parts)
-        self._headers = {}
-        self.part = None
-
-    def on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._hname += data[start:end]
-
-    def on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._hvalue += data[start:end]
-
-    def on_header_end(self) -> None:
-        self._headers[bytes(self._hname).lower()] = bytes(self._hvalue)
-        self._hname.clear()
-        self._hvalue.clear()
-
-    def on_headers_finished(self) -> None:
-        from python_multipart.multipart import parse_options_header
-
-        disposition = self._headers.get(b"content-disposition")
-        if disposition is None:
-            raise MalformedRequest("A form part has no Content-Disposition header.",
-                                   reason="part_without_disposition", part=self.parts)
-        kind, params = parse_options_header(disposition)
-        raw_name = params.get(b"name")
-        if kind != b"form-data" or raw_name is None:
-            raise MalformedRequest("A form part is not a named form-data part.",
-                                   reason="part_without_name", part=self.parts)
-        name = _decode_header_text(raw_name)
-        if self.allowed is not None and name not in self.allowed:
-            raise MalformedRequest("The form has a field this upload does not accept.",
-                                   reason="field_not_allowed", field=name[:100])
-        ctype_raw = self._headers.get(b"content-type")
-        ctype = ctype_raw.decode("latin-1") if ctype_raw is not None else None
-        raw_filename = params.get(b"filename")
-        if raw_filename is None:
-            self.fields += 1
-            if self.fields > self.opts.max_fields:
-                raise BodyTooLarge("The form has too many fields.", reason="too_many_fields",
-                                   limit=self.opts.max_fields)
-            self.part = _Part(name, None, ctype)
-            return
-        self.files += 1
-        if self.files > self.opts.max_files:
-            raise BodyTooLarge("The form has too many files.", reason="too_many_files",
-                               limit=self.opts.max_files)
-        part = _Part(name, display_name(_decode_header_text(raw_filename)), ctype)
-        part.path = self.directory / self._file_name(part)
-        part.spool = Spool(self.directory, self.budget, fsync=self.opts.fsync,
-                           use_tmpfile=self.opts.tmpfile)
-        if self.is_async:
-            part.file = _AsyncFile(part.spool)
-        self.open_files.append(part)
-        self.part = part
-
-    def _file_name(self, part: _Part) -> str:
-        if self.namer is None:
-            return secrets.token_hex(16)
-        chosen = self.namer(part.name, part.filename or "", part.content_type)
-        if not isinstance(chosen, str) or not is_safe_component(chosen) \
-                or chosen.startswith(TEMP_PREFIX):
-            raise ValueError(f"the name= function returned {chosen!r}: it must be one plain "
-                             f"file name (no separators, not '.' or '..', no NUL)")
-        return chosen
-
-    def on_part_data(self, data: bytes, start: int, end: int) -> None:
-        part = self.part
-        if part is None:
-            return
-        size = end - start
-        part.size += size
-        if part.filename is None:
-            if part.size > self.opts.max_field_size:
-                raise BodyTooLarge("A form field is larger than allowed.",
-                                   reason="field_too_large", limit=self.opts.max_field_size,
-                                   field=part.name[:100])
-            part.value += data[start:end]
-            return
-        limit = self.opts.max_file_size
-        if limit is not None and part.size > limit:
-            raise BodyTooLarge("A file in the form is larger than allowed.",
-                               reason="file_too_large", limit=limit, field=part.name[:100])
-        # A view, not a copy: ``data`` is the immutable chunk the server gave us.
-        chunk = memoryview(data)[start:end]
-        if part.file is not None:
-            part.file.add(chunk)
-        else:
-            part.sync_pending.append(chunk)
-            part.sync_pending_size += size
-
-    def on_part_end(self) -> None:
-        part = self.part
-        self.part = None
-        if part is None:
-            return
-        if part.filename is None:
-            try:
-                value = part.value.decode("utf-8")
-            except UnicodeDecodeError:
-                raise MalformedRequest("A form field is not valid UTF-8.",
-                                       reason="field_not_utf8", field=part.name[:100]) from None
-            self.result.field_items.append((part.name, value))
-            self.result.fields[part.name] = value
-        else:
-            self.finished.append(part)
-
-    def on_end(self) -> None:
-        self.ended = True
-
-    def saved(self, part: _Part) -> SavedFile:
-        assert part.spool is not None and part.path is not None
-        saved = SavedFile(path=part.path, size=part.spool.size, sha256=part.spool.sha256,
-                          filename=part.filename or "", content_type=part.content_type,
-                          field_name=part.name)
-        self.result.files.append(saved)
-        return saved
-
-
-class _Feeder:
-    """Feeds chunks to python-multipart and keeps the checks the parser does not:
-    bytes before the first boundary and after the last, and time spent parsing."""
-
-    def __init__(self, form: _Form, boundary: bytes) -> None:
-        from python_multipart.exceptions import FormParserError
-        from python_multipart.multipart import MultipartParser
-
-        self.form = form
-        self.fed = 0
-        self.after_end = 0
-        self.parse_time = 0.0
-        try:
-            self.parser = MultipartParser(
-                boundary, form.callbacks(),  # type: ignore[arg-type]
-                max_header_count=form.opts.max_part_headers,
-                max_header_size=form.opts.max_part_header_size,
-            )
-        except FormParserError as exc:
-            raise MalformedRequest("The multipart boundary is invalid.",
-                                   reason="invalid_boundary", error=str(exc)) from None
-
-    def feed(self, chunk: bytes) -> None:
-        from python_multipart.exceptions import MultipartParseError
-
-        form = self.form
-        if form.ended:
-            self.after_end += len(chunk)
-            if self.after_end > _EPILOGUE_LIMIT:
-                raise MalformedRequest("Too much data after the form's closing boundary.",
-                                       reason="epilogue_too_long", limit=_EPILOGUE_LIMIT)
-            return
-        started = time.perf_counter()
-        try:
-            self.parser.write(chunk)
-        except MultipartParseError as exc:
-            raise MalformedRequest("The multipart body is malformed.",
-                                   reason="multipart_syntax", error=str(exc)[:200]) from None
-        self.parse_time += time.perf_counter() - started
-        self.fed += len(chunk)
-        if self.parse_time > form.opts.parse_budget:
-            raise RequestTimeout("The form took too long to parse.", reason="parse_budget",
-                                 limit=form.opts.parse_budget,
-                                 spent=round(self.parse_time, 3), parts=form.parts)
-        if form.parts == 0 and self.fed > _PREAMBLE_LIMIT:
-            raise MalformedRequest("No multipart boundary where the form should start.",
-                                   reason="preamble_too_long", limit=_PREAMBLE_LIMIT)
-
-    def close(self) -> None:
-        if not self.form.ended:
-            raise MalformedRequest("The multipart body ended before its closing boundary.",
-                                   reason="multipart_incomplete", parts=self.form.parts)
-
-
-def _boundary(content_type: str | None) -> bytes:
-    from python_multipart.multipart import parse_options_header
-
-    kind, params = parse_options_header(content_type)
-    if kind != b"multipart/form-data":
-        raise UnsupportedMediaType("This upload expects multipart/form-data.",
-                                   reason="not_multipart",
-                                   content_type=(content_type or "")[:100])
-    boundary = params.get(b"boundary")
-    if not boundary:
-        raise MalformedRequest("The multipart Content-Type has no boundary.",
-                               reason="missing_boundary")
-    return boundary
+def _saved_part(part: Part) -> SavedFile:
+    assert part.spool is not None and part.path is not None
+    return SavedFile(path=part.path, size=part.spool.size, sha256=part.spool.sha256,
+                     filename=part.filename or "", content_type=part.content_type,
+                     field_name=part.name)
 
 
 def _form_directory(directory: str | os.PathLike[str]) -> Path:
@@ -839,15 +479,16 @@ async def save_multipart(
     folder = _form_directory(directory)
     route_limit, reject = _middleware_asgi(scope)
     opts = _options(max_size, route_limit, options)
-    form: _Form | None = None
+    form: FormReader | None = None
     try:
         headers = _asgi_headers(scope)
         ctype = headers.get(b"content-type")
-        boundary = _boundary(ctype.decode("latin-1") if ctype else None)
+        boundary = boundary_of(ctype.decode("latin-1") if ctype else None)
         budget = _budget(opts, folder)
         _precheck(opts, budget, folder, _content_length(headers.get(b"content-length")))
-        form = _Form(opts, folder, budget, allowed_fields, name, is_async=True)
-        feeder = _Feeder(form, boundary)
+        form = FormReader(opts, folder, budget, allowed_fields, name, is_async=True)
+        files: list[SavedFile] = []
+        feeder = Feeder(form, boundary)
         batch = opts.batch
         async with aclosing(_asgi_body(receive_, opts.max_size)) as chunks:
             async for chunk in chunks:
@@ -856,7 +497,7 @@ async def save_multipart(
                     part = form.finished.pop(0)
                     assert part.file is not None and part.path is not None
                     await part.file.finish(part.path, overwrite)
-                    form.saved(part)
+                    files.append(_saved_part(part))
                 current = form.part
                 if current is not None and current.file is not None \
                         and current.file.pending_size >= batch:
@@ -870,7 +511,8 @@ async def save_multipart(
         if isinstance(exc, RequestRejected):
             _reject(exc, "multipart", reject)
         raise
-    return form.result
+    return MultipartResult(fields=dict(form.fields_items), files=files,
+                           field_items=form.fields_items)
 
 
 def save_multipart_wsgi(
@@ -888,13 +530,14 @@ def save_multipart_wsgi(
     folder = _form_directory(directory)
     opts = _options(max_size, environ.get("memguard.max_body_size"), options)
     reject = environ.get("memguard.reject")
-    form: _Form | None = None
+    form: FormReader | None = None
     try:
-        boundary = _boundary(environ.get("CONTENT_TYPE"))
+        boundary = boundary_of(environ.get("CONTENT_TYPE"))
         budget = _budget(opts, folder)
         _precheck(opts, budget, folder, _content_length(environ.get("CONTENT_LENGTH") or None))
-        form = _Form(opts, folder, budget, allowed_fields, name, is_async=False)
-        feeder = _Feeder(form, boundary)
+        form = FormReader(opts, folder, budget, allowed_fields, name, is_async=False)
+        files: list[SavedFile] = []
+        feeder = Feeder(form, boundary)
         batch = opts.batch
         for chunk in _wsgi_body(environ, opts.max_size):
             feeder.feed(chunk)
@@ -904,7 +547,7 @@ def save_multipart_wsgi(
                 part.spool.write(part.sync_pending)
                 part.sync_pending = []
                 part.spool.commit(part.path, overwrite=overwrite)
-                form.saved(part)
+                files.append(_saved_part(part))
             current = form.part
             if current is not None and current.spool is not None \
                     and current.sync_pending_size >= batch:
@@ -915,8 +558,9 @@ def save_multipart_wsgi(
         if form is not None:
             for part in form.open_files:
                 if part.spool is not None:
-                    _abandon(part.spool)
+                    part.spool.abandon()
         if isinstance(exc, RequestRejected):
             _reject(exc, "multipart", reject)
         raise
-    return form.result
+    return MultipartResult(fields=dict(form.fields_items), files=files,
+                           field_items=form.fields_items)
