@@ -1,8 +1,8 @@
 """Streaming saves: a request body, or the files of a multipart form, straight to disk.
 
 ``await request.body()`` holds a whole upload in memory (twice, measured: 1.38 GB of RSS
-for a 652 MB body). These calls never hold more than about two write batches (1 MiB
-each by default) of one upload::
+for a 652 MB body). These calls hold at most four write batches (1 MiB each by
+default) of one upload::
 
     saved = await save_body(request, "/data/video.mp4")           # ASGI
     result = await save_multipart(request, "/data/uploads/")      # result.fields, .files
@@ -11,8 +11,11 @@ each by default) of one upload::
 Each file is written to a temporary file in its destination's directory, hashed with
 SHA-256 on the way, fsynced (``upload_fsync``) and given its name atomically; on a
 client disconnect, a limit, an exception or a cancellation, nothing is left behind
-(see :mod:`memguard.spool`). In ASGI apps the writes run in writer threads, one batch
-in flight while the next is received, so the event loop never waits for the disk.
+(see :mod:`memguard.spool`). In ASGI apps the writes run in writer threads, up to three
+batches in flight while the next is received, so the event loop never waits for the
+disk (only a few metadata calls, ``stat`` and ``statvfs``, run on it at the start).
+Multipart bodies are read with python-multipart (``memguard-web[multipart]``) through
+:mod:`memguard.formparts`, which applies the part caps.
 
 A refusal is a :class:`~memguard.errors.RequestRejected` with its HTTP status (413 too
 large, 400 malformed, 408 parse budget, 411 no length, 415 not multipart, 507 storage):
