@@ -40,6 +40,9 @@ __all__ = ["AsyncSpool", "ProcessQuota", "RequestBudget", "Spool", "executor", "
 TEMP_PREFIX = ".memguard-"
 TEMP_SUFFIX = ".part"
 _IOV_MAX = 512  # well under every platform's IOV_MAX (1024 on Linux)
+# With fsync on, start the kernel's writeback every this many bytes (see Spool.write).
+_WRITEBACK_EVERY = 8 * 1024 * 1024
+_FADV_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
 _HAVE_TMPFILE = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
 
 
@@ -165,6 +168,7 @@ class Spool:
         self.temp_path: Path | None = None  # the named fallback's temporary name
         self.path: Path | None = None  # set by commit
         self._hash = hashlib.sha256()
+        self._written_back = 0  # bytes handed to the kernel's writeback so far
         self._fd = -1
         self._closed = False
 
@@ -232,6 +236,19 @@ class Spool:
                         group[0] = memoryview(head)[written:]
                         written = 0
         self.size += total
+        if self.fsync and _FADV_DONTNEED is not None \
+                and self.size - self._written_back >= _WRITEBACK_EVERY:
+            # The kernel would start writing these dirty pages back only at its
+            # dirty_background threshold (10% of RAM: gigabytes), leaving the whole upload
+            # for the final fsync (0.5 s for 652 MB here). POSIX_FADV_DONTNEED on pages
+            # still dirty starts their writeback without waiting (and keeps them cached),
+            # so the fsync at commit has only the last few MiB left.
+            try:
+                os.posix_fadvise(fd, self._written_back, self.size - self._written_back,
+                                 _FADV_DONTNEED)
+            except OSError:
+                pass
+            self._written_back = self.size
 
     def commit(self, destination: Path, *, overwrite: bool) -> Path:
         """fsync (when configured), then give the file the name ``destination``.

@@ -83,3 +83,36 @@ def test_unsafe_components(name: str) -> None:
 
 def test_safe_component() -> None:
     assert is_safe_component("video-1.mp4")
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(st.binary(min_size=1, max_size=300),
+                 st.text(min_size=1, max_size=200).map(lambda t: t.encode("utf-8"))))
+def test_saving_never_escapes_the_directory(raw: bytes) -> None:
+    """Any bytes as a multipart filename (headers are latin-1 text; quotes and line
+    breaks are what HTTP cannot carry), stored under a name derived from it: the file
+    lands in the directory, under a safe name, and nothing appears anywhere else."""
+    import asyncio
+    import tempfile
+    from pathlib import Path
+
+    from memguard.uploads import save_multipart
+
+    filename = raw.replace(b'"', b"").replace(b"\r", b"").replace(b"\n", b"")
+    body = (b'--b0\r\nContent-Disposition: form-data; name="f"; filename="' + filename
+            + b'"\r\n\r\ndata\r\n--b0--\r\n')
+    scope = {"type": "http", "headers": [(b"content-type", b"multipart/form-data; boundary=b0")]}
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    with tempfile.TemporaryDirectory() as root:
+        target = Path(root) / "a" / "b"
+        target.mkdir(parents=True)
+        result = asyncio.run(save_multipart(
+            scope, target, receive=receive, name=lambda _f, shown, _t: shown or "unnamed"))
+        (saved,) = result.files
+        assert saved.path.parent == target
+        assert_safe(saved.filename)
+        assert sorted(p for p in Path(root).rglob("*") if p.is_file()) == [saved.path]
+        assert saved.path.read_bytes() == b"data"
