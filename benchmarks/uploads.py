@@ -101,7 +101,7 @@ def measure(variant: str, payload: Payload, root: Path) -> dict[str, float]:
 
 def run(quick: bool) -> Result:
     size = (64 if quick else 652) * MiB
-    rounds = 3 if quick else 5
+    rounds = 3 if quick else 7
     payload = Payload(size)
     samples: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="memguard-bench-uploads-") as tmp:

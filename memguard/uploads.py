@@ -392,7 +392,8 @@ def _wsgi_body(environ: Mapping[str, Any], limit: int) -> Iterator[bytes]:
                                reason="body_over_limit", limit=limit, received=received)
         if remaining > 0:
             remaining -= len(chunk)
-        yield chunk
+        # Views into the chunk are kept until written: it must not change.
+        yield chunk if type(chunk) is bytes else bytes(chunk)
     if length is not None and received < length:
         raise MalformedRequest("The client disconnected before the body was complete.",
                                reason="client_disconnected", received=received,
