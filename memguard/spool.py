@@ -406,6 +406,15 @@ def _disk_full() -> Iterator[None]:
 _DEPTH = 3
 
 
+def _joined(chunks: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    """One buffer per batch. The writer thread then drops and retakes the GIL twice per
+    batch (one hash update, one write) instead of twice per received chunk; each
+    handover costs the event loop thread a context switch (measured through uvicorn,
+    652 MB: 1.35-1.8 s of server CPU joined against 1.75-3.1 s unjoined). The copy is
+    one memcpy of a batch."""
+    return [b"".join(chunks)] if len(chunks) > 1 else chunks
+
+
 def _chained(prev: Future[Any] | None, func: Callable[..., Any], *args: Any) -> Any:
     """Run ``func`` after ``prev`` (a batch never overtakes the one before it); if
     ``prev`` failed, fail the same way without writing."""
@@ -453,7 +462,7 @@ class AsyncSpool:
         return self.tail
 
     async def flush(self) -> None:
-        chunks, self.pending, self.pending_size = self.pending, [], 0
+        chunks, self.pending, self.pending_size = _joined(self.pending), [], 0
         inflight = self.inflight
         inflight.append(self._submit(self.spool.write, chunks))
         # Collect finished jobs (a refusal such as a full quota surfaces here, early)
@@ -462,7 +471,7 @@ class AsyncSpool:
             await _result(inflight.popleft())
 
     async def finish(self, destination: Path, overwrite: bool) -> None:
-        chunks, self.pending, self.pending_size = self.pending, [], 0
+        chunks, self.pending, self.pending_size = _joined(self.pending), [], 0
         spool = self.spool
 
         def write_and_commit() -> Path:
