@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import io
 import logging
 import os
@@ -549,3 +550,15 @@ def test_flask_view(updir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert resp.status_code == 200 and resp.json["files"][0]["filename"] == "e.txt"
     resp = client.post('/body?name=g.bin&opts={"max_size": 10}', data=b"x" * 11)
     assert resp.status_code == 413 and resp.json["reason"] == "content_length_over_limit"
+
+
+def test_public_names() -> None:
+    import memguard.uploads
+
+    assert set(memguard.uploads.__all__) == {
+        "MultipartResult", "SavedFile", "save_body", "save_body_wsgi", "save_multipart",
+        "save_multipart_wsgi"}
+    assert inspect.iscoroutinefunction(save_body)
+    assert inspect.iscoroutinefunction(save_multipart)
+    assert not inspect.iscoroutinefunction(save_body_wsgi)
+    assert not inspect.iscoroutinefunction(save_multipart_wsgi)
