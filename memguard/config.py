@@ -382,7 +382,7 @@ setting(
 setting(
     "upload_batch_size", "uploads", "1MiB", parse_size_value,
     "Bytes gathered before one write to disk in a writer thread; the memory one upload "
-    "holds is about twice this. Defaults to 1 MiB.",
+    "holds is at most about five times this (three batches in flight). Defaults to 1 MiB.",
     env="MEMGUARD_UPLOAD_BATCH_SIZE", type_doc="size",
 )
 setting(

@@ -1,8 +1,8 @@
 """Streaming saves: a request body, or the files of a multipart form, straight to disk.
 
 ``await request.body()`` holds a whole upload in memory (twice, measured: 1.38 GB of RSS
-for a 652 MB body). These calls hold at most four write batches (1 MiB each by
-default) of one upload::
+for a 652 MB body). These calls hold about five write batches (1 MiB each by
+default) of one upload at most::
 
     saved = await save_body(request, "/data/video.mp4")           # ASGI
     result = await save_multipart(request, "/data/uploads/")      # result.fields, .files
