@@ -193,3 +193,27 @@ def test_django_asgi_upload_route_bypasses_the_spool(repo: Path, tmp_path: Path)
         # Written once: Django's handler would have spooled all of it to a temp file first.
         assert payload.size <= written < 1.2 * payload.size
         assert leftovers(tmpdir) == []
+
+
+def test_django_wsgi_view_streams_with_save_body_wsgi(repo: Path, tmp_path: Path) -> None:
+    updir, tmpdir = tmp_path / "uploads", tmp_path / "tmp"
+    updir.mkdir()
+    tmpdir.mkdir()
+    payload = Payload(64 * MiB)
+    with serve("gunicorn", "tests.apps.django_uploads:wsgi_application",
+               ["-w", "1", "-k", "sync", "--timeout", "60"],
+               env={"UPLOAD_DIR": str(updir), "TMPDIR": str(tmpdir)}, cwd=repo) as server:
+        worker = server.wait_for_workers(1)[0]
+        small = Payload(2 * MiB, seed_blocks=2)
+        assert post_stream(server.url, "/wsgi-upload", small.chunks(), small.size)[0] == 200
+        before = read_vm_hwm(worker)
+        status, body, _ = post_stream(server.url, "/wsgi-upload", payload.chunks(), payload.size)
+        after = read_vm_hwm(worker)
+        assert status == 200, body
+        assert isinstance(body, dict) and body["sha256"] == payload.sha256()
+        assert before is not None and after is not None
+        assert after - before < GROWTH_LIMIT
+        # Chunked (gunicorn sets wsgi.input_terminated): read to the end of the body.
+        status, body, _ = post_stream(server.url, "/wsgi-upload", small.chunks(), None)
+        assert status == 200 and isinstance(body, dict) and body["size"] == small.size
+        assert leftovers(tmpdir) == []

@@ -26,11 +26,12 @@ if not settings.configured:
     django.setup()
 
 from django.core.asgi import get_asgi_application  # noqa: E402
+from django.core.wsgi import get_wsgi_application  # noqa: E402
 from django.http import HttpRequest, HttpResponse, JsonResponse  # noqa: E402
 from django.urls import path  # noqa: E402
 
 from memguard.errors import RequestRejected  # noqa: E402
-from memguard.uploads import SavedFile, save_body  # noqa: E402
+from memguard.uploads import SavedFile, save_body, save_body_wsgi  # noqa: E402
 
 UPLOAD_DIR = Path(os.environ.get("UPLOAD_DIR", "/nonexistent"))
 UPLOAD_PATHS = {"/upload"}
@@ -49,9 +50,21 @@ def upload_done(request: HttpRequest) -> HttpResponse:
                          "django_body_bytes": len(request.body)})
 
 
-urlpatterns = [path("", index), path("upload", upload_done)]
+def wsgi_upload(request: HttpRequest) -> HttpResponse:
+    # Django under WSGI: the body is still unread when the view runs (nothing here
+    # touches request.POST or request.body), so save_body_wsgi streams it.
+    try:
+        saved = save_body_wsgi(request.environ, UPLOAD_DIR / os.urandom(8).hex())
+    except RequestRejected as exc:
+        return JsonResponse({"reason": exc.reason}, status=exc.status)
+    return JsonResponse({"path": str(saved.path), "size": saved.size, "sha256": saved.sha256})
+
+
+urlpatterns = [path("", index), path("upload", upload_done),
+               path("wsgi-upload", wsgi_upload)]
 
 django_application = get_asgi_application()
+wsgi_application = get_wsgi_application()
 
 
 async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
