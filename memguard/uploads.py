@@ -225,8 +225,10 @@ def _header_filename(value: str | None) -> str:
     """The display name from a request's own ``Content-Disposition`` (raw uploads)."""
     if not value:
         return ""
-    from python_multipart.multipart import parse_options_header
-
+    try:
+        from python_multipart.multipart import parse_options_header
+    except ImportError:  # the [multipart] extra is not installed: no display name
+        return ""
     _, params = parse_options_header(value)
     raw = params.get(b"filename")
     return display_name(decode_header_text(raw)) if raw else ""
@@ -384,6 +386,12 @@ def _wsgi_body(environ: Mapping[str, Any], limit: int) -> Iterator[bytes]:
         except RequestRejected as exc:
             exc._memguard_upload_seen = True  # type: ignore[attr-defined]
             raise
+        except OSError as exc:
+            # gunicorn raises NoMoreData (an IOError) or ConnectionResetError when the
+            # client goes away mid-body: a refusal with its reason, not a traceback.
+            raise MalformedRequest("The client disconnected before the body was complete.",
+                                   reason="client_disconnected", received=received,
+                                   error=type(exc).__name__) from exc
         if not chunk:
             break
         received += len(chunk)

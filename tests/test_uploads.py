@@ -562,3 +562,23 @@ def test_public_names() -> None:
     assert inspect.iscoroutinefunction(save_multipart)
     assert not inspect.iscoroutinefunction(save_body_wsgi)
     assert not inspect.iscoroutinefunction(save_multipart_wsgi)
+
+
+def test_wsgi_read_error_is_a_disconnect(updir: Path, temp_mode: bool) -> None:
+    class Resetting(io.RawIOBase):
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def read(self, size: int = -1) -> bytes:
+            self.calls += 1
+            if self.calls > 3:
+                raise ConnectionResetError("peer reset")
+            return b"x" * min(size, 65536)
+
+    env = environ_for(b"", declared=10 * 65536)
+    env["wsgi.input"] = Resetting()
+    with pytest.raises(MalformedRequest) as info:
+        save_body_wsgi(env, updir / "r", batch_size=65536)
+    assert info.value.reason == "client_disconnected"
+    assert info.value.figures["error"] == "ConnectionResetError"
+    assert listing(updir) == []
