@@ -328,6 +328,64 @@ setting(
 # gunicorn: worker recycling, the master's watchdog (memguard/gunicorn/)
 # =====================================================================================
 
+# The environment names are the contract of ``gunicorn -c python:memguard.gunicorn.conf``.
+# Option names carry a ``gunicorn_`` prefix because the ``memory`` section has its own
+# (middleware-side) ``worker_memory_limit``; ``memguard.gunicorn.install()`` also accepts
+# them without the prefix.
+
+setting(
+    "gunicorn_worker_memory_limit", "gunicorn", None, parse_optional_size,
+    "Soft limit of one worker's own memory (USS), as a size or a percentage of the "
+    "container's limit; a worker over it finishes its in-flight requests and is replaced. "
+    "Defaults to none (no soft recycling).",
+    env="MEMGUARD_WORKER_MEMORY_LIMIT",
+)
+setting(
+    "gunicorn_worker_memory_hard_limit", "gunicorn", None, parse_optional_size,
+    "Hard limit of one worker's own memory (USS); the master stops a worker over it even "
+    "mid-request (SIGTERM, then SIGKILL after the grace period). Defaults to none.",
+    env="MEMGUARD_WORKER_MEMORY_HARD_LIMIT",
+)
+setting(
+    "gunicorn_total_memory_limit", "gunicorn", None, parse_optional_size,
+    "The whole pool's memory budget (master, workers, one booting replacement); near it "
+    "the master recycles the largest worker. Defaults to 90% of the cgroup's limit when "
+    "there is one, otherwise none.",
+    env="MEMGUARD_TOTAL_MEMORY_LIMIT",
+)
+setting(
+    "gunicorn_hard_limit_grace", "gunicorn", 1.0, parse_positive_float,
+    "Seconds a worker stopped for its hard limit has between SIGTERM and SIGKILL. "
+    "Defaults to 1.0.",
+    env="MEMGUARD_HARD_LIMIT_GRACE",
+)
+setting(
+    "gunicorn_watchdog_interval", "gunicorn", 1.0, parse_positive_float,
+    "Seconds between the master watchdog's reads of every worker's USS/PSS and the "
+    "cgroup's usage (four times as often while a worker is over its soft limit or the "
+    "pool is near its budget); 0 turns the watchdog off. Defaults to 1.0.",
+    env="MEMGUARD_WATCHDOG_INTERVAL",
+)
+setting(
+    "gunicorn_max_concurrent_recycles", "gunicorn", 1, parse_int,
+    "How many workers the master may have recycling (draining or booting) at once when "
+    "it recycles on its own initiative, so capacity never collapses. Defaults to 1.",
+    env="MEMGUARD_MAX_CONCURRENT_RECYCLES",
+)
+setting(
+    "gunicorn_min_worker_lifetime", "gunicorn", 1.0, parse_positive_float,
+    "Seconds a worker lives before the master's watchdog may recycle it for its soft "
+    "limit or the pool budget (the hard limit always applies). Defaults to 1.0.",
+    env="MEMGUARD_MIN_WORKER_LIFETIME",
+)
+setting(
+    "gunicorn_gc_freeze", "gunicorn", False, parse_bool,
+    "With --preload, call gc.freeze() in the master before each fork so a worker's "
+    "garbage collections do not turn pages shared with the master private. "
+    "Defaults to false.",
+    env="MEMGUARD_GC_FREEZE",
+)
+
 
 # =====================================================================================
 # uploads: streaming saves to disk (memguard/uploads.py)

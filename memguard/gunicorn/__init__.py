@@ -1,0 +1,258 @@
+"""gunicorn integration: recycle workers on memory before the kernel's OOM killer does.
+
+Two ways in::
+
+    gunicorn -c python:memguard.gunicorn.conf -w 4 myapp:app      # MEMGUARD_* env
+
+    # in your own gunicorn.conf.py, after your hooks:
+    from memguard.gunicorn import install
+    install(globals(), worker_memory_limit="80MiB")
+
+:func:`install` adds gunicorn server hooks to a config namespace, calling any hook the
+namespace already defines first. Who decides a recycle (DESIGN.md):
+
+- the worker, after each request (``post_request`` for sync, gthread and the native
+  ``asgi`` worker; a thin ASGI wrapper for ``uvicorn-worker``, which never calls it);
+- the master, on a timer (:mod:`memguard.gunicorn.watchdog`): hard limit, idle growth,
+  the pool's budget; and in ``child_exit``, why a worker died.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import sys
+from collections.abc import Callable, MutableMapping
+from typing import Any
+
+from memguard import counters, events, probes, recycle
+from memguard.gunicorn import slots as slot_states
+from memguard.gunicorn.limits import Limits, resolve_limits
+from memguard.gunicorn.slots import SlotTable
+from memguard.gunicorn.watchdog import Watchdog
+from memguard.gunicorn.worker import WorkerMonitor
+
+__all__ = ["HOOKS", "Guard", "install", "is_uvicorn_worker"]
+
+HOOKS = ("on_starting", "when_ready", "pre_fork", "post_fork", "post_worker_init",
+         "pre_request", "post_request", "worker_exit", "child_exit", "on_exit")
+
+
+def is_uvicorn_worker(worker: Any) -> bool:
+    return any(k.__module__.startswith(("uvicorn_worker", "uvicorn.workers"))
+               for k in type(worker).__mro__)
+
+
+class Guard:
+    """The state behind the hooks: limits, the shared slot table, the watchdog (master)
+    or this worker's monitor (worker)."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.slots = SlotTable()  # made in the master, before any fork: shared
+        self.watchdog: Watchdog | None = None
+        self.monitor: WorkerMonitor | None = None
+        self._froze = False
+
+    # ---- master ----------------------------------------------------------------------
+
+    def on_starting(self, server: Any) -> None:
+        limits = self.limits
+        server.log.info("memguard: %s", limits.describe())
+        events.emit("limit", role="master", soft_limit=limits.soft, hard_limit=limits.hard,
+                    total_limit=limits.total, container_limit=limits.container)
+        cgroup = probes.read_cgroup()
+        if cgroup is not None and cgroup.oom_group:
+            server.log.warning(
+                "memguard: this cgroup has memory.oom.group=1: one worker's OOM kill ends the "
+                "whole container, the master included; recycling before the limit is the "
+                "only protection%s",
+                "" if limits.soft or limits.hard else
+                " (set MEMGUARD_WORKER_MEMORY_LIMIT)")
+        if limits.gc_freeze and not server.cfg.preload_app:
+            server.log.warning("memguard: MEMGUARD_GC_FREEZE only helps with --preload: "
+                               "without it each worker imports the app itself")
+        if limits.soft is None and limits.hard is None and limits.total is None:
+            server.log.warning("memguard: no worker memory limit and no pool budget set: "
+                               "workers are watched and reported, never recycled")
+        self.watchdog = Watchdog(limits, self.slots, server.log)
+
+    def when_ready(self, server: Any) -> None:
+        if self.watchdog is None:
+            self.on_starting(server)
+        assert self.watchdog is not None
+        self.watchdog.start(server)
+
+    def pre_fork(self, server: Any, worker: Any) -> None:
+        self.slots.reset(worker.age, 0, slot_states.BOOTING)
+        if self.limits.gc_freeze and server.cfg.preload_app:
+            if not self._froze:
+                gc.collect()  # garbage frozen now would stay for good
+                self._froze = True
+            # Objects made since the last fork join the permanent generation too.
+            gc.freeze()
+
+    def child_exit(self, server: Any, worker: Any) -> None:
+        if self.watchdog is not None:
+            self.watchdog.child_exit(worker)
+
+    def on_exit(self, server: Any) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
+
+    # ---- worker ----------------------------------------------------------------------
+
+    def post_fork(self, server: Any, worker: Any) -> None:
+        counters.reset()  # a worker counts its own recycles, not its master's
+        self.watchdog = None
+        self.slots.set_pid(worker.age, os.getpid())
+        recycler = recycle.gunicorn_recycler(worker)
+        recycle.set_recycler(recycler)
+        self.monitor = WorkerMonitor(worker, self.limits, self.slots, recycler)
+
+    def post_worker_init(self, worker: Any) -> None:
+        monitor = self.monitor
+        if monitor is None:
+            return
+        if is_uvicorn_worker(worker):
+            _adapt_uvicorn_worker(worker, monitor, self.slots)
+        monitor.ready()
+
+    def pre_request(self, worker: Any, req: Any) -> None:
+        monitor = self.monitor
+        if monitor is not None:
+            monitor.before_request()
+
+    def post_request(self, worker: Any, req: Any, environ: Any, resp: Any) -> None:
+        monitor = self.monitor
+        if monitor is not None:
+            monitor.after_request()
+
+    def worker_exit(self, server: Any, worker: Any) -> None:
+        # gunicorn also calls this in the master for a worker that vanished.
+        if worker.pid == os.getpid():
+            _, state, _, _ = self.slots.read(worker.age)
+            if state != slot_states.RECYCLING:
+                self.slots.set_state(worker.age, slot_states.EXITED)
+
+
+def _adapt_uvicorn_worker(worker: Any, monitor: WorkerMonitor, slots: SlotTable) -> None:
+    """Make ``uvicorn-worker``'s worker recycle like the others.
+
+    It never calls ``post_request`` and never reads ``alive``: its app is wrapped so the
+    same check runs after each HTTP request, and the recycle is a SIGTERM to itself.
+    Its drain gets gunicorn's ``graceful_timeout`` (uvicorn's own default is unlimited),
+    and the master's timeout SIGABRT calls ``worker_abort`` and exits instead of dumping
+    core (its ``init_signals`` resets SIGABRT to the default action).
+    """
+    if getattr(worker.config, "timeout_graceful_shutdown", None) is None:
+        worker.config.timeout_graceful_shutdown = worker.cfg.graceful_timeout
+
+    inner = worker.wsgi
+
+    async def checked_app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await inner(scope, receive, send)
+            return
+        monitor.before_request()
+        try:
+            await inner(scope, receive, send)
+        finally:
+            try:
+                monitor.after_request()
+            except Exception:  # a failing check must never fail a request
+                worker.log.exception("memguard: worker memory check failed")
+
+    worker.wsgi = checked_app
+
+    def on_abort(sig: int, frame: Any) -> None:
+        worker.alive = False
+        worker.cfg.worker_abort(worker)
+        sys.exit(1)
+
+    signal.signal(signal.SIGABRT, on_abort)
+
+    def on_term(sig: int, frame: Any) -> None:
+        # uvicorn replaces this handler while it serves, and raises SIGTERM again with
+        # it restored once its graceful shutdown is over: mark the clean exit for the
+        # master's forensics, then die of SIGTERM as the worker would have.
+        _, state, _, _ = slots.read(worker.age)
+        if state != slot_states.RECYCLING:
+            slots.set_state(worker.age, slot_states.EXITED)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
+_guard: Guard | None = None
+
+
+def install(namespace: MutableMapping[str, Any], **options: Any) -> Guard:
+    """Add memguard's hooks to a gunicorn config namespace (``globals()``).
+
+    ``options`` are the ``gunicorn`` section's options, with or without their
+    ``gunicorn_`` prefix (``worker_memory_limit="80MiB"``, ``worker_memory_hard_limit``,
+    ``total_memory_limit``, ...); what is not given comes from ``MEMGUARD_*`` environment
+    variables, then defaults. A hook the namespace already defines runs first, then
+    memguard's. Call it after your own hooks are defined. Returns the :class:`Guard`.
+    """
+    global _guard
+    limits = resolve_limits(options)
+    # One guard per master: a config read again (gunicorn reload) keeps the slot table
+    # its workers share, and takes the new limits.
+    if _guard is None:
+        _guard = Guard(limits)
+    else:
+        _guard.limits = limits
+    guard = _guard
+    for name in HOOKS:
+        ours = getattr(guard, name)
+        theirs = namespace.get(name)
+        if getattr(theirs, "__memguard__", False):
+            theirs = getattr(theirs, "__memguard_chained__", None)
+        namespace[name] = _chain(name, theirs, ours)
+    return guard
+
+
+def _chain(name: str, theirs: Callable[..., Any] | None,
+           ours: Callable[..., Any]) -> Callable[..., Any]:
+    """A hook with the exact arity gunicorn checks, calling ``theirs`` then ``ours``.
+
+    Ours never raises: a failing hook must never kill a worker or the master.
+    """
+
+    def call_ours(*args: Any) -> None:
+        try:
+            ours(*args)
+        except Exception:
+            log = getattr(args[0], "log", None)
+            if log is not None:
+                log.exception("memguard: %s hook failed", name)
+
+    def run(*args: Any) -> None:
+        try:
+            if theirs is not None:
+                theirs(*args)
+        finally:
+            call_ours(*args)
+
+    def hook4(worker: Any, req: Any, environ: Any, resp: Any) -> None:
+        run(worker, req, environ, resp)
+
+    def hook2(server: Any, worker: Any) -> None:
+        run(server, worker)
+
+    def hook1(arg: Any) -> None:
+        run(arg)
+
+    hook: Any = hook4 if name == "post_request" else (
+        hook2 if name in ("pre_fork", "post_fork", "worker_exit", "child_exit", "pre_request")
+        else hook1)
+    hook.__name__ = name
+    hook.__memguard__ = True
+    # Not __wrapped__: inspect.signature (gunicorn's arity check) would follow it.
+    hook.__memguard_chained__ = theirs
+    chained: Callable[..., Any] = hook
+    return chained

@@ -1,0 +1,99 @@
+"""The gunicorn integration's options, turned into byte figures for this container."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from memguard import config, probes
+from memguard.sizes import format_size, parse_size
+
+__all__ = ["Limits", "resolve_limits", "OPTION_ALIASES"]
+
+# install(globals(), worker_memory_limit="80MiB") reads better than the registry's
+# prefixed names, which exist only to keep clear of the middleware's options.
+OPTION_ALIASES = {
+    name.removeprefix("gunicorn_"): name
+    for name, s in config.SETTINGS.items() if s.section == "gunicorn"
+}
+
+# The pool's default budget: this share of the cgroup's limit, leaving the rest to the
+# page cache the kernel needs and to what the master and the kernel account late.
+DEFAULT_TOTAL_SHARE = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    soft: int | None  # a worker's USS over which it is recycled gracefully
+    hard: int | None  # a worker's USS over which the master stops it
+    total: int | None  # the pool's budget
+    total_source: str
+    container: int  # the container's limit (or the host's RAM) percentages refer to
+    container_source: str
+    grace: float
+    interval: float
+    max_concurrent: int
+    min_lifetime: float
+    gc_freeze: bool
+
+    def describe(self) -> str:
+        return (f"worker soft limit {format_size(self.soft) if self.soft else 'none'}, "
+                f"hard limit {format_size(self.hard) if self.hard else 'none'}, "
+                f"pool budget {format_size(self.total) if self.total else 'none'} "
+                f"({self.total_source}); container limit {format_size(self.container)} "
+                f"({self.container_source})")
+
+
+def normalize_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Accept ``worker_memory_limit`` as well as ``gunicorn_worker_memory_limit``."""
+    return {OPTION_ALIASES.get(k, k): v for k, v in options.items()}
+
+
+def resolve_limits(
+    options: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+    cgroup: probes.CgroupMemory | None = None,
+) -> Limits:
+    """Read the options (keyword > ``MEMGUARD_*`` environment > default) into bytes.
+
+    Raises ``TypeError`` for an unknown option and ``ValueError`` for a bad value or a
+    hard limit that is not above the soft one.
+    """
+    values = config.resolve(["gunicorn"], normalize_options(options), environ)
+    if cgroup is None:
+        cgroup = probes.read_cgroup()
+    budget = probes.memory_budget(cgroup)
+    container = budget.limit
+
+    def size(name: str) -> int | None:
+        raw = values[name]
+        if raw is None:
+            return None
+        return parse_size(raw, total=container)
+
+    soft = size("gunicorn_worker_memory_limit")
+    hard = size("gunicorn_worker_memory_hard_limit")
+    total = size("gunicorn_total_memory_limit")
+    total_source = "configured"
+    if total is None and budget.constrained:
+        total = int(container * DEFAULT_TOTAL_SHARE)
+        total_source = f"{int(DEFAULT_TOTAL_SHARE * 100)}% of the cgroup limit"
+    elif total is None:
+        total_source = "no cgroup limit"
+    if soft is not None and hard is not None and hard <= soft:
+        raise ValueError(
+            f"memguard option 'gunicorn_worker_memory_hard_limit' ({format_size(hard)}) must "
+            f"be above 'gunicorn_worker_memory_limit' ({format_size(soft)})"
+        )
+    if values["gunicorn_max_concurrent_recycles"] < 1:
+        raise ValueError("memguard option 'gunicorn_max_concurrent_recycles' must be at least 1")
+    return Limits(
+        soft=soft, hard=hard, total=total, total_source=total_source,
+        container=container, container_source=budget.source,
+        grace=values["gunicorn_hard_limit_grace"],
+        interval=values["gunicorn_watchdog_interval"],
+        max_concurrent=values["gunicorn_max_concurrent_recycles"],
+        min_lifetime=values["gunicorn_min_worker_lifetime"],
+        gc_freeze=values["gunicorn_gc_freeze"],
+    )

@@ -1,0 +1,76 @@
+"""A table the master and its workers share: each worker's state and its own figures.
+
+An anonymous shared ``mmap`` made in the master before the first fork is the same
+memory in every worker, so a worker can say "I am recycling" or "I left through my
+exit path" and the master reads it without a pipe, a lock or a syscall. Slot ``i``
+belongs to the worker whose ``age`` (gunicorn's spawn counter) is ``i`` modulo the slot
+count; the master clears a slot when it forks into it and when it reaps its worker.
+Each field is one aligned 8-byte word written with ``struct.pack_into``, so a reader
+never sees half a value; a reader may see a slightly stale one, which is fine for state
+and figures.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+
+__all__ = ["SlotTable", "EMPTY", "BOOTING", "SERVING", "RECYCLING", "EXITED"]
+
+EMPTY, BOOTING, SERVING, RECYCLING, EXITED = 0, 1, 2, 3, 4
+STATE_NAMES = {EMPTY: "empty", BOOTING: "booting", SERVING: "serving",
+               RECYCLING: "recycling", EXITED: "exited"}
+
+# pid, state, figure (bytes: the worker's own estimate of its USS), requests served
+_SLOT = struct.Struct("=qqqq")
+_SLOTS = 256
+
+
+class SlotTable:
+    # Bits of the header word: things said once per pool, not once per worker.
+    FLAG_BORN_OVER = 1
+
+    def __init__(self, slots: int = _SLOTS) -> None:
+        self.slots = slots
+        # One header slot, then the workers' slots.
+        self._map = mmap.mmap(-1, (slots + 1) * _SLOT.size)
+
+    def _offset(self, age: int) -> int:
+        return (age % self.slots + 1) * _SLOT.size
+
+    def claim_once(self, flag: int) -> bool:
+        """True for the first process to claim ``flag`` (a rare race may say it twice)."""
+        (flags,) = struct.unpack_from("=q", self._map, 0)
+        if flags & flag:
+            return False
+        struct.pack_into("=q", self._map, 0, flags | flag)
+        return True
+
+    def reset(self, age: int, pid: int = 0, state: int = EMPTY) -> None:
+        _SLOT.pack_into(self._map, self._offset(age), pid, state, 0, 0)
+
+    def set_state(self, age: int, state: int) -> None:
+        struct.pack_into("=q", self._map, self._offset(age) + 8, state)
+
+    def set_pid(self, age: int, pid: int) -> None:
+        struct.pack_into("=q", self._map, self._offset(age), pid)
+
+    def set_figures(self, age: int, figure: int, requests: int) -> None:
+        struct.pack_into("=qq", self._map, self._offset(age) + 16, figure, requests)
+
+    def read(self, age: int) -> tuple[int, int, int, int]:
+        """(pid, state, figure, requests) of slot ``age``."""
+        pid, state, figure, requests = _SLOT.unpack_from(self._map, self._offset(age))
+        return int(pid), int(state), int(figure), int(requests)
+
+    def pool_view(self, own_age: int) -> tuple[int, int]:
+        """(workers recycling, the largest figure of the other serving workers)."""
+        recycling = largest = 0
+        own = own_age % self.slots
+        for i in range(self.slots):
+            pid, state, figure, _ = _SLOT.unpack_from(self._map, (i + 1) * _SLOT.size)
+            if state == RECYCLING:
+                recycling += 1
+            elif state == SERVING and i != own and figure > largest:
+                largest = figure
+        return recycling, largest

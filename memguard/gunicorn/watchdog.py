@@ -1,0 +1,358 @@
+"""The master's watchdog: a thread in the gunicorn arbiter that watches every worker.
+
+Every ``interval`` seconds (four times as often when something is near a limit) it reads
+each worker's USS/PSS from ``/proc/PID/smaps_rollup`` and the cgroup's usage, then:
+
+- stops a worker over the hard limit: SIGTERM, and SIGKILL if it is still there after
+  the grace period, before the kernel's OOM killer picks a victim (maybe the master);
+- recycles, gracefully (SIGTERM: every worker class's graceful stop), a worker over its
+  soft limit: the safety net for workers whose per-request check never runs, and for
+  growth outside requests (threads, copy-on-write);
+- recycles the largest worker when the pool, plus room for one booting replacement,
+  nears its budget;
+- never has more than ``max_concurrent`` workers recycling (draining or booting) on its
+  own initiative, so capacity never collapses.
+
+It only reads ``/proc`` and cgroup files and sends signals: nothing that could leave a
+lock held in a worker forked while it runs. It also keeps each worker's last known
+memory for :meth:`Watchdog.child_exit`, which tells apart how a worker died.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from memguard import counters, events, probes
+from memguard.gunicorn import slots as slot_states
+from memguard.gunicorn.limits import Limits
+from memguard.gunicorn.slots import SlotTable
+from memguard.gunicorn.worker import working_set_bytes
+from memguard.recycle import _figures_text
+from memguard.sizes import format_size
+
+__all__ = ["Watchdog", "WorkerRecord", "read_oom_kills"]
+
+
+@dataclasses.dataclass
+class WorkerRecord:
+    pid: int
+    age: int
+    first_seen: float
+    first_uss: int | None = None
+    last: probes.ProcessMemory | None = None
+    last_time: float = 0.0
+    recycle_sent: float | None = None  # when the master sent a graceful SIGTERM
+    recycle_reason: str | None = None
+    hard_deadline: float | None = None  # SIGKILL after this, if still alive
+    killed: bool = False  # the master sent SIGKILL
+
+
+def read_oom_kills(cgroup: probes.CgroupInfo | None) -> tuple[int, str] | None:
+    """The OOM-kill counter that covers the workers: the cgroup's, else the system's."""
+    if cgroup is not None:
+        info = probes.read_cgroup(cgroup)
+        if info is not None and info.limit is not None:
+            return info.oom_kills, "cgroup"
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1]), "system"
+    except OSError:
+        pass
+    return None
+
+
+class Watchdog:
+    def __init__(self, limits: Limits, slots: SlotTable, log: Any) -> None:
+        self.limits = limits
+        self.slots = slots
+        self.log = log
+        self.arbiter: Any = None
+        self.records: dict[int, WorkerRecord] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.cgroup = probes.find_cgroup()
+        self._usage = probes.CgroupMemoryReader(self.cgroup) if self.cgroup else None
+        oom = read_oom_kills(self.cgroup)
+        self.oom_seen = oom[0] if oom else 0
+        self.oom_source = oom[1] if oom else None
+        self.master: probes.ProcessMemory | None = None
+        self.pool_reported = False
+        self.ticks = 0
+
+    # ---- thread ----------------------------------------------------------------------
+
+    def start(self, arbiter: Any) -> None:
+        self.arbiter = arbiter
+        if self.limits.interval <= 0 or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="memguard-watchdog",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+
+    def _run(self) -> None:
+        # Process-directed signals (SIGCHLD, SIGTERM, SIGHUP...) go to any thread that
+        # does not block them. One delivered here would wait for the arbiter's main
+        # thread to leave its one-second queue wait before its Python handler runs:
+        # measured, that delayed every worker replacement and made a recycling pool
+        # 50% slower. Blocking them here sends them all to the main thread.
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        delay = self.limits.interval
+        while not self._stop.wait(delay):
+            if os.getpid() != getattr(self.arbiter, "pid", os.getpid()):
+                return  # a forked child never runs this thread, but be sure
+            try:
+                urgent = self.tick()
+            except Exception:  # the safety net must survive its own bugs
+                self.log.exception("memguard watchdog tick failed")
+                urgent = False
+            delay = self.limits.interval / 4 if urgent else self.limits.interval
+
+    # ---- one look at the pool ----------------------------------------------------------
+
+    def _workers(self) -> list[tuple[int, Any]]:
+        for _ in range(10):
+            try:
+                return list(self.arbiter.WORKERS.items())
+            except RuntimeError:  # resized by the main thread while copying
+                time.sleep(0.001)
+        return []
+
+    def tick(self) -> bool:
+        """Sample and act once; True when the next look should come sooner."""
+        now = time.monotonic()
+        self.ticks += 1
+        workers = self._workers()
+        limits = self.limits
+        urgent = False
+        try:
+            self.master = probes.process_memory(os.getpid())
+        except (ProcessLookupError, OSError):
+            self.master = None
+        if self.master is not None:
+            events.emit("sample", role="master", rss=self.master.rss, uss=self.master.uss,
+                        pss=self.master.pss)
+        current: list[WorkerRecord] = []
+        for pid, worker in workers:
+            try:
+                mem = probes.process_memory(pid)
+            except (ProcessLookupError, OSError):
+                continue
+            with self._lock:
+                record = self.records.get(pid)
+                if record is None:
+                    record = WorkerRecord(pid=pid, age=worker.age, first_seen=now,
+                                          first_uss=mem.uss)
+                    self.records[pid] = record
+                record.last, record.last_time = mem, now
+            current.append(record)
+            events.emit("sample", pid=pid, role="worker", rss=mem.rss, uss=mem.uss,
+                        pss=mem.pss, swap=mem.swap)
+        usage = self._working_set()
+        if usage is not None:
+            events.emit("sample", role="cgroup", usage=usage)
+        self._report_pool(current, workers)
+
+        for record in current:
+            uss = _own(record)
+            if record.hard_deadline is not None:
+                urgent = True
+                if now >= record.hard_deadline and not record.killed:
+                    self._kill(record, uss)
+                continue
+            if limits.hard is not None and uss >= limits.hard:
+                self._stop_hard(record, uss, now)
+                urgent = True
+                continue
+            if limits.soft is not None and uss >= 0.9 * limits.soft:
+                urgent = True
+
+        busy = self._recycling(current, now)
+        if limits.soft is not None:
+            for record in sorted(current, key=_own, reverse=True):
+                if busy >= limits.max_concurrent:
+                    break
+                uss = _own(record)
+                if (uss >= limits.soft and self._eligible(record, now)
+                        and (record.first_uss or 0) < limits.soft):
+                    self._recycle(record, "soft_limit", uss=uss, limit=limits.soft)
+                    busy += 1
+        if limits.total is not None and current:
+            total = usage if usage is not None else self._pss_total(current)
+            reserve = min((r.first_uss or _own(r)) for r in current)
+            if total + reserve >= 0.9 * limits.total:
+                urgent = True
+            if total + reserve >= limits.total and busy < limits.max_concurrent:
+                for record in sorted(current, key=_own, reverse=True):
+                    if self._eligible(record, now):
+                        self._recycle(record, "pool_budget", uss=_own(record), usage=total,
+                                      reserve=reserve, budget=limits.total)
+                        break
+        return urgent
+
+    def _working_set(self) -> int | None:
+        """The cgroup's usage without the inactive page cache the kernel can drop."""
+        if self._usage is None:
+            return None
+        return working_set_bytes(self._usage)
+
+    def _pss_total(self, current: list[WorkerRecord]) -> int:
+        total = sum((r.last.pss or r.last.rss) for r in current if r.last is not None)
+        if self.master is not None:
+            total += self.master.pss or self.master.rss
+        return total
+
+    def _report_pool(self, current: list[WorkerRecord], workers: list[tuple[int, Any]]) -> None:
+        """Once, when the pool is complete: master PSS, total PSS, each worker's USS."""
+        if self.pool_reported or not current:
+            return
+        if len(current) < getattr(self.arbiter, "num_workers", len(current)):
+            return
+        self.pool_reported = True
+        master_pss = (self.master.pss or 0) if self.master else 0
+        total = master_pss + sum((r.last.pss or 0) for r in current if r.last is not None)
+        self.log.info(
+            "memguard: pool memory: master pss %s, total pss %s, workers uss %s%s",
+            format_size(master_pss), format_size(total),
+            ", ".join(format_size(_own(r)) for r in current),
+            " (gc.freeze before fork)" if self.limits.gc_freeze else "",
+        )
+        events.emit("sample", role="pool", master_pss=master_pss, total_pss=total,
+                    workers_uss=[_own(r) for r in current])
+
+    def _recycling(self, current: list[WorkerRecord], now: float) -> int:
+        """Workers not serving: draining after a recycle, or a replacement booting."""
+        busy = 0
+        for record in current:
+            _, state, _, _ = self.slots.read(record.age)
+            if (record.recycle_sent is not None or record.hard_deadline is not None
+                    or state in (slot_states.BOOTING, slot_states.RECYCLING)):
+                busy += 1
+        return busy
+
+    def _eligible(self, record: WorkerRecord, now: float) -> bool:
+        if record.recycle_sent is not None or record.hard_deadline is not None:
+            return False
+        _, state, _, _ = self.slots.read(record.age)
+        if state != slot_states.SERVING:
+            return False
+        return now - record.first_seen >= self.limits.min_lifetime
+
+    # ---- actions ---------------------------------------------------------------------
+
+    def _signal(self, pid: int, sig: int) -> bool:
+        try:
+            os.kill(pid, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def _recycle(self, record: WorkerRecord, reason: str, **figures: Any) -> None:
+        figures = {"rss": record.last.rss if record.last else None,
+                   "pss": record.last.pss if record.last else None, **figures}
+        self.log.warning("memguard: recycling worker %s (%s, by the master's watchdog): %s",
+                         record.pid, reason, _figures_text(figures))
+        record.recycle_sent = time.monotonic()
+        record.recycle_reason = reason
+        if self._signal(record.pid, signal.SIGTERM):
+            counters.increment("recycle", reason)
+            events.emit("recycle", pid=record.pid, reason=reason, by="master", **figures)
+
+    def _stop_hard(self, record: WorkerRecord, uss: int, now: float) -> None:
+        grace = self.limits.grace
+        self.log.error(
+            "memguard: recycling worker %s (hard_limit, by the master's watchdog): uss %s over "
+            "the hard limit %s; SIGTERM now, SIGKILL in %.1fs if it is still running",
+            record.pid, format_size(uss), format_size(self.limits.hard), grace)
+        record.hard_deadline = now + grace
+        record.recycle_reason = "hard_limit"
+        if self._signal(record.pid, signal.SIGTERM):
+            counters.increment("recycle", "hard_limit")
+            events.emit("recycle", pid=record.pid, reason="hard_limit", by="master", uss=uss,
+                        limit=self.limits.hard)
+
+    def _kill(self, record: WorkerRecord, uss: int) -> None:
+        record.killed = True
+        if self._signal(record.pid, signal.SIGKILL):
+            self.log.error("memguard: worker %s still running %.1fs after SIGTERM for its hard "
+                           "limit (uss %s): SIGKILL", record.pid, self.limits.grace,
+                           format_size(uss))
+            counters.increment("recycle", "hard_limit_kill")
+
+    # ---- forensics -------------------------------------------------------------------
+
+    def child_exit(self, worker: Any) -> dict[str, Any]:
+        """Why did ``worker`` die? Logged, emitted as events, and returned."""
+        pid = worker.pid
+        with self._lock:
+            record = self.records.pop(pid, None)
+        slot_pid, state, figure, requests = self.slots.read(worker.age)
+        if slot_pid not in (pid, 0):  # the slot was reused: ignore what it says
+            state, figure, requests = slot_states.EMPTY, 0, 0
+        self.slots.reset(worker.age)
+        oom = read_oom_kills(self.cgroup)
+        oom_moved = oom is not None and oom[0] > self.oom_seen
+        if oom_moved:
+            assert oom is not None
+            self.oom_seen += 1
+        if getattr(worker, "aborted", False):
+            cause = "timeout"
+        elif record is not None and record.killed:
+            cause = "hard_limit_kill"
+        elif oom_moved:
+            cause = "oom_kill"
+        elif record is not None and record.hard_deadline is not None:
+            cause = "hard_limit"
+        elif state == slot_states.RECYCLING or (record and record.recycle_sent is not None):
+            cause = "recycled"
+        elif state == slot_states.EXITED:
+            cause = "exit"
+        elif not getattr(self.arbiter, "LISTENERS", True):
+            cause = "shutdown"
+        else:
+            cause = "killed_or_crashed"
+        info: dict[str, Any] = {"cause": cause, "requests": requests}
+        last = record.last if record else None
+        if last is not None:
+            assert record is not None
+            info.update(rss=last.rss, uss=last.uss, pss=last.pss,
+                        seconds_before_exit=round(time.monotonic() - record.last_time, 2))
+        if figure:
+            info["worker_estimate"] = figure
+        if oom is not None:
+            info["oom_kills"] = oom[0]
+            info["oom_counter"] = oom[1]
+        text = _figures_text(info)
+        if cause == "oom_kill":
+            self.log.error(
+                "memguard: worker %s was killed by the kernel's OOM killer (%s OOM-kill "
+                "counter moved to %s); last known memory: %s", pid, oom[1] if oom else "?",
+                oom[0] if oom else "?", text)
+            events.emit("oom_kill", pid=pid, **info)
+        elif cause in ("killed_or_crashed", "hard_limit_kill", "timeout"):
+            self.log.error("memguard: worker %s died: %s", pid, text)
+        else:
+            self.log.info("memguard: worker %s exited: %s", pid, text)
+        events.emit("worker_exit", pid=pid, **info)
+        return info
+
+
+def _own(record: WorkerRecord) -> int:
+    last = record.last
+    if last is None:
+        return 0
+    return last.uss if last.uss is not None else last.rss

@@ -1,0 +1,292 @@
+"""The worker's own check, after each request: is this worker over its memory limit?
+
+The figure is the worker's own memory (USS), not its RSS: after a fork RSS counts every
+page still shared with the master. USS costs a ``smaps_rollup`` read (milliseconds for a
+big process), so it is sampled once when the worker is ready and again only when the
+cheap figure says the limit may be near:
+
+    estimate = USS at the last sample + (RSS now - RSS at the last sample)
+
+RSS comes from one ``pread`` of ``/proc/self/statm`` (about 2 us), and the per-request
+path is that read and one comparison against a precomputed RSS threshold. When the
+threshold is crossed, the worker collects garbage and returns free heap to the system
+(``malloc_trim``), then reads its real USS: it recycles only if it is still over
+(hysteresis). Pages the master shares with it that become private (copy-on-write) do
+not show in RSS; the master's watchdog, which reads every worker's USS each second,
+catches those.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import os
+import platform
+import random
+import time
+from typing import Any
+
+from memguard import events, probes, recycle
+from memguard.gunicorn import slots as slot_states
+from memguard.gunicorn.limits import Limits
+from memguard.gunicorn.slots import SlotTable
+from memguard.sizes import format_size
+
+__all__ = ["WorkerMonitor", "release_memory"]
+
+# Each worker's soft limit is lowered by up to this share, drawn once per worker (as
+# gunicorn's max_requests_jitter), so workers started together with the same leak do
+# not all cross their limit, and restart, in the same instant.
+LIMIT_JITTER = 0.05
+
+# The smallest RSS growth between two USS samples.
+_RECHECK_MIN_STEP = 1 << 20
+# While the cgroup's usage is over the pool's budget, the working set is read at most
+# this often.
+_POOL_CHECK_SECONDS = 0.01
+
+
+def working_set_bytes(reader: probes.CgroupMemoryReader) -> int | None:
+    """The cgroup's usage minus the inactive page cache the kernel can drop."""
+    usage = reader.usage()
+    info = reader.info
+    if usage is None or info is None:
+        return usage
+    name = "total_inactive_file" if info.version == 1 else "inactive_file"
+    try:
+        with open(info.directory / "memory.stat", "rb") as f:
+            for line in f:
+                if line.startswith(name.encode() + b" "):
+                    return max(usage - int(line.split()[1]), 0)
+    except (OSError, ValueError):
+        pass
+    return usage
+
+_malloc_trim: Any = None
+_malloc_trim_loaded = False
+
+
+def release_memory() -> bool:
+    """``gc.collect()``, then glibc's ``malloc_trim(0)``; True if the trim ran."""
+    global _malloc_trim, _malloc_trim_loaded
+    gc.collect()
+    if not _malloc_trim_loaded:
+        _malloc_trim_loaded = True
+        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                _malloc_trim = libc.malloc_trim
+                _malloc_trim.argtypes = [ctypes.c_size_t]
+                _malloc_trim.restype = ctypes.c_int
+            except (OSError, AttributeError):
+                _malloc_trim = None
+    if _malloc_trim is None:
+        return False
+    _malloc_trim(0)
+    return True
+
+
+class WorkerMonitor:
+    """One per worker process, made in ``post_fork``."""
+
+    def __init__(self, worker: Any, limits: Limits, slots: SlotTable,
+                 recycler: recycle.Recycler) -> None:
+        self.worker = worker
+        self.limits = limits
+        self.slots = slots
+        self.recycler = recycler
+        self.age: int = worker.age
+        self.requests = 0
+        self.in_flight = 0
+        self.rate = 0.0  # bytes of RSS kept per request, on average, since ready
+        self.ready_at = time.monotonic()
+        self.baseline_uss = 0
+        self.baseline_rss = 0
+        self.sample_uss = 0
+        self.sample_rss = 0
+        self.soft = limits.soft
+        if self.soft is not None:
+            self.soft = int(self.soft * (1 - random.uniform(0, LIMIT_JITTER)))
+        self.born_over = False
+        self.recycling = False
+        self._next_check_rss = 1 << 62
+        self._last_pool_check = 0.0
+        self._pool: probes.CgroupMemoryReader | None = None
+        self._pool_threshold = 1 << 62
+        if limits.total is not None:
+            reader = probes.CgroupMemoryReader()
+            if reader.usage() is not None:
+                self._pool = reader
+                self._pool_threshold = limits.total
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    def ready(self) -> None:
+        """The worker has loaded the app: take the baseline."""
+        self.ready_at = time.monotonic()
+        uss, rss = self._uss(), probes.current_rss()
+        self.baseline_uss = self.sample_uss = uss
+        self.baseline_rss = self.sample_rss = rss
+        self.slots.set_figures(self.age, uss, 0)
+        self.slots.set_state(self.age, slot_states.SERVING)
+        events.emit("worker_start", role="worker", rss=rss, uss=uss, soft_limit=self.soft,
+                    hard_limit=self.limits.hard)
+        if self.soft is not None and uss >= self.soft:
+            self._born_over(uss, "when it became ready")
+        self._arm()
+        self._next_check_rss = 0  # sample again after the first request
+
+    def _arm(self) -> None:
+        """The RSS at which to look at USS again: halfway to the nearest limit.
+
+        Halving the distance each time costs a handful of smaps reads per worker
+        lifetime and keeps the estimate honest while pages shared with the master turn
+        private (which USS sees and RSS does not).
+        """
+        limit = self._nearest_limit()
+        if limit is None:
+            self._next_check_rss = 1 << 62
+            return
+        remaining = max(limit - self.sample_uss, 0)
+        if remaining > 2 * _RECHECK_MIN_STEP:
+            remaining //= 2
+        # A worker hovering just under its limit looks again after each MiB, not after
+        # each request.
+        remaining = max(remaining, _RECHECK_MIN_STEP)
+        self._next_check_rss = self.sample_rss + remaining
+
+    def _nearest_limit(self) -> int | None:
+        candidates = [x for x in (None if self.born_over else self.soft, self.limits.hard)
+                      if x is not None]
+        return min(candidates) if candidates else None
+
+    # ---- the per-request path --------------------------------------------------------
+
+    def before_request(self) -> None:
+        self.in_flight += 1
+
+    def after_request(self) -> None:
+        """Called after every request; microseconds unless the threshold is crossed.
+
+        With requests still running in this worker (gthread, asgi), each will likely
+        keep what requests have kept on average so far, and a recycle lets them finish:
+        the check counts that growth ahead, or the worker would pass its limit by
+        ``in_flight x growth per request`` while it drains.
+        """
+        self.in_flight = max(self.in_flight - 1, 0)
+        self.requests += 1
+        if self.recycling:
+            return
+        rss = probes.current_rss()
+        if self.in_flight:
+            # In-flight requests have already kept part of their share: count them in.
+            self.rate = max(rss - self.baseline_rss, 0) / (self.requests + self.in_flight)
+            rss += int(self.in_flight * self.rate)
+        if rss >= self._next_check_rss:
+            self._checkpoint(probes.current_rss())
+        elif self._pool is not None:
+            usage = self._pool.usage()
+            if usage is not None and usage >= self._pool_threshold:
+                self._pool_check()
+
+    def _ahead(self) -> int:
+        """Growth expected from the requests still running."""
+        return int(self.in_flight * self.rate)
+
+    def _pool_check(self) -> None:
+        """The cgroup's usage passed the pool's budget: is this worker the one to go?
+
+        Usage counts page cache the kernel can drop, so the decision uses the working
+        set (usage minus inactive file pages, as the kubelet does), read at most every
+        ten milliseconds. The largest serving worker, by the figures every worker
+        publishes in the shared table, recycles; room is kept for its replacement.
+        """
+        now = time.monotonic()
+        if now - self._last_pool_check < _POOL_CHECK_SECONDS:
+            return
+        self._last_pool_check = now
+        assert self.limits.total is not None and self._pool is not None
+        working_set = working_set_bytes(self._pool)
+        if working_set is None:
+            return
+        uss = self._uss()
+        self.sample_uss, self.sample_rss = uss, probes.current_rss()
+        self.slots.set_figures(self.age, uss, self.requests)
+        reserve = self.baseline_uss
+        if working_set + reserve < self.limits.total:
+            return
+        recycling, largest = self.slots.pool_view(self.age)
+        if recycling >= self.limits.max_concurrent or uss < largest:
+            return
+        self._recycle("pool_budget", uss=uss, usage=working_set, reserve=reserve,
+                      budget=self.limits.total, requests=self.requests)
+
+    def _checkpoint(self, rss: int) -> None:
+        """A fresh USS sample; the full check only if it says the limit is reached."""
+        uss = self._uss()
+        self.sample_uss, self.sample_rss = uss, rss
+        self.slots.set_figures(self.age, uss, self.requests)
+        limit = self._nearest_limit()
+        if limit is not None and uss + self._ahead() >= limit:
+            self._check(rss)
+        else:
+            self._arm()
+
+    def _check(self, rss: int) -> None:
+        now = time.monotonic()
+        hard = self.limits.hard
+        release_memory()
+        uss = self._uss()
+        rss_after = probes.current_rss()
+        self.sample_uss, self.sample_rss = uss, rss_after
+        self.slots.set_figures(self.age, uss, self.requests)
+        ahead = self._ahead()
+        figures: dict[str, Any] = {
+            "uss": uss, "rss": rss_after, "growth": rss_after - self.baseline_rss,
+            "baseline": self.baseline_uss, "requests": self.requests,
+            "age_seconds": round(now - self.ready_at, 2),
+        }
+        if ahead:
+            figures.update(in_flight=self.in_flight, expected_growth=ahead)
+        if hard is not None and uss + ahead >= hard:
+            self._recycle("hard_limit", limit=hard, **figures)
+            return
+        if self.soft is not None and not self.born_over and uss + ahead >= self.soft:
+            if self.requests > 1:
+                self._recycle("soft_limit", limit=self.soft, **figures)
+                return
+            if uss >= self.soft:
+                # Over the limit after its first request: a lazily built cache, not a
+                # leak. A replacement would do the same, so recycling would loop.
+                self._born_over(uss, "after its first request")
+        # Under the limit after collecting and trimming: keep serving (hysteresis).
+        self._arm()
+
+    def _recycle(self, reason: str, **figures: Any) -> None:
+        self.recycling = True
+        self.slots.set_state(self.age, slot_states.RECYCLING)
+        # False when someone else (the middleware, a signal) already started one.
+        recycle.request_recycle(reason, **figures)
+
+    def _born_over(self, uss: int, when: str) -> None:
+        self.born_over = True
+        assert self.soft is not None
+        limit = format_size(self.limits.soft)
+        first = self.slots.claim_once(SlotTable.FLAG_BORN_OVER)
+        say = self.worker.log.warning if first else self.worker.log.debug
+        hard = self.limits.hard
+        say("memguard: worker %s is over its memory limit %s %s (uss %s); not recycling "
+            "it for that limit, since a replacement would start as big: raise "
+            "MEMGUARD_WORKER_MEMORY_LIMIT or lower the app's footprint%s",
+            os.getpid(), limit, when, format_size(uss),
+            "" if hard is None else f" (the hard limit {format_size(hard)} still applies)")
+        if first:
+            events.emit("limit", reason="born_over_limit", uss=uss, soft_limit=self.limits.soft)
+
+    def _uss(self) -> int:
+        try:
+            mem = probes.process_memory(os.getpid())
+        except (ProcessLookupError, OSError):
+            return probes.current_rss()
+        return mem.uss if mem.uss is not None else mem.rss

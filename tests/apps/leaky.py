@@ -1,0 +1,57 @@
+"""Apps that leak on purpose, for the recycling tests.
+
+Every request to ``/`` keeps ``LEAK_BYTES`` (default 2 MiB, env ``LEAKY_BYTES``) in a
+module-level list, touched so the pages are really resident. ``/grow?mib=N`` keeps N MiB
+in one go (an idle worker that grew). ``/slow-leak?mib=N&seconds=S`` keeps growing by 1
+MiB steps inside one long request (the master must stop it).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import parse_qs
+
+LEAK_BYTES = int(os.environ.get("LEAKY_BYTES", str(2 << 20)))
+MIB = 1 << 20
+_kept: list[bytes] = []
+
+# A worker born over its limit: the app holds this much from import on.
+_born = int(os.environ.get("LEAKY_BORN_MIB", "0"))
+if _born:
+    _kept.append(os.urandom(16) * (_born * MIB // 16))
+
+
+def _keep(n: int) -> None:
+    # bytes(n) would be calloc'd zero pages that are not resident until written;
+    # repeating a random block writes every page.
+    _kept.append(os.urandom(16) * (n // 16))
+
+
+def _query(environ_or_qs: str) -> dict[str, str]:
+    return {k: v[0] for k, v in parse_qs(environ_or_qs).items()}
+
+
+def _route(path: str, query: dict[str, str]) -> bytes:
+    if path == "/grow":
+        _keep(int(query.get("mib", "1")) * MIB)
+    elif path == "/slow-leak":
+        mib = int(query.get("mib", "100"))
+        pause = float(query.get("seconds", "5")) / max(mib, 1)
+        for _ in range(mib):
+            _keep(MIB)
+            time.sleep(pause)
+    elif path == "/ping":
+        pass
+    else:
+        _keep(LEAK_BYTES)
+    return f"ok {os.getpid()} {len(_kept)}\n".encode()
+
+
+def wsgi_app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+    body = _route(environ.get("PATH_INFO", "/"), _query(environ.get("QUERY_STRING", "")))
+    start_response("200 OK", [("Content-Type", "text/plain"),
+                              ("Content-Length", str(len(body)))])
+    return [body]
