@@ -7,6 +7,7 @@ that matters; the per-request path never touches this module unless it refuses.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import Counter
 
@@ -14,6 +15,17 @@ __all__ = ["increment", "reset", "snapshot", "get"]
 
 _lock = threading.Lock()
 _counts: Counter[tuple[str, str]] = Counter()
+
+
+def _reinit_after_fork() -> None:
+    # Another thread of the parent (the gunicorn master's watchdog) may have held the
+    # lock at the instant of fork(); the child's copy would then stay locked forever.
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_after_fork)
 
 
 def increment(area: str, reason: str, amount: int = 1) -> None:

@@ -33,6 +33,17 @@ _fd = -1
 _fd_pid = -1
 
 
+def _reinit_after_fork() -> None:
+    # A thread of the parent (the gunicorn master's watchdog) may have held the lock
+    # at the instant of fork(); the child's copy would then stay locked forever.
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_after_fork)
+
+
 def configure(path: str | None) -> None:
     """Write events to ``path`` (``None`` turns the log off)."""
     global _path, _fd, _fd_pid

@@ -15,11 +15,12 @@ from __future__ import annotations
 import mmap
 import struct
 
-__all__ = ["SlotTable", "EMPTY", "BOOTING", "SERVING", "RECYCLING", "EXITED"]
+__all__ = ["SlotTable", "EMPTY", "BOOTING", "SERVING", "BORN_OVER", "RECYCLING", "EXITED"]
 
-EMPTY, BOOTING, SERVING, RECYCLING, EXITED = 0, 1, 2, 3, 4
+# BORN_OVER: serving, but over its soft limit from the start, so never recycled for it.
+EMPTY, BOOTING, SERVING, RECYCLING, EXITED, BORN_OVER = 0, 1, 2, 3, 4, 5
 STATE_NAMES = {EMPTY: "empty", BOOTING: "booting", SERVING: "serving",
-               RECYCLING: "recycling", EXITED: "exited"}
+               RECYCLING: "recycling", EXITED: "exited", BORN_OVER: "born over its limit"}
 
 # pid, state, figure (bytes: the worker's own estimate of its USS), requests served
 _SLOT = struct.Struct("=qqqq")
@@ -71,6 +72,6 @@ class SlotTable:
             pid, state, figure, _ = _SLOT.unpack_from(self._map, (i + 1) * _SLOT.size)
             if state == RECYCLING:
                 recycling += 1
-            elif state == SERVING and i != own and figure > largest:
+            elif state in (SERVING, BORN_OVER) and i != own and figure > largest:
                 largest = figure
         return recycling, largest

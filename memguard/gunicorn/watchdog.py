@@ -187,8 +187,7 @@ class Watchdog:
                 if busy >= limits.max_concurrent:
                     break
                 uss = _own(record)
-                if (uss >= limits.soft and self._eligible(record, now)
-                        and (record.first_uss or 0) < limits.soft):
+                if uss >= limits.soft and self._eligible(record, now, born_over_too=False):
                     self._recycle(record, "soft_limit", uss=uss, limit=limits.soft)
                     busy += 1
         if limits.total is not None and current:
@@ -244,11 +243,19 @@ class Watchdog:
                 busy += 1
         return busy
 
-    def _eligible(self, record: WorkerRecord, now: float) -> bool:
+    def _eligible(self, record: WorkerRecord, now: float, born_over_too: bool = True) -> bool:
+        """May the master recycle this worker gracefully now?
+
+        Not while it is already leaving or still booting; not when it was born over its
+        soft limit (for that limit: a replacement would be as big); not when younger
+        than the minimum lifetime.
+        """
         if record.recycle_sent is not None or record.hard_deadline is not None:
             return False
         _, state, _, _ = self.slots.read(record.age)
-        if state != slot_states.SERVING:
+        serving = (slot_states.SERVING, slot_states.BORN_OVER) if born_over_too else (
+            slot_states.SERVING,)
+        if state not in serving:
             return False
         return now - record.first_seen >= self.limits.min_lifetime
 

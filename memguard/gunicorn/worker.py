@@ -271,6 +271,7 @@ class WorkerMonitor:
 
     def _born_over(self, uss: int, when: str) -> None:
         self.born_over = True
+        self.slots.set_state(self.age, slot_states.BORN_OVER)
         assert self.soft is not None
         limit = format_size(self.limits.soft)
         first = self.slots.claim_once(SlotTable.FLAG_BORN_OVER)

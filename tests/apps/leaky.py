@@ -2,13 +2,16 @@
 
 Every request to ``/`` keeps ``LEAK_BYTES`` (default 2 MiB, env ``LEAKY_BYTES``) in a
 module-level list, touched so the pages are really resident. ``/grow?mib=N`` keeps N MiB
-in one go (an idle worker that grew). ``/slow-leak?mib=N&seconds=S`` keeps growing by 1
-MiB steps inside one long request (the master must stop it).
+in one go; ``/grow-later?mib=N`` does it from a thread after the response (an idle
+worker that grew); ``/collect`` runs ``gc.collect()``; ``/slow-leak?mib=N&seconds=S``
+keeps growing by 1 MiB steps inside one long request (the master must stop it).
 """
 
 from __future__ import annotations
 
+import gc
 import os
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -22,6 +25,10 @@ _kept: list[bytes] = []
 _born = int(os.environ.get("LEAKY_BORN_MIB", "0"))
 if _born:
     _kept.append(os.urandom(16) * (_born * MIB // 16))
+
+# Many small lists (always tracked by the GC) made at import (with --preload: in the master), whose
+# reference counts and GC headers a worker's gc.collect() would write to.
+_objects = [[i, str(i)] for i in range(int(os.environ.get("LEAKY_OBJECTS", "0")))]
 
 
 def _keep(n: int) -> None:
@@ -43,6 +50,12 @@ def _route(path: str, query: dict[str, str]) -> bytes:
         for _ in range(mib):
             _keep(MIB)
             time.sleep(pause)
+    elif path == "/grow-later":
+        # Growth outside any request: only the master's watchdog can see it.
+        mib, delay = int(query.get("mib", "1")), float(query.get("delay", "0.3"))
+        threading.Timer(delay, _keep, args=(mib * MIB,)).start()
+    elif path == "/collect":
+        gc.collect()
     elif path == "/ping":
         pass
     else:

@@ -1,0 +1,245 @@
+"""Worker recycling on real gunicorn (and uvicorn) in real memory cgroups.
+
+The reproduction from issue 6: 4 workers, a 400 MiB group, an app that keeps 2 MiB per
+request, 2,000 requests from 8 client threads. Plain gunicorn is OOM-killed and fails
+requests (asserted, so the test can fail); with ``-c python:memguard.gunicorn.conf``
+and ``MEMGUARD_WORKER_MEMORY_LIMIT=80MiB``: no OOM kill, no failed request, for every
+worker class.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from memguard.testing import MemoryCgroup, Server, http_request, serve
+
+pytestmark = [pytest.mark.server, pytest.mark.cgroup]
+
+CONF = ["-c", "python:memguard.gunicorn.conf"]
+REQUESTS = 2000
+CLIENTS = 8
+
+
+def load(url: str, count: int = REQUESTS, clients: int = CLIENTS,
+         path: str = "/") -> tuple[int, int, list[str]]:
+    """``count`` GETs from ``clients`` threads, one connection each: (ok, failed, errors)."""
+    lock = threading.Lock()
+    state = {"next": 0, "ok": 0, "failed": 0}
+    errors: list[str] = []
+
+    def client() -> None:
+        while True:
+            with lock:
+                if state["next"] >= count:
+                    return
+                state["next"] += 1
+            try:
+                status, _, _ = http_request(url, path=path, timeout=60)
+                error = None if status == 200 else f"status {status}"
+            except Exception as exc:  # a reset, a refused connection: a failed request
+                error = repr(exc)
+            with lock:
+                if error is None:
+                    state["ok"] += 1
+                else:
+                    state["failed"] += 1
+                    errors.append(error)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return state["ok"], state["failed"], errors
+
+
+def events(path: Path) -> list[dict[str, object]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def wait_for(predicate: object, timeout: float = 15) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.fixture
+def group(needs_cgroup: None) -> Iterator[MemoryCgroup]:
+    with MemoryCgroup("400MiB") as g:
+        yield g
+
+
+def test_plain_gunicorn_is_oom_killed(group: MemoryCgroup, repo: Path) -> None:
+    """The baseline: without memguard the same load ends in OOM kills and failures."""
+    with serve("gunicorn", "tests.apps.leaky:wsgi_app", ["-w", "4"], cwd=repo,
+               cgroup=group, ready_path="/ping") as server:
+        ok, failed, _ = load(server.url)
+    assert group.oom_kills > 0
+    assert failed > 0
+    assert ok + failed == REQUESTS
+
+
+WORKER_CLASSES = {
+    "sync": (["-w", "4"], "tests.apps.leaky:wsgi_app"),
+    "gthread": (["-w", "4", "-k", "gthread", "--threads", "4"], "tests.apps.leaky:wsgi_app"),
+    "asgi": (["-w", "4", "-k", "asgi", "--preload"], "tests.apps.leaky_fastapi:app"),
+    "uvicorn_worker": (["-w", "4", "-k", "uvicorn_worker.UvicornWorker", "--preload"],
+                       "tests.apps.leaky_fastapi:app"),
+}
+
+
+@pytest.mark.parametrize("kind", list(WORKER_CLASSES))
+def test_memguard_recycles_leaking_workers_without_oom_or_failures(
+    kind: str, group: MemoryCgroup, repo: Path, tmp_path: Path
+) -> None:
+    args, app = WORKER_CLASSES[kind]
+    event_log = tmp_path / "events.jsonl"
+    env = {"MEMGUARD_WORKER_MEMORY_LIMIT": "80MiB", "MEMGUARD_EVENTS": str(event_log)}
+    with serve("gunicorn", app, [*CONF, *args], env=env, cwd=repo, cgroup=group,
+               ready_path="/ping") as server:
+        ok, failed, errors = load(server.url)
+        log = server.log()
+    assert group.oom_kills == 0, log[-3000:]
+    assert failed == 0, errors[:5]
+    assert ok == REQUESTS
+    # 2,000 x 2 MiB = 4,000 MiB leaked through 80 MiB workers: dozens of recycles.
+    lines = [line for line in log.splitlines() if "recycl" in line]
+    assert len(lines) >= 20, log[-3000:]
+    line = next(line for line in lines if "soft_limit" in line)
+    pid = re.search(r"recycling worker (\d+)", line)
+    assert pid is not None and f"[{pid.group(1)}]" in line  # logged by the worker itself
+    assert "uss=" in line and "limit=" in line and "requests=" in line
+    assert "OOM" not in log
+    kinds = [e["kind"] for e in events(event_log)]
+    assert kinds.count("recycle") >= 20
+    assert "limit" in kinds and "worker_exit" in kinds
+    assert group.peak <= group.limit
+
+
+def _master_log_lines(server: Server, needle: str) -> list[str]:
+    return [line for line in server.log().splitlines() if needle in line]
+
+
+def test_leak_inside_one_long_request_is_stopped_by_the_master(
+    group: MemoryCgroup, repo: Path
+) -> None:
+    env = {"MEMGUARD_WORKER_MEMORY_LIMIT": "80MiB",
+           "MEMGUARD_WORKER_MEMORY_HARD_LIMIT": "120MiB"}
+    with serve("gunicorn", "tests.apps.leaky:wsgi_app", [*CONF, "-w", "2"], env=env,
+               cwd=repo, cgroup=group, ready_path="/ping") as server:
+        started = time.monotonic()
+        # 600 MiB over 6 s inside one request: the worker's own check never runs.
+        try:
+            status, _, _ = http_request(server.url, path="/slow-leak?mib=600&seconds=6",
+                                        timeout=30)
+        except Exception:
+            status = 0
+        elapsed = time.monotonic() - started
+        assert status != 200
+        assert elapsed < 6
+        assert wait_for(lambda: _master_log_lines(server, "cause=hard_limit"))
+        # The pool serves on.
+        assert http_request(server.url, path="/ping")[0] == 200
+        log = server.log()
+    assert group.oom_kills == 0, log[-3000:]
+    stop = next(line for line in log.splitlines() if "(hard_limit, by the master" in line)
+    assert "recycling worker" in stop and "over the hard limit 120.0 MiB" in stop
+
+
+def test_idle_worker_that_grew_is_recycled_by_the_watchdog(
+    group: MemoryCgroup, repo: Path
+) -> None:
+    env = {"MEMGUARD_WORKER_MEMORY_LIMIT": "80MiB"}
+    with serve("gunicorn", "tests.apps.leaky:wsgi_app", [*CONF, "-w", "2"], env=env,
+               cwd=repo, cgroup=group, ready_path="/ping") as server:
+        before = set(server.wait_for_workers(2))
+        _, _, body = http_request(server.url, path="/grow-later?mib=120&delay=0.3")
+        grown = int(body.split()[1])
+        assert grown in before
+        assert wait_for(lambda: _master_log_lines(server, "(soft_limit, by the master"))
+        assert wait_for(lambda: grown not in server.children()
+                        and len(server.children()) == 2)
+        assert wait_for(lambda: _master_log_lines(server, f"worker {grown} exited"))
+        log = server.log()
+    line = next(line for line in log.splitlines() if "by the master's watchdog" in line)
+    assert f"recycling worker {grown} " in line and "uss=" in line
+    assert f"worker {grown} exited: cause=recycled" in log
+    assert group.oom_kills == 0
+
+
+def test_worker_born_over_its_limit_is_reported_once_not_recycled(
+    group: MemoryCgroup, repo: Path
+) -> None:
+    env = {"MEMGUARD_WORKER_MEMORY_LIMIT": "60MiB", "LEAKY_BORN_MIB": "80"}
+    with serve("gunicorn", "tests.apps.leaky:wsgi_app", [*CONF, "-w", "2"], env=env,
+               cwd=repo, cgroup=group, ready_path="/ping") as server:
+        ok, failed, _ = load(server.url, count=100, clients=4, path="/ping")
+        time.sleep(2.5)  # the watchdog had time to look (and must not act)
+        log = server.log()
+        assert len(server.children()) == 2
+    assert (ok, failed) == (100, 0)
+    assert log.count("Booting worker") == 2, log
+    assert "recycling worker" not in log
+    reports = [line for line in log.splitlines() if "is over its memory limit" in line]
+    assert len(reports) == 1, reports
+    assert "60.0 MiB when it became ready" in reports[0]
+
+
+def test_gc_freeze_keeps_preloaded_pages_shared(needs_cgroup: None, repo: Path) -> None:
+    """A worker's gc.collect() turns the master's objects private, unless frozen."""
+    uss: dict[str, int] = {}
+    for freeze in ("0", "1"):
+        env = {"MEMGUARD_GC_FREEZE": freeze, "LEAKY_OBJECTS": "400000",
+               "MEMGUARD_WATCHDOG_INTERVAL": "0.2"}
+        with serve("gunicorn", "tests.apps.leaky:wsgi_app",
+                   [*CONF, "-w", "1", "--preload"], env=env, cwd=repo,
+                   ready_path="/ping") as server:
+            http_request(server.url, path="/collect")
+            (worker,) = server.wait_for_workers(1)
+            from memguard.probes import process_memory
+
+            mem = process_memory(worker)
+            assert mem.uss is not None
+            uss[freeze] = mem.uss
+            assert wait_for(lambda: _master_log_lines(server, "pool memory: master pss"))
+    # 400,000 tuples and strings are tens of MiB; frozen, the collect leaves them shared.
+    print("worker uss after gc.collect():", uss)
+    assert uss["0"] - uss["1"] > 20 << 20, uss
+
+
+def test_standalone_uvicorn_replaces_a_worker_that_asked_to_recycle(
+    repo: Path,
+) -> None:
+    with serve("uvicorn", "tests.apps.uvicorn_recycle:app", ["--workers", "2"],
+               cwd=repo) as server:
+        pids = {int(http_request(server.url)[2]) for _ in range(20)}
+        assert wait_for(lambda: len(server.children()) >= 2)
+        first = set(server.children())
+        # Each /leak keeps 10 MiB; past 60 MiB the worker sends itself SIGTERM after
+        # its response, uvicorn drains it, and the supervisor starts another.
+        failures = 0
+        for _ in range(30):
+            try:
+                status, _, _ = http_request(server.url, path="/leak")
+                failures += status != 200
+            except Exception:
+                failures += 1
+        assert wait_for(lambda: len(server.children()) >= 2
+                        and set(server.children()) - first, timeout=20)
+        log = server.log()
+    assert failures == 0
+    assert pids
+    assert "recycling worker" in log and "soft_limit" in log
+    assert "died" in log  # uvicorn's supervisor: "Child process [pid] died"
