@@ -243,3 +243,35 @@ def test_standalone_uvicorn_replaces_a_worker_that_asked_to_recycle(
     assert pids
     assert "recycling worker" in log and "soft_limit" in log
     assert "died" in log  # uvicorn's supervisor: "Child process [pid] died"
+
+
+def test_install_in_a_users_config_keeps_their_hooks(repo: Path, group: MemoryCgroup) -> None:
+    with serve("gunicorn", "tests.apps.leaky:wsgi_app",
+               ["-c", "python:tests.apps.gunicorn_user_conf", "-w", "2"], cwd=repo,
+               cgroup=group, ready_path="/ping") as server:
+        ok, failed, _ = load(server.url, count=200, clients=4)
+        log = server.log()
+    assert (ok, failed) == (200, 0)
+    assert log.count("user post_request hook ran") >= 200
+    assert "recycling worker" in log and "soft_limit" in log  # 200 x 2 MiB > 2 x 80 MiB
+    assert group.oom_kills == 0
+
+
+def test_uvicorn_worker_timeout_calls_worker_abort_instead_of_dumping_core(
+    repo: Path, group: MemoryCgroup
+) -> None:
+    with serve("gunicorn", "tests.apps.leaky_fastapi:app",
+               ["-c", "python:tests.apps.gunicorn_user_conf", "-w", "1",
+                "-k", "uvicorn_worker.UvicornWorker"], cwd=repo, cgroup=group,
+               ready_path="/ping") as server:
+        (worker,) = server.wait_for_workers(1)
+        try:
+            http_request(server.url, path="/block?seconds=8", timeout=15)
+        except Exception:
+            pass  # the worker is stopped under this request
+        assert wait_for(lambda: _master_log_lines(server, f"worker {worker} died"))
+        log = server.log()
+    assert "WORKER TIMEOUT" in log
+    assert f"user worker_abort hook ran in {worker}" in log
+    assert "was sent SIGABRT" not in log  # the default action: a core dump
+    assert f"worker {worker} died: cause=timeout" in log

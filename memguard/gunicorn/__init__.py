@@ -143,8 +143,8 @@ def _adapt_uvicorn_worker(worker: Any, monitor: WorkerMonitor, slots: SlotTable)
     It never calls ``post_request`` and never reads ``alive``: its app is wrapped so the
     same check runs after each HTTP request, and the recycle is a SIGTERM to itself.
     Its drain gets gunicorn's ``graceful_timeout`` (uvicorn's own default is unlimited),
-    and the master's timeout SIGABRT calls ``worker_abort`` and exits instead of dumping
-    core (its ``init_signals`` resets SIGABRT to the default action).
+    and the master's timeout SIGABRT calls ``worker_abort`` and exits (code 1) instead of
+    dumping core (its ``init_signals`` resets SIGABRT to the default action).
     """
     if getattr(worker.config, "timeout_graceful_shutdown", None) is None:
         worker.config.timeout_graceful_shutdown = worker.cfg.graceful_timeout
@@ -168,8 +168,15 @@ def _adapt_uvicorn_worker(worker: Any, monitor: WorkerMonitor, slots: SlotTable)
 
     def on_abort(sig: int, frame: Any) -> None:
         worker.alive = False
-        worker.cfg.worker_abort(worker)
-        sys.exit(1)
+        try:
+            worker.cfg.worker_abort(worker)
+        finally:
+            # Not sys.exit(1) as gunicorn's own workers do: raised inside the app that
+            # blocked the loop, uvicorn would catch SystemExit as an app error, answer
+            # 500, and serve on until the master's SIGKILL.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
 
     signal.signal(signal.SIGABRT, on_abort)
 

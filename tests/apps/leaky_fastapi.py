@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
@@ -34,3 +35,9 @@ async def slow_leak(mib: int = 100, seconds: float = 5) -> str:
         leaky._keep(leaky.MIB)
         await asyncio.sleep(seconds / max(mib, 1))
     return f"ok {os.getpid()}\n"
+
+
+@app.get("/block", response_class=PlainTextResponse)
+async def block(seconds: float = 6) -> str:
+    time.sleep(seconds)  # blocks the event loop: the master's timeout must fire
+    return "done\n"

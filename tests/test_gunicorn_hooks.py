@@ -1,0 +1,236 @@
+"""The gunicorn integration's pieces, in-process: options, hook chaining, recyclers, the
+shared slot table. The behaviour under real gunicorn is in test_gunicorn_recycle.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from gunicorn.config import Config
+from gunicorn.glogging import Logger
+from gunicorn.workers.gasgi import ASGIWorker
+from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers.sync import SyncWorker
+from uvicorn_worker import UvicornWorker
+
+from memguard import recycle
+from memguard.gunicorn import HOOKS, install, is_uvicorn_worker
+from memguard.gunicorn import slots as slot_states
+from memguard.gunicorn.limits import resolve_limits
+from memguard.gunicorn.slots import SlotTable
+from memguard.gunicorn.worker import release_memory
+from memguard.probes import memory_budget
+
+MIB = 1 << 20
+
+
+# ---- options --------------------------------------------------------------------------
+
+
+def test_env_contract_names() -> None:
+    env = {"MEMGUARD_WORKER_MEMORY_LIMIT": "80MiB",
+           "MEMGUARD_WORKER_MEMORY_HARD_LIMIT": "120MiB",
+           "MEMGUARD_TOTAL_MEMORY_LIMIT": "360MiB"}
+    limits = resolve_limits({}, environ=env)
+    assert (limits.soft, limits.hard, limits.total) == (80 * MIB, 120 * MIB, 360 * MIB)
+    assert limits.total_source == "configured"
+
+
+def test_keyword_beats_environment_and_accepts_short_names() -> None:
+    limits = resolve_limits({"worker_memory_limit": "64MiB"},
+                            environ={"MEMGUARD_WORKER_MEMORY_LIMIT": "80MiB"})
+    assert limits.soft == 64 * MIB
+    limits = resolve_limits({"gunicorn_worker_memory_limit": "32MiB"}, environ={})
+    assert limits.soft == 32 * MIB
+
+
+def test_percentages_are_of_the_container_limit() -> None:
+    limits = resolve_limits({}, environ={"MEMGUARD_WORKER_MEMORY_LIMIT": "25%"})
+    assert limits.soft == int(limits.container * 0.25)
+
+
+def test_default_budget_is_ninety_percent_of_a_cgroup_limit() -> None:
+    limits = resolve_limits({}, environ={})
+    budget = memory_budget()
+    if budget.constrained:
+        assert limits.total == int(budget.limit * 0.9)
+    else:
+        assert limits.total is None and limits.total_source == "no cgroup limit"
+
+
+def test_bad_options_are_precise_errors() -> None:
+    with pytest.raises(TypeError, match="did you mean 'gunicorn_worker_memory_limit'"):
+        resolve_limits({"worker_memory_limt": "1MiB"}, environ={})
+    with pytest.raises(ValueError, match="must be above"):
+        resolve_limits({"worker_memory_limit": "100MiB",
+                        "worker_memory_hard_limit": "90MiB"}, environ={})
+    with pytest.raises(ValueError, match="MEMGUARD_WORKER_MEMORY_LIMIT"):
+        resolve_limits({}, environ={"MEMGUARD_WORKER_MEMORY_LIMIT": "eighty"})
+    with pytest.raises(ValueError, match="at least 1"):
+        resolve_limits({"max_concurrent_recycles": 0}, environ={})
+
+
+# ---- install() and hook chaining --------------------------------------------------------
+
+
+def test_install_defines_every_hook_with_the_arity_gunicorn_checks() -> None:
+    namespace: dict[str, Any] = {}
+    install(namespace, worker_memory_limit="80MiB")
+    cfg = Config()
+    for name in HOOKS:
+        cfg.set(name, namespace[name])  # raises TypeError on a wrong arity
+        assert cfg.settings[name].get() is namespace[name]
+
+
+def test_install_calls_the_users_hook_first_and_survives_its_own_errors() -> None:
+    calls: list[str] = []
+
+    def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
+        calls.append("user")
+
+    namespace: dict[str, Any] = {"post_request": post_request}
+    guard = install(namespace)
+    guard.monitor = None  # the master: memguard's part does nothing
+    namespace["post_request"](object(), None, None, None)
+    assert calls == ["user"]
+
+    class Broken:
+        def after_request(self) -> None:
+            calls.append("memguard")
+            raise RuntimeError("boom")
+
+    class Log:
+        def exception(self, msg: str, *args: Any) -> None:
+            calls.append("logged " + msg % args)
+
+    class Worker:
+        log = Log()
+
+    guard.monitor = Broken()  # type: ignore[assignment]
+    try:
+        namespace["post_request"](Worker(), None, None, None)
+    finally:
+        guard.monitor = None
+    assert calls == ["user", "user", "memguard", "logged memguard: post_request hook failed"]
+
+
+def test_install_twice_does_not_chain_memguard_to_itself() -> None:
+    calls: list[str] = []
+
+    def on_exit(server: Any) -> None:
+        calls.append("user")
+
+    namespace: dict[str, Any] = {"on_exit": on_exit}
+    install(namespace)
+    install(namespace)
+    namespace["on_exit"](object())
+    assert calls == ["user"]
+
+
+# ---- recyclers per worker class ---------------------------------------------------------
+
+
+@pytest.fixture
+def cfg() -> Config:
+    return Config()
+
+
+def make(cls: Any, cfg: Config) -> Any:
+    worker = cls(1, os.getpid(), [], None, 30, cfg, Logger(cfg))
+    return worker
+
+
+@pytest.fixture
+def workers(cfg: Config) -> Iterator[dict[str, Any]]:
+    made = {"sync": make(SyncWorker, cfg), "gthread": make(ThreadWorker, cfg),
+            "asgi": make(ASGIWorker, cfg), "uvicorn": make(UvicornWorker, cfg)}
+    yield made
+    for worker in made.values():
+        worker.tmp.close()
+
+
+def test_each_worker_class_gets_the_recycler_its_code_honours(workers: dict[str, Any]) -> None:
+    assert type(recycle.gunicorn_recycler(workers["sync"])) is recycle.AliveFlagRecycler
+    assert type(recycle.gunicorn_recycler(workers["gthread"])) is recycle.AliveFlagRecycler
+    assert type(recycle.gunicorn_recycler(workers["asgi"])) is recycle.AsgiWorkerRecycler
+    assert type(recycle.gunicorn_recycler(workers["uvicorn"])) is recycle.UvicornWorkerRecycler
+    assert is_uvicorn_worker(workers["uvicorn"]) and not is_uvicorn_worker(workers["sync"])
+
+
+def test_alive_flag_recycler_stops_the_worker_once(workers: dict[str, Any],
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    worker = workers["sync"]
+    recycler = recycle.AliveFlagRecycler(worker)
+    assert recycler.recycle("soft_limit", {"uss": 81 * MIB, "limit": 80 * MIB}) is True
+    assert worker.alive is False
+    assert recycler.recycle("soft_limit", {}) is False
+
+
+def test_request_recycle_counts_and_never_raises(workers: dict[str, Any]) -> None:
+    from memguard import counters
+
+    worker = workers["sync"]
+    previous = recycle.set_recycler(recycle.AliveFlagRecycler(worker))
+    try:
+        before = counters.get("recycle", "soft_limit")
+        assert recycle.request_recycle("soft_limit", uss=1) is True
+        assert counters.get("recycle", "soft_limit") == before + 1
+        assert recycle.request_recycle("soft_limit", uss=1) is False
+
+        class Failing:
+            def recycle(self, reason: str, figures: dict[str, Any]) -> bool:
+                raise RuntimeError("broken")
+
+        recycle.set_recycler(Failing())
+        assert recycle.request_recycle("soft_limit") is False
+    finally:
+        recycle.set_recycler(previous)
+
+
+def test_signal_recycler_signals_itself_once() -> None:
+    received: list[int] = []
+    old = signal.signal(signal.SIGUSR2, lambda sig, frame: received.append(sig))
+    try:
+        recycler = recycle.SignalRecycler(signal.SIGUSR2)
+        assert recycler.recycle("soft_limit", {"growth": 70 * MIB}) is True
+        assert recycler.recycle("soft_limit", {}) is False
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+    assert received == [signal.SIGUSR2]
+
+
+def test_figures_are_logged_with_sizes() -> None:
+    text = recycle._figures_text({"uss": 85 * MIB, "limit": 80 * MIB, "requests": 37})
+    assert text == "uss=85.0 MiB limit=80.0 MiB requests=37"
+
+
+# ---- the shared slot table ------------------------------------------------------------
+
+
+def test_slots_are_shared_with_a_forked_child() -> None:
+    table = SlotTable()
+    table.reset(7, 0, slot_states.BOOTING)
+    pid = os.fork()
+    if pid == 0:  # the child: a worker saying it is recycling
+        table.set_pid(7, os.getpid())
+        table.set_figures(7, 90 * MIB, 12)
+        table.set_state(7, slot_states.RECYCLING)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert table.read(7) == (pid, slot_states.RECYCLING, 90 * MIB, 12)
+    assert table.read(7 + table.slots) == table.read(7)  # ages wrap around
+    assert table.pool_view(own_age=1) == (1, 0)
+    table.reset(8, 123, slot_states.SERVING)
+    table.set_figures(8, 50 * MIB, 3)
+    assert table.pool_view(own_age=1) == (1, 50 * MIB)
+    assert table.claim_once(SlotTable.FLAG_BORN_OVER) is True
+    assert table.claim_once(SlotTable.FLAG_BORN_OVER) is False
+
+
+def test_release_memory_trims_on_glibc() -> None:
+    import platform
+
+    assert release_memory() is (platform.libc_ver()[0] == "glibc")
