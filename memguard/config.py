@@ -349,8 +349,8 @@ setting(
 setting(
     "gunicorn_total_memory_limit", "gunicorn", None, parse_optional_size,
     "The whole pool's memory budget (master, workers, one booting replacement); near it "
-    "the master recycles the largest worker. Defaults to 90% of the cgroup's limit when "
-    "there is one, otherwise none.",
+    "the master recycles the largest worker; \"off\" turns it off. Defaults to 90% of the "
+    "cgroup's limit when there is one, otherwise none.",
     env="MEMGUARD_TOTAL_MEMORY_LIMIT",
 )
 setting(

@@ -234,3 +234,85 @@ def test_release_memory_trims_on_glibc() -> None:
     import platform
 
     assert release_memory() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_the_default_budget_can_be_turned_off() -> None:
+    limits = resolve_limits({}, environ={"MEMGUARD_TOTAL_MEMORY_LIMIT": "off"})
+    assert limits.total is None and limits.total_source == "turned off"
+
+
+class RecordingLog:
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+
+    def _add(self, level: str, msg: str, *args: Any) -> None:
+        self.lines.append((level, msg % args if args else msg))
+
+    def info(self, msg: str, *args: Any) -> None:
+        self._add("info", msg, *args)
+
+    def warning(self, msg: str, *args: Any) -> None:
+        self._add("warning", msg, *args)
+
+    def error(self, msg: str, *args: Any) -> None:
+        self._add("error", msg, *args)
+
+    def exception(self, msg: str, *args: Any) -> None:
+        self._add("exception", msg, *args)
+
+
+def test_start_warns_when_one_oom_kill_ends_the_whole_container(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dataclasses
+    import types
+
+    from memguard import gunicorn as integration
+    from memguard import probes
+
+    real = probes.read_cgroup()
+    if real is None:
+        pytest.skip("no memory cgroup to start from")
+    monkeypatch.setattr(integration.probes, "read_cgroup",
+                        lambda *a, **k: dataclasses.replace(real, oom_group=True))
+    guard = integration.Guard(resolve_limits({"worker_memory_limit": "80MiB"}, environ={}))
+    log = RecordingLog()
+    guard.on_starting(types.SimpleNamespace(log=log, cfg=types.SimpleNamespace(
+        preload_app=False)))
+    warnings = [text for level, text in log.lines if level == "warning"]
+    assert any("memory.oom.group=1" in text and "the master included" in text
+               for text in warnings), log.lines
+
+
+def test_child_exit_tells_apart_timeout_recycle_exit_and_crash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import types
+
+    from memguard.gunicorn import watchdog as watchdog_module
+    from memguard.gunicorn.watchdog import Watchdog
+
+    # Outside a limited cgroup the counter is the system's, which other processes on
+    # this machine move: hold it still (the real counter is tested under gunicorn).
+    counter = [5]
+    monkeypatch.setattr(watchdog_module, "read_oom_kills", lambda cgroup: (counter[0], "cgroup"))
+    slots = SlotTable()
+    log = RecordingLog()
+    watchdog = Watchdog(resolve_limits({}, environ={}), slots, log)
+
+    def died(age: int, state: int, aborted: bool = False) -> str:
+        slots.reset(age, 1000 + age, state)
+        worker = types.SimpleNamespace(pid=1000 + age, age=age, aborted=aborted)
+        return str(watchdog.child_exit(worker)["cause"])
+
+    assert died(1, slot_states.SERVING, aborted=True) == "timeout"
+    assert died(2, slot_states.RECYCLING) == "recycled"
+    assert died(3, slot_states.EXITED) == "exit"
+    assert died(4, slot_states.SERVING) == "killed_or_crashed"
+    assert slots.read(4) == (0, slot_states.EMPTY, 0, 0)  # the master frees the slot
+    counter[0] = 6
+    assert died(5, slot_states.SERVING) == "oom_kill"
+    assert died(6, slot_states.SERVING) == "killed_or_crashed"  # one kill, one victim
+    assert [level for level, _ in log.lines] == ["error", "info", "info", "error", "error",
+                                                 "error"]
+    assert "killed by the kernel's OOM killer" in log.lines[4][1]

@@ -275,3 +275,24 @@ def test_uvicorn_worker_timeout_calls_worker_abort_instead_of_dumping_core(
     assert f"user worker_abort hook ran in {worker}" in log
     assert "was sent SIGABRT" not in log  # the default action: a core dump
     assert f"worker {worker} died: cause=timeout" in log
+
+
+def test_oom_kills_are_told_apart_in_child_exit(
+    group: MemoryCgroup, repo: Path, tmp_path: Path
+) -> None:
+    """Without limits memguard only watches: the OOM kills happen, and are reported."""
+    event_log = tmp_path / "events.jsonl"
+    env = {"MEMGUARD_TOTAL_MEMORY_LIMIT": "off", "MEMGUARD_EVENTS": str(event_log)}
+    with serve("gunicorn", "tests.apps.leaky:wsgi_app", [*CONF, "-w", "4"], env=env,
+               cwd=repo, cgroup=group, ready_path="/ping") as server:
+        load(server.url, count=1000)
+        assert wait_for(lambda: _master_log_lines(server, "cause=oom_kill"))
+        log = server.log()
+    kills = group.oom_kills
+    assert kills > 0
+    reports = [line for line in log.splitlines() if "killed by the kernel's OOM killer" in line]
+    assert 0 < len(reports) <= kills
+    assert "last known memory" in reports[0] and "uss=" in "\n".join(reports)
+    assert "never recycled" in log  # the start-up warning: no limit set
+    oom_events = [e for e in events(event_log) if e["kind"] == "oom_kill"]
+    assert len(oom_events) == len(reports)

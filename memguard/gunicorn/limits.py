@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -60,7 +61,12 @@ def resolve_limits(
     Raises ``TypeError`` for an unknown option and ``ValueError`` for a bad value or a
     hard limit that is not above the soft one.
     """
-    values = config.resolve(["gunicorn"], normalize_options(options), environ)
+    normalized = normalize_options(options)
+    values = config.resolve(["gunicorn"], normalized, environ)
+    env = os.environ if environ is None else environ
+    # "off" turns the default budget off; only an option never given gets the default.
+    total_given = ("gunicorn_total_memory_limit" in normalized
+                   or "MEMGUARD_TOTAL_MEMORY_LIMIT" in env)
     if cgroup is None:
         cgroup = probes.read_cgroup()
     budget = probes.memory_budget(cgroup)
@@ -76,7 +82,9 @@ def resolve_limits(
     hard = size("gunicorn_worker_memory_hard_limit")
     total = size("gunicorn_total_memory_limit")
     total_source = "configured"
-    if total is None and budget.constrained:
+    if total is None and total_given:
+        total_source = "turned off"
+    elif total is None and budget.constrained:
         total = int(container * DEFAULT_TOTAL_SHARE)
         total_source = f"{int(DEFAULT_TOTAL_SHARE * 100)}% of the cgroup limit"
     elif total is None:
