@@ -316,3 +316,37 @@ def test_child_exit_tells_apart_timeout_recycle_exit_and_crash(
     assert [level for level, _ in log.lines] == ["error", "info", "info", "error", "error",
                                                  "error"]
     assert "killed by the kernel's OOM killer" in log.lines[4][1]
+
+
+def test_uvicorn_worker_gets_a_bounded_drain_and_a_checked_app(
+    workers: dict[str, Any],
+) -> None:
+    import asyncio
+
+    from memguard.gunicorn import _adapt_uvicorn_worker
+    from memguard.gunicorn.worker import WorkerMonitor
+
+    worker = workers["uvicorn"]
+    assert worker.config.timeout_graceful_shutdown is None  # uvicorn's: wait forever
+    calls: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        calls.append(scope["type"])
+
+    worker.wsgi = app
+    table = SlotTable()
+    monitor = WorkerMonitor(worker, resolve_limits({}, environ={}), table,
+                            recycle.gunicorn_recycler(worker))
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGABRT, signal.SIGTERM)}
+    try:
+        _adapt_uvicorn_worker(worker, monitor, table)
+        assert signal.getsignal(signal.SIGABRT) not in (signal.SIG_DFL, saved[signal.SIGABRT])
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, saved[signal.SIGTERM])
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert worker.config.timeout_graceful_shutdown == worker.cfg.graceful_timeout
+    asyncio.run(worker.wsgi({"type": "http"}, None, None))
+    asyncio.run(worker.wsgi({"type": "lifespan"}, None, None))
+    assert calls == ["http", "lifespan"]
+    assert monitor.requests == 1 and monitor.in_flight == 0  # only HTTP is counted

@@ -208,14 +208,12 @@ class WorkerMonitor:
         self._last_pool_check = now
         assert self.limits.total is not None and self._pool is not None
         working_set = working_set_bytes(self._pool)
-        if working_set is None:
-            return
+        reserve = self.baseline_uss
+        if working_set is None or working_set + reserve < self.limits.total:
+            return  # page cache the kernel can drop: no smaps read for that
         uss = self._uss()
         self.sample_uss, self.sample_rss = uss, probes.current_rss()
         self.slots.set_figures(self.age, uss, self.requests)
-        reserve = self.baseline_uss
-        if working_set + reserve < self.limits.total:
-            return
         recycling, largest = self.slots.pool_view(self.age)
         if recycling >= self.limits.max_concurrent or uss < largest:
             return
