@@ -65,6 +65,12 @@ class SignalRecycler:
     (0.30+) the supervisor does. Sent once per process.
     """
 
+    # uvicorn's graceful shutdown closes every connection that has not started a
+    # request yet, and it only stops accepting on its next tick (0.1 s): a connection
+    # accepted in between can be closed unanswered. Inside an event loop the listening
+    # sockets leave the loop first and the signal follows this much later.
+    SIGNAL_DELAY = 0.1
+
     def __init__(self, sig: int = signal.SIGTERM, logger: Any = None) -> None:
         self.sig = sig
         self.logger = logger if logger is not None else log
@@ -76,10 +82,35 @@ class SignalRecycler:
             if self._sent:
                 return False
             self._sent = True
+        self._stop_accepting()
         self.logger.warning("recycling worker %s (%s): %s", os.getpid(), reason,
                             _figures_text(figures))
-        os.kill(os.getpid(), self.sig)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            os.kill(os.getpid(), self.sig)
+        else:
+            loop.call_later(self.SIGNAL_DELAY, os.kill, os.getpid(), self.sig)
         return True
+
+    def _stop_accepting(self) -> None:
+        """Take the running asyncio loop's listening sockets off it (best effort).
+
+        Standalone uvicorn does not hand its sockets to the app; an asyncio selector
+        loop knows them as the readers whose callback accepts connections.
+        """
+        try:
+            loop = asyncio.get_running_loop()
+            selector = getattr(loop, "_selector", None)
+            if selector is None:
+                return
+            for key in list(selector.get_map().values()):
+                handle = key.data[0] if isinstance(key.data, tuple) else None
+                callback = getattr(handle, "_callback", None)
+                if getattr(callback, "__name__", "") == "_accept_connection":
+                    loop.remove_reader(key.fd)
+        except Exception:  # no loop, uvloop, another implementation: signal only
+            return
 
 
 class AliveFlagRecycler:
@@ -146,30 +177,12 @@ class UvicornWorkerRecycler(SignalRecycler):
     :class:`AsgiWorkerRecycler` for why not ``Server.close()``).
     """
 
-    # uvicorn's graceful shutdown closes every connection that has not started a
-    # request yet; one accepted just before the sockets left the loop may not have had
-    # its request read. Measured: 2 resets in 2,000 requests when signalled at once.
-    SIGNAL_DELAY = 0.1
-
     def __init__(self, worker: Any) -> None:
         super().__init__(signal.SIGTERM, logger=worker.log)
         self.worker = worker
 
-    def recycle(self, reason: str, figures: dict[str, Any]) -> bool:
-        with self._lock:
-            if self._sent:
-                return False
-            self._sent = True
+    def _stop_accepting(self) -> None:
         stop_accepting(self.worker)
-        self.logger.warning("recycling worker %s (%s): %s", os.getpid(), reason,
-                            _figures_text(figures))
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            os.kill(os.getpid(), self.sig)
-        else:
-            loop.call_later(self.SIGNAL_DELAY, os.kill, os.getpid(), self.sig)
-        return True
 
 
 def stop_accepting(worker: Any) -> None:
@@ -224,7 +237,8 @@ def _figures_text(figures: dict[str, Any]) -> str:
 
 
 _SIZE_KEYS = frozenset({"rss", "uss", "pss", "growth", "limit", "hard_limit", "baseline",
-                        "figure", "usage", "budget", "swap", "expected_growth", "reserve"})
+                        "figure", "usage", "budget", "swap", "expected_growth", "reserve",
+                        "leaving"})
 
 
 _recycler: Recycler = LogOnlyRecycler()

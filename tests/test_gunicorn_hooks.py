@@ -222,10 +222,11 @@ def test_slots_are_shared_with_a_forked_child() -> None:
     os.waitpid(pid, 0)
     assert table.read(7) == (pid, slot_states.RECYCLING, 90 * MIB, 12)
     assert table.read(7 + table.slots) == table.read(7)  # ages wrap around
-    assert table.pool_view(own_age=1) == (1, 0)
+    assert table.pool_view(own_age=1) == (90 * MIB, 0)
     table.reset(8, 123, slot_states.SERVING)
     table.set_figures(8, 50 * MIB, 3)
-    assert table.pool_view(own_age=1) == (1, 50 * MIB)
+    assert table.pool_view(own_age=1) == (90 * MIB, 50 * MIB)
+    assert table.pool_view(own_age=8) == (90 * MIB, 0)
     assert table.claim_once(SlotTable.FLAG_BORN_OVER) is True
     assert table.claim_once(SlotTable.FLAG_BORN_OVER) is False
 

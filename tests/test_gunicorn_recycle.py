@@ -229,17 +229,18 @@ def test_standalone_uvicorn_replaces_a_worker_that_asked_to_recycle(
         first = set(server.children())
         # Each /leak keeps 10 MiB; past 60 MiB the worker sends itself SIGTERM after
         # its response, uvicorn drains it, and the supervisor starts another.
-        failures = 0
+        errors: list[str] = []
         for _ in range(30):
             try:
                 status, _, _ = http_request(server.url, path="/leak")
-                failures += status != 200
-            except Exception:
-                failures += 1
+                if status != 200:
+                    errors.append(f"status {status}")
+            except Exception as exc:
+                errors.append(repr(exc))
         assert wait_for(lambda: len(server.children()) >= 2
                         and set(server.children()) - first, timeout=20)
         log = server.log()
-    assert failures == 0
+    assert errors == []
     assert pids
     assert "recycling worker" in log and "soft_limit" in log
     assert "died" in log  # uvicorn's supervisor: "Child process [pid] died"
@@ -288,11 +289,11 @@ def test_oom_kills_are_told_apart_in_child_exit(
         load(server.url, count=1000)
         assert wait_for(lambda: _master_log_lines(server, "cause=oom_kill"))
         log = server.log()
+        oom_events = [e for e in events(event_log) if e["kind"] == "oom_kill"]
     kills = group.oom_kills
     assert kills > 0
     reports = [line for line in log.splitlines() if "killed by the kernel's OOM killer" in line]
     assert 0 < len(reports) <= kills
     assert "last known memory" in reports[0] and "uss=" in "\n".join(reports)
     assert "never recycled" in log  # the start-up warning: no limit set
-    oom_events = [e for e in events(event_log) if e["kind"] == "oom_kill"]
-    assert len(oom_events) == len(reports)
+    assert len(oom_events) >= len(reports)  # the log was read a moment before

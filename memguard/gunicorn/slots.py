@@ -65,13 +65,14 @@ class SlotTable:
         return int(pid), int(state), int(figure), int(requests)
 
     def pool_view(self, own_age: int) -> tuple[int, int]:
-        """(workers recycling, the largest figure of the other serving workers)."""
-        recycling = largest = 0
+        """(memory of the workers already recycling, by their own figures; the largest
+        figure among the other serving workers)."""
+        leaving = largest = 0
         own = own_age % self.slots
         for i in range(self.slots):
             pid, state, figure, _ = _SLOT.unpack_from(self._map, (i + 1) * _SLOT.size)
             if state == RECYCLING:
-                recycling += 1
+                leaving += figure
             elif state in (SERVING, BORN_OVER) and i != own and figure > largest:
                 largest = figure
-        return recycling, largest
+        return leaving, largest

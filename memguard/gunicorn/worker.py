@@ -99,6 +99,7 @@ class WorkerMonitor:
         self.age: int = worker.age
         self.requests = 0
         self.in_flight = 0
+        self.pending = 0
         self.rate = 0.0  # bytes of RSS kept per request, on average, since ready
         self.ready_at = time.monotonic()
         self.baseline_uss = 0
@@ -169,20 +170,25 @@ class WorkerMonitor:
     def after_request(self) -> None:
         """Called after every request; microseconds unless the threshold is crossed.
 
-        With requests still running in this worker (gthread, asgi), each will likely
-        keep what requests have kept on average so far, and a recycle lets them finish:
-        the check counts that growth ahead, or the worker would pass its limit by
-        ``in_flight x growth per request`` while it drains.
+        With other requests still to run in this worker (gthread, asgi), each will
+        likely keep what requests have kept on average so far, and a recycle lets them
+        finish: the check counts that growth ahead, or the worker would pass its limit
+        by ``pending x growth per request`` while it drains. Pending are the requests
+        started and not finished, or, where the worker counts them (gthread's and the
+        asgi worker's ``nr_conns``), the connections it has accepted, which include
+        those queued for a thread.
         """
         self.in_flight = max(self.in_flight - 1, 0)
         self.requests += 1
         if self.recycling:
             return
         rss = probes.current_rss()
-        if self.in_flight:
-            # In-flight requests have already kept part of their share: count them in.
+        # The connection of this request is still open and counted in nr_conns.
+        self.pending = max(self.in_flight, getattr(self.worker, "nr_conns", 0) - 1)
+        if self.pending > 0:
+            # Pending requests have already kept part of their share: count them in.
             self.rate = max(rss - self.baseline_rss, 0) / (self.requests + self.in_flight)
-            rss += int(self.in_flight * self.rate)
+            rss += int(self.pending * self.rate)
         if rss >= self._next_check_rss:
             self._checkpoint(probes.current_rss())
         elif self._pool is not None:
@@ -191,8 +197,8 @@ class WorkerMonitor:
                 self._pool_check()
 
     def _ahead(self) -> int:
-        """Growth expected from the requests still running."""
-        return int(self.in_flight * self.rate)
+        """Growth expected from the requests still to run in this worker."""
+        return int(self.pending * self.rate)
 
     def _pool_check(self) -> None:
         """The cgroup's usage passed the pool's budget: is this worker the one to go?
@@ -214,11 +220,15 @@ class WorkerMonitor:
         uss = self._uss()
         self.sample_uss, self.sample_rss = uss, probes.current_rss()
         self.slots.set_figures(self.age, uss, self.requests)
-        recycling, largest = self.slots.pool_view(self.age)
-        if recycling >= self.limits.max_concurrent or uss < largest:
+        leaving, largest = self.slots.pool_view(self.age)
+        # Workers already recycling will give their memory back: only if the pool is
+        # over its budget without them does another one go. This, not a count of
+        # concurrent recycles, keeps a pool under pressure from recycling every worker
+        # at once, and never holds back the recycle that memory needs.
+        if working_set - leaving + reserve < self.limits.total or uss < largest:
             return
-        self._recycle("pool_budget", uss=uss, usage=working_set, reserve=reserve,
-                      budget=self.limits.total, requests=self.requests)
+        self._recycle("pool_budget", uss=uss, usage=working_set, leaving=leaving,
+                      reserve=reserve, budget=self.limits.total, requests=self.requests)
 
     def _checkpoint(self, rss: int) -> None:
         """A fresh USS sample; the full check only if it says the limit is reached."""
@@ -246,7 +256,7 @@ class WorkerMonitor:
             "age_seconds": round(now - self.ready_at, 2),
         }
         if ahead:
-            figures.update(in_flight=self.in_flight, expected_growth=ahead)
+            figures.update(pending=self.pending, expected_growth=ahead)
         if hard is not None and uss + ahead >= hard:
             self._recycle("hard_limit", limit=hard, **figures)
             return
