@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from memguard import report
 from memguard.testing import MemoryCgroup, Server, http_request, serve
 
 pytestmark = [pytest.mark.server, pytest.mark.cgroup]
@@ -126,6 +127,11 @@ def test_memguard_recycles_leaking_workers_without_oom_or_failures(
     assert kinds.count("recycle") >= 20
     assert "limit" in kinds and "worker_exit" in kinds
     assert group.peak <= group.limit
+    # The timeline report reads them: recycles, one master, the workers' lines.
+    timeline = report.load(event_log)
+    assert len(timeline.recycles) >= 20 and not timeline.oom_kills
+    assert len(timeline.masters) == 1 and len(timeline.workers) >= 20
+    assert timeline.limits.get("soft_limit") == 80 * 2**20
 
 
 def _master_log_lines(server: Server, needle: str) -> list[str]:

@@ -143,9 +143,12 @@ class Watchdog:
             self.master = probes.process_memory(os.getpid())
         except (ProcessLookupError, OSError):
             self.master = None
+        usage = self._working_set()
         if self.master is not None:
+            # The cgroup's working set rides on the master's sample: the timeline report
+            # draws processes, and the pool's figure belongs to the master's line.
             events.emit("sample", role="master", rss=self.master.rss, uss=self.master.uss,
-                        pss=self.master.pss)
+                        pss=self.master.pss, cgroup_working_set=usage)
         current: list[WorkerRecord] = []
         for pid, worker in workers:
             try:
@@ -162,9 +165,6 @@ class Watchdog:
             current.append(record)
             events.emit("sample", pid=pid, role="worker", rss=mem.rss, uss=mem.uss,
                         pss=mem.pss, swap=mem.swap)
-        usage = self._working_set()
-        if usage is not None:
-            events.emit("sample", role="cgroup", usage=usage)
         self._report_pool(current, workers)
 
         for record in current:
@@ -230,8 +230,6 @@ class Watchdog:
             ", ".join(format_size(_own(r)) for r in current),
             " (gc.freeze before fork)" if self.limits.gc_freeze else "",
         )
-        events.emit("sample", role="pool", master_pss=master_pss, total_pss=total,
-                    workers_uss=[_own(r) for r in current])
 
     def _recycling(self, current: list[WorkerRecord], now: float) -> int:
         """Workers not serving: draining after a recycle, or a replacement booting."""
@@ -333,6 +331,7 @@ class Watchdog:
         else:
             cause = "killed_or_crashed"
         info: dict[str, Any] = {"cause": cause, "requests": requests}
+        extra_event = {"reason": cause}
         last = record.last if record else None
         if last is not None:
             assert record is not None
@@ -354,7 +353,7 @@ class Watchdog:
             self.log.error("memguard: worker %s died: %s", pid, text)
         else:
             self.log.info("memguard: worker %s exited: %s", pid, text)
-        events.emit("worker_exit", pid=pid, **info)
+        events.emit("worker_exit", pid=pid, **extra_event, **info)
         return info
 
 

@@ -290,8 +290,6 @@ class WorkerMonitor:
             "MEMGUARD_WORKER_MEMORY_LIMIT or lower the app's footprint%s",
             os.getpid(), limit, when, format_size(uss),
             "" if hard is None else f" (the hard limit {format_size(hard)} still applies)")
-        if first:
-            events.emit("limit", reason="born_over_limit", uss=uss, soft_limit=self.limits.soft)
 
     def _uss(self) -> int:
         try:
