@@ -78,6 +78,7 @@ def wait_for(predicate: object, timeout: float = 15) -> bool:
 
 @pytest.fixture
 def group(needs_cgroup: None) -> Iterator[MemoryCgroup]:
+    """A fresh 400 MiB memory cgroup (tests using it skip where cgroups are not writable)."""
     with MemoryCgroup("400MiB") as g:
         yield g
 
@@ -203,7 +204,7 @@ def test_worker_born_over_its_limit_is_reported_once_not_recycled(
     assert "60.0 MiB when it became ready" in reports[0]
 
 
-def test_gc_freeze_keeps_preloaded_pages_shared(needs_cgroup: None, repo: Path) -> None:
+def test_gc_freeze_keeps_preloaded_pages_shared(repo: Path) -> None:
     """A worker's gc.collect() turns the master's objects private, unless frozen."""
     uss: dict[str, int] = {}
     for freeze in ("0", "1"):
