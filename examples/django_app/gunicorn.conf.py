@@ -1,0 +1,9 @@
+# gunicorn -c examples/django_app/gunicorn.conf.py examples.django_app.app:application
+from memguard.gunicorn import install
+
+bind = "127.0.0.1:8000"
+workers = 2
+worker_class = "sync"
+graceful_timeout = 30
+
+install(globals(), worker_memory_limit="160MiB", worker_memory_hard_limit="320MiB")
