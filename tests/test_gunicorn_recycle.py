@@ -132,7 +132,8 @@ def test_memguard_recycles_leaking_workers_without_oom_or_failures(
     timeline = report.load(event_log)
     assert len(timeline.recycles) >= 20 and not timeline.oom_kills
     assert len(timeline.masters) == 1 and len(timeline.workers) >= 20
-    assert timeline.limits.get("soft_limit") == 80 * 2**20
+    assert timeline.limits.get("worker_soft_limit") == 80 * 2**20
+    assert "worker_soft_limit" in timeline.worker_limits()
 
 
 def _master_log_lines(server: Server, needle: str) -> list[str]:

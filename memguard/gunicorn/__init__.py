@@ -60,8 +60,11 @@ class Guard:
     def on_starting(self, server: Any) -> None:
         limits = self.limits
         server.log.info("memguard: %s", limits.describe())
-        events.emit("limit", role="master", soft_limit=limits.soft, hard_limit=limits.hard,
-                    total_limit=limits.total, container_limit=limits.container)
+        # Names with "worker" are drawn per worker by `memguard report`; the others
+        # against the whole pool.
+        events.emit("limit", role="master", worker_soft_limit=limits.soft,
+                    worker_hard_limit=limits.hard, total_limit=limits.total,
+                    container_limit=limits.container)
         cgroup = probes.read_cgroup()
         if cgroup is not None and cgroup.oom_group:
             server.log.warning(
