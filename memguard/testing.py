@@ -9,6 +9,7 @@ process group, which they created), and every group they create is removed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import os
 import signal
@@ -28,6 +29,8 @@ __all__ = [
     "Server",
     "cgroup_unavailable_reason",
     "http_request",
+    "patterned_body",
+    "patterned_sha256",
     "serve",
 ]
 
@@ -220,6 +223,25 @@ class Server:
             if len(pids) >= count or time.monotonic() > deadline:
                 return pids
             time.sleep(0.05)
+
+
+def patterned_body(size: int, block: int = 1024 * 1024) -> Iterator[bytes]:
+    """``size`` bytes of a repeating pattern, generated block by block, so a test or a
+    demo can send a multi-GB upload without ever holding it."""
+    chunk = bytes(range(256)) * (block // 256)
+    sent = 0
+    while sent < size:
+        piece = chunk[: min(block, size - sent)]
+        sent += len(piece)
+        yield piece
+
+
+def patterned_sha256(size: int) -> str:
+    """The SHA-256 of ``patterned_body(size)``."""
+    digest = hashlib.sha256()
+    for piece in patterned_body(size):
+        digest.update(piece)
+    return digest.hexdigest()
 
 
 def _free_listener(host: str) -> socket.socket:

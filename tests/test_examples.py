@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from memguard.testing import Server, http_request, serve
+from memguard.testing import Server, http_request, patterned_body, patterned_sha256, serve
 
 pytestmark = pytest.mark.server
 
@@ -24,26 +22,10 @@ UPLOAD_SIZE = 48 * 1024 * 1024
 LEAK_BYTES = 16 * 1024 * 1024  # the examples recycle at 160 MiB: ~10 leaks per worker
 
 
-def _pattern(size: int, block: int = 1024 * 1024) -> Iterator[bytes]:
-    chunk = bytes(range(256)) * (block // 256)
-    sent = 0
-    while sent < size:
-        piece = chunk[: min(block, size - sent)]
-        sent += len(piece)
-        yield piece
-
-
-def _sha256(size: int) -> str:
-    digest = hashlib.sha256()
-    for piece in _pattern(size):
-        digest.update(piece)
-    return digest.hexdigest()
-
-
 def _upload(server: Server, path: str, size: int) -> tuple[int, dict[str, object]]:
     conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
     try:
-        conn.request("POST", path, body=_pattern(size),
+        conn.request("POST", path, body=patterned_body(size),
                      headers={"Content-Length": str(size),
                               "Content-Type": "application/octet-stream"})
         resp = conn.getresponse()
@@ -77,7 +59,7 @@ def test_example_under_gunicorn(name: str, repo: Path, tmp_path: Path) -> None:
         # A streamed upload arrives whole, under a generated name.
         status, saved = _upload(server, "/upload", UPLOAD_SIZE)
         assert status == 200, saved
-        assert saved["size"] == UPLOAD_SIZE and saved["sha256"] == _sha256(UPLOAD_SIZE)
+        assert saved["size"] == UPLOAD_SIZE and saved["sha256"] == patterned_sha256(UPLOAD_SIZE)
         files = list(uploads.iterdir())
         assert [f.name for f in files] == [saved["name"]]
         assert files[0].stat().st_size == UPLOAD_SIZE
