@@ -35,6 +35,22 @@ def build_parser() -> argparse.ArgumentParser:
     options = sub.add_parser("options", help="list every memguard option")
     options.add_argument("--markdown", action="store_true",
                          help="print the reference as Markdown (docs/options.md)")
+    suggest = sub.add_parser(
+        "suggest", help="advise workers, threads and memory limits from CPUs, memory and the"
+        " app's measured footprint; print a gunicorn.conf.py",
+    )
+    suggest.add_argument("--app", required=True, help="the app to measure, module:attribute")
+    suggest.add_argument("--worker-class", default="sync", help="gunicorn worker class")
+    suggest.add_argument("--threads", type=int, help="threads per worker (default: chosen)")
+    suggest.add_argument("--memory", help="memory budget (default: cgroup limit or host RAM)")
+    suggest.add_argument("--headroom", default="10%", help="memory kept free (default: 10%%)")
+    suggest.add_argument("--growth", default="25%", help="room each worker gets to grow past"
+                         " its warmed footprint before a recycle (default: 25%%)")
+    suggest.add_argument("--requests", type=int, default=20, help="warm-up requests")
+    suggest.add_argument("--path", action="append", help="warm-up path (repeatable; /)")
+    suggest.add_argument("--web-concurrency", type=int,
+                         help="a worker count to check (default: $WEB_CONCURRENCY)")
+    suggest.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -46,6 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report(args)
     if args.command == "options":
         return _options(args)
+    if args.command == "suggest":
+        from memguard import suggest
+
+        return suggest.run(args)
     raise AssertionError(args.command)
 
 

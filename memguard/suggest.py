@@ -1,0 +1,70 @@
+"""``memguard suggest``: this machine's CPUs and memory, the app's measured footprint, advice.
+
+The glue between the probes (what the machine has), :mod:`memguard.footprint` (what the
+app costs) and :mod:`memguard.sizing` (the decision), for the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from memguard import probes
+from memguard.footprint import FootprintError, measure
+from memguard.sizes import parse_size
+from memguard.sizing import Advice, SizingInput, advise, render_text
+
+__all__ = ["run", "collect"]
+
+
+def _fraction(value: str) -> float:
+    text = value.strip()
+    if text.endswith("%"):
+        return float(text[:-1]) / 100
+    return float(text)
+
+
+def _web_concurrency(args: argparse.Namespace) -> int | None:
+    if args.web_concurrency is not None:
+        return int(args.web_concurrency)
+    raw = os.environ.get("WEB_CONCURRENCY", "").strip()
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"WEB_CONCURRENCY={raw!r} is not an integer") from None
+
+
+def collect(args: argparse.Namespace) -> Advice:
+    """Measure the machine and the app, and decide."""
+    cpu = probes.cpu_info()
+    budget = probes.memory_budget()
+    limit, source = budget.limit, budget.source
+    if args.memory:
+        limit, source = parse_size(args.memory, total=budget.limit), "--memory"
+    footprints, _report = measure(args.app, requests=args.requests,
+                                  paths=args.path or ["/"], cwd=os.getcwd())
+    cpu_source = cpu.quota_source or ("affinity" if cpu.affinity else "cpu_count")
+    return advise(SizingInput(
+        cpus=cpu.effective, host_cpus=cpu.host, budget=limit, budget_source=source,
+        footprints=footprints, worker_class=args.worker_class, threads=args.threads,
+        headroom=parse_size(args.headroom, total=limit), growth=_fraction(args.growth),
+        web_concurrency=_web_concurrency(args), app=args.app, cpu_source=cpu_source,
+    ))
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        advice = collect(args)
+    except (FootprintError, ValueError) as exc:
+        print(f"memguard suggest: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        json.dump(advice.to_dict(), sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        print(render_text(advice))
+    return 0

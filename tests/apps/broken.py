@@ -1,0 +1,3 @@
+"""An app module that fails at import, for error-path tests."""
+
+raise RuntimeError("database URL is not configured")

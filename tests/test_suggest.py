@@ -1,0 +1,133 @@
+"""memguard.footprint and `memguard suggest`: real imports, real forks, a real cgroup."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from memguard.footprint import FootprintError, is_asgi, load_app, measure
+from memguard.probes import process_memory
+from memguard.testing import MemoryCgroup, http_request, serve
+
+MiB = 1024 * 1024
+HOG = 150 * MiB
+
+
+def test_load_app_forms(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(repo))
+    assert callable(load_app("tests.apps.hello:wsgi_app"))
+    assert is_asgi(load_app("tests.apps.hello:asgi_app"))
+    assert not is_asgi(load_app("tests.apps.hello:wsgi_app"))
+    with pytest.raises(FootprintError, match="module:attribute"):
+        load_app("tests.apps.hello")
+    with pytest.raises(FootprintError, match="no attribute 'nope'"):
+        load_app("tests.apps.hello:nope")
+    with pytest.raises(FootprintError, match="not callable"):
+        load_app("tests.apps.hog:HOG_BYTES")
+
+
+@pytest.mark.parametrize("attr", ["wsgi_app", "asgi_app"])
+def test_measure_counts_what_each_worker_fills(repo: Path, attr: str) -> None:
+    footprints, report = measure(f"tests.apps.hog:{attr}", requests=3, cwd=repo)
+    assert [fp.preload for fp in footprints] == [False, True]
+    for mode, fp in zip(report["modes"], footprints, strict=True):
+        assert mode["interface"] == attr[:4]
+        assert mode["statuses"] == ["200"] * 3
+        # The cache is filled at the first request, in the worker: preload cannot share it.
+        assert fp.boot < 40 * MiB
+        assert HOG <= fp.worker < HOG + 40 * MiB
+        assert fp.master < 60 * MiB
+
+
+def test_measure_with_preload_shares_what_the_import_loads(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOG_AT", "import")
+    plain, preload = measure("tests.apps.hog:wsgi_app", requests=3, cwd=repo)[0]
+    assert plain.boot >= HOG and plain.worker >= HOG  # each worker imports its own copy
+    assert preload.master >= HOG  # the master holds it ...
+    assert preload.worker < 40 * MiB  # ... and the worker only what it made private
+    assert preload.worker_rss is not None and preload.worker_rss >= HOG  # RSS lies
+
+
+def test_measure_reports_an_app_that_cannot_import(repo: Path) -> None:
+    with pytest.raises(FootprintError, match="database URL is not configured"):
+        measure("tests.apps.broken:app", requests=1, cwd=repo)
+    proc = subprocess.run([sys.executable, "-m", "memguard", "suggest", "--app",
+                           "tests.apps.hello:missing"], cwd=repo, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "has no attribute 'missing'" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_suggest_text_and_web_concurrency(repo: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "memguard", "suggest", "--app", "tests.apps.hello:wsgi_app",
+         "--memory", "1GiB", "--requests", "2", "--worker-class", "gthread"],
+        cwd=repo, capture_output=True, text=True, timeout=120,
+        env={**_env(), "WEB_CONCURRENCY": "3"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "decided by: WEB_CONCURRENCY" in proc.stdout
+    assert "WEB_CONCURRENCY=3: fits" in proc.stdout
+    assert "2 x cores + 1 = " in proc.stdout
+    assert "install(\n    globals()," in proc.stdout
+    assert "gunicorn -c python:memguard.gunicorn.conf -w 3 -k gthread" in proc.stdout
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "WEB_CONCURRENCY"}
+
+
+@pytest.mark.cgroup
+@pytest.mark.server
+def test_suggest_in_a_512_mib_group_fits_and_2n_plus_1_would_not(
+        needs_cgroup: None, repo: Path) -> None:
+    app = "tests.apps.hog:wsgi_app"
+    with MemoryCgroup("512MiB") as group:
+        proc = group.run([sys.executable, "-m", "memguard", "suggest", "--app", app,
+                          "--requests", "3", "--json"], cwd=repo, env=_env(), timeout=120)
+        assert proc.returncode == 0, proc.stderr.decode()
+        advice = json.loads(proc.stdout)
+        assert group.oom_kills == 0
+
+        assert advice["inputs"]["budget"] == 512 * MiB
+        assert advice["decided_by"] == "memory"
+        assert isinstance(advice["workers"], int) and advice["workers"] >= 1
+        assert isinstance(advice["threads"], int)
+        assert advice["workers"] * HOG <= 512 * MiB
+        assert advice["worker_memory_limit"] >= HOG
+        assert advice["worker_memory_hard_limit"] > advice["worker_memory_limit"]
+        # The `2 x cores + 1` figure, reported beside it, would not fit.
+        assert advice["classic"]["workers"] > advice["workers"]
+        assert advice["classic"]["memory"] > 512 * MiB
+        assert not advice["classic"]["fits"]
+
+        # The advice holds: that many workers, each filling its 150 MiB, in the same group.
+        with serve("gunicorn", app, ["-w", str(advice["workers"]), "-k", "sync"],
+                   cgroup=group, cwd=repo, env=_env()) as server:
+            workers = server.wait_for_workers(advice["workers"])
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                assert http_request(server.url)[0] == 200
+                full = [p for p in workers if process_memory(p).rss >= HOG]
+                if len(full) == len(workers):
+                    break
+            assert len(full) == advice["workers"]
+            assert group.oom_kills == 0
+            assert sorted(server.children()) == sorted(workers)
+
+
+def test_measure_runs_a_fastapi_lifespan_and_routes(repo: Path) -> None:
+    footprints, report = measure("tests.apps.lifespan_cache:app", requests=4, cwd=repo,
+                                 paths=["/items/1", "/missing"], preload=[False])
+    assert report["modes"][0]["interface"] == "asgi"
+    assert report["modes"][0]["statuses"] == ["200", "404", "200", "404"]
+    assert footprints[0].worker >= 64 * MiB  # the lifespan's cache is the worker's
