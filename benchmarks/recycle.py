@@ -1,0 +1,388 @@
+"""Worker recycling against leaks: gunicorn, uWSGI, Granian and memguard, in one run.
+
+Every row runs in a fresh 400 MiB memory cgroup (``MemoryCgroup``: the kernel's OOM killer
+is real), with 4 workers, serving ``benchmarks/apps/leaky.py`` to 8 client threads (the
+standard library's ``http.client``, one connection per request). Leak patterns:
+
+- ``steady``: every request keeps 2 MiB;
+- ``bursty``: every 25th request of a worker keeps 24 MiB;
+- ``huge``: one request (a quarter of the way in) grows to 640 MiB inside the request.
+
+Per row: failed requests (an exception or a status other than 200; the huge request is
+counted apart, since it cannot succeed in 400 MiB), the group's OOM kills, restarts (new
+pids seen in the group, sampled every 20 ms, after the pool was up), the group's peak and
+the wall time of the load. Quick mode (CI): the steady pattern, fewer requests, plain
+gunicorn and memguard's sync worker only; memguard rows must have 0 OOM kills (hard).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import importlib.util
+import itertools
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import Bound, Result
+from memguard.testing import MemoryCgroup, cgroup_unavailable_reason, serve
+
+REPO = Path(__file__).resolve().parent.parent
+APP = "benchmarks.apps.leaky"
+MiB = 1024 * 1024
+GROUP_LIMIT = 400 * MiB
+WORKERS = 4
+CLIENTS = 8
+ROW_DEADLINE = 180.0  # seconds of load per row at most; requests not sent by then fail
+REQUEST_TIMEOUT = 60.0
+
+# Per pattern: requests in full and quick mode, what each request keeps on average, and
+# a --max-requests hand-tuned (knowing the leak rate in advance) to survive it.
+PATTERNS: dict[str, dict[str, Any]] = {
+    "steady": {"requests": 2000, "quick": 600, "kept_per_request": 2 * MiB, "tuned": 30},
+    "bursty": {"requests": 3000, "quick": 1000, "kept_per_request": 24 * MiB / 25,
+               "tuned": 60},
+    "huge": {"requests": 1000, "quick": 300, "kept_per_request": 0, "tuned": 30},
+}
+
+# memguard's limits for the 400 MiB group: a worker recycles gracefully once it has grown
+# past the soft limit, and is stopped past the hard one (4 x 64 MiB of growth, one worker
+# at 100 MiB, the master and the baselines all fit under 400 MiB).
+MEMGUARD_ENV = {
+    "MEMGUARD_WORKER_MEMORY_LIMIT": "64MiB",
+    "MEMGUARD_WORKER_MEMORY_HARD_LIMIT": "100MiB",
+}
+MEMGUARD_SOFT = 64 * MiB
+
+
+@dataclass
+class Row:
+    name: str
+    server: str  # "gunicorn", "uwsgi" or "granian"
+    interface: str = "wsgi"
+    args: Callable[[str], list[str]] = field(default=lambda pattern: [])
+    env: dict[str, str] = field(default_factory=dict)
+    memguard: bool = False
+
+
+def _uwsgi(tuned: bool) -> Callable[[str], list[str]]:
+    def args(pattern: str) -> list[str]:
+        extra = ["--reload-on-rss", "80", "--evil-reload-on-rss", "100"]
+        if tuned:
+            extra += ["--min-worker-lifetime", "0", "--mem-collector-freq", "1"]
+        return extra
+    return args
+
+
+ROWS: list[Row] = [
+    Row("gunicorn", "gunicorn", args=lambda p: ["-k", "sync"]),
+    Row("gunicorn --max-requests 1000 --max-requests-jitter 50", "gunicorn",
+        args=lambda p: ["-k", "sync", "--max-requests", "1000", "--max-requests-jitter", "50"]),
+    Row("gunicorn --max-requests (hand-tuned)", "gunicorn",
+        args=lambda p: ["-k", "sync", "--max-requests", str(PATTERNS[p]["tuned"])]),
+    Row("uwsgi reload-on-rss 80, evil-reload-on-rss 100", "uwsgi", args=_uwsgi(False)),
+    Row("uwsgi same + min-worker-lifetime 0, mem-collector-freq 1", "uwsgi",
+        args=_uwsgi(True)),
+    Row("granian --workers-max-rss 80 --rss-sample-interval 1 --respawn-failed-workers",
+        "granian", args=lambda p: ["--workers-max-rss", "80", "--rss-sample-interval", "1",
+                                   "--respawn-failed-workers"]),
+    Row("memguard (gunicorn sync)", "gunicorn", memguard=True, env=MEMGUARD_ENV,
+        args=lambda p: ["-c", "python:memguard.gunicorn.conf", "-k", "sync"]),
+    Row("memguard (gunicorn + uvicorn_worker.UvicornWorker)", "gunicorn", interface="asgi",
+        memguard=True, env=MEMGUARD_ENV,
+        args=lambda p: ["-c", "python:memguard.gunicorn.conf",
+                        "-k", "uvicorn_worker.UvicornWorker"]),
+]
+QUICK_ROWS = ("gunicorn", "memguard (gunicorn sync)")
+
+
+def _skip_reason(row: Row) -> str | None:
+    if row.memguard and importlib.util.find_spec("memguard.gunicorn") is None:
+        return ("memguard.gunicorn (the worker-recycling integration, issue 6 parts 1-6) is"
+                " not on this branch yet: row wired, not run")
+    if row.server in ("uwsgi", "granian") and _executable(row.server) is None:
+        return (f"{row.server} is not installed (pip install 'memguard-web[bench]';"
+                " uwsgi compiles with gcc)")
+    return None
+
+
+def _executable(name: str) -> str | None:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
+# --------------------------------------------------------------------------------------
+# Servers
+
+
+@dataclass
+class Running:
+    url: str
+    log: Callable[[], str]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _get(url: str, path: str, timeout: float) -> int:
+    host, _, port = url.split("://", 1)[1].partition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def _start(row: Row, pattern: str, group: MemoryCgroup) -> Iterator[Running]:
+    env = {**os.environ, **row.env, "LEAK_PATTERN": pattern, "PYTHONUNBUFFERED": "1"}
+    app = f"{APP}:{row.interface}_app"
+    if row.server == "gunicorn":
+        args = ["-w", str(WORKERS), "--graceful-timeout", "10", *row.args(pattern)]
+        with serve("gunicorn", app, args, env=env, cwd=REPO, cgroup=group) as server:
+            yield Running(server.url, server.log)
+        return
+    port = _free_port()
+    exe = _executable(row.server)
+    assert exe is not None
+    if row.server == "uwsgi":
+        argv = [exe, "--http-socket", f"127.0.0.1:{port}", "--module", app, "--master",
+                "--processes", str(WORKERS), "--die-on-term", "--need-app",
+                "--disable-logging", "--chdir", str(REPO), "--home", sys.prefix,
+                *row.args(pattern)]
+    else:
+        argv = [exe, "--interface", row.interface, "--workers", str(WORKERS), "--host",
+                "127.0.0.1", "--port", str(port), "--no-access-log", *row.args(pattern), app]
+    log_fd, log_name = tempfile.mkstemp(prefix="memguard-bench-", suffix=".log")
+    proc = group.popen(argv, stdout=log_fd, stderr=log_fd, stdin=subprocess.DEVNULL,
+                       cwd=str(REPO), env=env)
+    os.close(log_fd)
+    log_path = Path(log_name)
+    running = Running(f"http://127.0.0.1:{port}", lambda: log_path.read_text(errors="replace"))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{row.server} exited with {proc.returncode}:\n"
+                                   f"{running.log()[-3000:]}")
+            try:
+                if _get(running.url, "/", 2) == 200:
+                    break
+            except (OSError, http.client.HTTPException):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{row.server} did not answer:\n{running.log()[-3000:]}")
+            time.sleep(0.05)
+        yield running
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        with contextlib.suppress(OSError):
+            log_path.unlink()
+
+
+# --------------------------------------------------------------------------------------
+# Load and measurement
+
+
+class PidSampler(threading.Thread):
+    """Every pid that appears in the group while the load runs."""
+
+    def __init__(self, group: MemoryCgroup) -> None:
+        super().__init__(daemon=True)
+        self.group = group
+        self.seen: set[int] = set(group.pids())
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(0.02):
+            self.seen.update(self.group.pids())
+
+
+def _wait_for_pool(group: MemoryCgroup, count: int, timeout: float = 30) -> set[int]:
+    """The group's pids once ``count`` processes are up and the set stopped changing."""
+    deadline = time.monotonic() + timeout
+    last: set[int] = set()
+    stable_since = time.monotonic()
+    while time.monotonic() < deadline:
+        pids = set(group.pids())
+        if pids != last:
+            last, stable_since = pids, time.monotonic()
+        elif len(pids) >= count and time.monotonic() - stable_since > 0.5:
+            break
+        time.sleep(0.05)
+    return last
+
+
+def _load(url: str, total: int, huge_at: int | None) -> dict[str, Any]:
+    counter = itertools.count()
+    lock = threading.Lock()
+    failures: Counter[str] = Counter()
+    huge: dict[str, Any] = {}
+    ok = [0]
+    deadline = time.monotonic() + ROW_DEADLINE
+
+    def client() -> None:
+        while True:
+            i = next(counter)
+            if i >= total:
+                return
+            if time.monotonic() > deadline:
+                with lock:
+                    failures["not sent: row deadline"] += 1
+                continue
+            path = "/huge" if i == huge_at else "/leak"
+            try:
+                status = _get(url, path, REQUEST_TIMEOUT)
+                outcome = "ok" if status == 200 else f"status {status}"
+            except (OSError, http.client.HTTPException) as exc:
+                outcome = type(exc).__name__
+            with lock:
+                if i == huge_at:
+                    huge["outcome"] = outcome
+                elif outcome == "ok":
+                    ok[0] += 1
+                else:
+                    failures[outcome] += 1
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"wall": time.monotonic() - started, "ok": ok[0], "failures": dict(failures),
+            "huge": huge.get("outcome")}
+
+
+def _run_row(row: Row, pattern: str, requests: int) -> dict[str, Any]:
+    base: dict[str, Any] = {"pattern": pattern, "server": row.name, "requests": requests}
+    skip = _skip_reason(row)
+    if skip is not None:
+        return {**base, "skipped": skip}
+    huge_at = requests // 4 if pattern == "huge" else None
+    with MemoryCgroup(GROUP_LIMIT) as group:
+        try:
+            with _start(row, pattern, group) as running:
+                initial = _wait_for_pool(group, WORKERS + 1)
+                sampler = PidSampler(group)
+                sampler.seen = set(initial)
+                sampler.start()
+                try:
+                    load = _load(running.url, requests, huge_at)
+                finally:
+                    sampler.stopping.set()
+                    sampler.join()
+                log = running.log()
+                oom_kills = group.oom_kills
+                peak = group.peak
+        except (RuntimeError, TimeoutError) as exc:
+            return {**base, "skipped": f"could not start: {exc}"[:2000]}
+    failed = sum(load["failures"].values())
+    return {
+        **base,
+        "failed": failed,
+        "failures": load["failures"],
+        "huge_request": load["huge"],
+        "oom_kills": oom_kills,
+        "restarts": len(sampler.seen - initial),
+        "wall_s": round(load["wall"], 2),
+        "peak_mib": round(peak / MiB, 1),
+        "log_recycle_lines": sum("recycl" in line.lower() for line in log.splitlines()),
+        "log_sigkill_lines": log.count("SIGKILL"),
+    }
+
+
+def _min_restarts(pattern: str, requests: int) -> int:
+    """Recycles the leaked bytes require at memguard's soft limit (each worker starts once
+    with its whole allowance, so the first WORKERS fillings need no recycle)."""
+    leaked = PATTERNS[pattern]["kept_per_request"] * requests
+    return max(0, math.ceil(leaked / MEMGUARD_SOFT) - WORKERS)
+
+
+def run(quick: bool) -> Result:
+    reason = cgroup_unavailable_reason()
+    notes: list[str] = []
+    if reason is not None:
+        return Result("recycle", {"skipped": reason}, notes=[f"skipped: {reason}"])
+    patterns = ["steady"] if quick else list(PATTERNS)
+    rows = [r for r in ROWS if not quick or r.name in QUICK_ROWS]
+    # For working on one row or pattern: RECYCLE_ONLY="uwsgi" or "bursty".
+    only = os.environ.get("RECYCLE_ONLY")
+    if only:
+        patterns = [p for p in patterns if only in p] or patterns
+        rows = [r for r in rows if only in r.name] or rows
+    results: list[dict[str, Any]] = []
+    bounds: list[Bound] = []
+    for pattern in patterns:
+        requests = PATTERNS[pattern]["quick" if quick else "requests"]
+        for row in rows:
+            print(f"   {pattern:7} {row.name} ...", flush=True)
+            data = _run_row(row, pattern, requests)
+            results.append(data)
+            if "skipped" in data:
+                print(f"      skipped: {data['skipped'][:200]}", flush=True)
+                continue
+            print(f"      failed {data['failed']}, OOM kills {data['oom_kills']},"
+                  f" restarts {data['restarts']}, {data['wall_s']} s", flush=True)
+            if row.memguard:
+                label = f"{pattern} {row.name}"
+                bounds.append(Bound(f"{label}: OOM kills", data["oom_kills"], 0, hard=True))
+                bounds.append(Bound(f"{label}: failed requests", data["failed"], 0))
+                minimum = _min_restarts(pattern, requests)
+                if minimum:
+                    bounds.append(Bound(f"{label}: restarts vs 1.5 x the {minimum} required",
+                                        data["restarts"], math.ceil(1.5 * minimum)))
+    _add_wall_ratios(results)
+    skipped = sorted({r["skipped"] for r in results if "skipped" in r})
+    notes += [f"skipped rows: {s}" for s in skipped]
+    table = [{k: r.get(k) for k in ("pattern", "server", "failed", "oom_kills", "restarts",
+                                    "wall_s", "skipped")} for r in results]
+    return Result(
+        "recycle",
+        figures={"group_limit_mib": GROUP_LIMIT // MiB, "workers": WORKERS,
+                 "clients": CLIENTS, "memguard_env": MEMGUARD_ENV, "rows": results,
+                 "versions": _versions()},
+        bounds=bounds, notes=notes, table=table,
+    )
+
+
+def _add_wall_ratios(results: list[dict[str, Any]]) -> None:
+    plain = {r["pattern"]: r["wall_s"] for r in results
+             if r["server"] == "gunicorn" and "wall_s" in r}
+    for r in results:
+        if "wall_s" in r and plain.get(r["pattern"]):
+            r["wall_vs_gunicorn"] = round(r["wall_s"] / plain[r["pattern"]], 2)
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in ("gunicorn", "uwsgi", "granian", "uvicorn", "uvicorn-worker"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
