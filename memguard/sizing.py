@@ -265,6 +265,12 @@ def advise(inp: SizingInput) -> Advice:
     if fits and soft < fp.worker:
         notes.append("the soft limit is below the warmed footprint: workers would recycle"
                      " after every request")
+    if soft > 4 * _min_worker(fp, inp.growth):
+        notes.append(
+            f"memory is plentiful: the soft limit is each worker's fair share of the pool;"
+            f" a lower one such as {_size_text(_floor_mib(2 * _min_worker(fp, inp.growth)))}"
+            " recycles a leaking worker sooner"
+        )
     threads = _threads(inp, workers)
     if threads > 1:
         notes.append(f"{threads} threads per worker: the footprint was measured with one"

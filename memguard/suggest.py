@@ -11,6 +11,8 @@ import json
 import os
 import sys
 
+import psutil
+
 from memguard import probes
 from memguard.footprint import FootprintError, measure
 from memguard.sizes import parse_size
@@ -43,6 +45,9 @@ def collect(args: argparse.Namespace) -> Advice:
     cpu = probes.cpu_info()
     budget = probes.memory_budget()
     limit, source = budget.limit, budget.source
+    if not budget.constrained:
+        # No container limit: what the host can give now, not what it has in total.
+        limit, source = int(psutil.virtual_memory().available), "available RAM (no cgroup limit)"
     if args.memory:
         limit, source = parse_size(args.memory, total=budget.limit), "--memory"
     footprints, _report = measure(args.app, requests=args.requests,

@@ -63,6 +63,9 @@ def test_half_a_cpu_quota_on_four_cpus() -> None:
     assert advice.classic["workers"] == 9  # 2 x 4 + 1: what os.cpu_count() would suggest
     assert advice.classic["fits"]
     check_fits(advice, inp)
+    # Two workers share 7 GiB: the fair share is far above what they need, and it says so.
+    assert advice.worker_memory_limit > 3 * GiB
+    assert any("a lower one such as 112MiB" in note for note in advice.notes)
 
 
 def test_memory_decides_and_the_classic_figure_does_not_fit() -> None:
