@@ -3,8 +3,8 @@
 - ``steady``: every request keeps 2 MiB;
 - ``bursty``: every 25th request of a process keeps 24 MiB (about 1 MiB per request on
   average, in large steps);
-- ``huge``: requests keep nothing, but ``/huge`` grows by 8 MiB every 20 ms up to
-  ``HUGE_MIB`` (640 MiB by default: more than the whole group) inside one request.
+- ``huge``: requests keep nothing, but ``/huge`` grows by 4 MiB every 50 ms (80 MiB/s) up
+  to ``HUGE_MIB`` (640 MiB by default: more than the whole group) inside one request.
 
 Kept memory is written to (``b"\\x01" * n``): an untouched allocation would not count.
 """
@@ -20,7 +20,8 @@ from typing import Any
 MiB = 1024 * 1024
 PATTERN = os.environ.get("LEAK_PATTERN", "steady")
 HUGE_BYTES = int(os.environ.get("HUGE_MIB", "640")) * MiB
-HUGE_STEP = 8 * MiB
+HUGE_STEP = 4 * MiB
+HUGE_PAUSE = 0.05
 
 _kept: list[bytes] = []
 _served = [0]
@@ -43,7 +44,7 @@ def wsgi_app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         grown: list[bytes] = []
         while len(grown) * HUGE_STEP < HUGE_BYTES:
             grown.append(b"\x01" * HUGE_STEP)
-            time.sleep(0.02)
+            time.sleep(HUGE_PAUSE)
         body = f"grew {len(grown) * HUGE_STEP} bytes\n".encode()
     else:
         if environ.get("PATH_INFO") == "/leak":
@@ -67,7 +68,7 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         grown: list[bytes] = []
         while len(grown) * HUGE_STEP < HUGE_BYTES:
             grown.append(b"\x01" * HUGE_STEP)
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(HUGE_PAUSE)
         body = f"grew {len(grown) * HUGE_STEP} bytes\n".encode()
     else:
         if scope["path"] == "/leak":
