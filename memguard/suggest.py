@@ -42,6 +42,7 @@ def _web_concurrency(args: argparse.Namespace) -> int | None:
 
 def collect(args: argparse.Namespace) -> Advice:
     """Measure the machine and the app, and decide."""
+    web_concurrency = _web_concurrency(args)  # a bad value fails before the slow part
     cpu = probes.cpu_info()
     budget = probes.memory_budget()
     limit, source = budget.limit, budget.source
@@ -57,7 +58,7 @@ def collect(args: argparse.Namespace) -> Advice:
         cpus=cpu.effective, host_cpus=cpu.host, budget=limit, budget_source=source,
         footprints=footprints, worker_class=args.worker_class, threads=args.threads,
         headroom=parse_size(args.headroom, total=limit), growth=_fraction(args.growth),
-        web_concurrency=_web_concurrency(args), app=args.app, cpu_source=cpu_source,
+        web_concurrency=web_concurrency, app=args.app, cpu_source=cpu_source,
     ))
 
 

@@ -80,6 +80,16 @@ def test_suggest_text_and_web_concurrency(repo: Path) -> None:
     assert "gunicorn -c python:memguard.gunicorn.conf -w 3 -k gthread" in proc.stdout
 
 
+def test_suggest_refuses_a_web_concurrency_that_is_not_a_number(repo: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "memguard", "suggest", "--app", "tests.apps.hello:wsgi_app"],
+        cwd=repo, capture_output=True, text=True, timeout=60,
+        env={**_env(), "WEB_CONCURRENCY": "four"},
+    )
+    assert proc.returncode == 2
+    assert "WEB_CONCURRENCY='four' is not an integer" in proc.stderr
+
+
 def _env() -> dict[str, str]:
     import os
 
