@@ -405,3 +405,26 @@ def _versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The README table from a result's rows (``python -m benchmarks.recycle [JSON]``)."""
+    out = ["| pattern | server | failed | OOM kills | restarts | wall (s) | x gunicorn |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "skipped" in r:
+            out.append(f"| {r['pattern']} | {r['server']} | skipped | | | | |")
+            continue
+        failed = str(r["failed"])
+        if r.get("huge_request") is not None:
+            failed += f" (+ the huge one: {r['huge_request']})"
+        out.append(f"| {r['pattern']} | {r['server']} | {failed} | {r['oom_kills']} |"
+                   f" {r['restarts']} | {r['wall_s']:.1f} | {r.get('wall_vs_gunicorn', '')} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import json
+
+    source = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "benchmarks/results/recycle.json"
+    print(markdown(json.loads(source.read_text())["figures"]["rows"]))
