@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import subprocess
 import sys
@@ -133,6 +135,17 @@ def test_suggest_in_a_512_mib_group_fits_and_2n_plus_1_would_not(
             assert len(full) == advice["workers"]
             assert group.oom_kills == 0
             assert sorted(server.children()) == sorted(workers)
+
+    # And the `2 x cores + 1` figure really does not: the kernel starts killing workers.
+    with MemoryCgroup("512MiB") as group, serve(
+            "gunicorn", app, ["-w", str(advice["classic"]["workers"]), "-k", "sync"],
+            cgroup=group, cwd=repo, env=_env()) as server:
+        server.wait_for_workers(advice["classic"]["workers"])
+        deadline = time.monotonic() + 60
+        while group.oom_kills == 0 and time.monotonic() < deadline:
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                http_request(server.url)
+        assert group.oom_kills > 0
 
 
 def test_measure_runs_a_fastapi_lifespan_and_routes(repo: Path) -> None:
