@@ -14,6 +14,7 @@ import pytest
 
 from memguard.footprint import FootprintError, is_asgi, load_app, measure
 from memguard.probes import process_memory
+from memguard.sizes import format_size
 from memguard.testing import MemoryCgroup, http_request, serve
 
 MiB = 1024 * 1024
@@ -101,7 +102,7 @@ def _env() -> dict[str, str]:
 @pytest.mark.cgroup
 @pytest.mark.server
 def test_suggest_in_a_512_mib_group_fits_and_2n_plus_1_would_not(
-        needs_cgroup: None, repo: Path) -> None:
+        needs_cgroup: None, repo: Path, tmp_path: Path) -> None:
     app = "tests.apps.hog:wsgi_app"
     with MemoryCgroup("512MiB") as group:
         proc = group.run([sys.executable, "-m", "memguard", "suggest", "--app", app,
@@ -122,9 +123,12 @@ def test_suggest_in_a_512_mib_group_fits_and_2n_plus_1_would_not(
         assert advice["classic"]["memory"] > 512 * MiB
         assert not advice["classic"]["fits"]
 
-        # The advice holds: that many workers, each filling its 150 MiB, in the same group.
-        with serve("gunicorn", app, ["-w", str(advice["workers"]), "-k", "sync"],
-                   cgroup=group, cwd=repo, env=_env()) as server:
+        # The advice holds: gunicorn run with the printed gunicorn.conf.py (memguard's hooks
+        # and limits in it), each worker filling its 150 MiB, in the same group.
+        conf = tmp_path / "gunicorn.conf.py"
+        conf.write_text(advice["config"])
+        with serve("gunicorn", app, ["-c", str(conf)], cgroup=group, cwd=repo,
+                   env=_env()) as server:
             workers = server.wait_for_workers(advice["workers"])
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
@@ -133,8 +137,13 @@ def test_suggest_in_a_512_mib_group_fits_and_2n_plus_1_would_not(
                 if len(full) == len(workers):
                     break
             assert len(full) == advice["workers"]
-            assert group.oom_kills == 0
+            # Nothing recycled, nothing killed: the limits fit the footprint they came from.
             assert sorted(server.children()) == sorted(workers)
+            assert group.oom_kills == 0
+            log = server.log()
+            assert "recycl" not in log.lower()
+            soft = format_size(advice["worker_memory_limit"])
+            assert f"memguard: worker soft limit {soft}" in log
 
     # And the `2 x cores + 1` figure really does not: the kernel starts killing workers.
     with MemoryCgroup("512MiB") as group, serve(
