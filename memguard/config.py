@@ -324,6 +324,130 @@ setting(
 # =====================================================================================
 
 
+def parse_worker_limit(value: Any) -> int | str | None:
+    """A worker memory limit: a size, a percentage of the container's limit ("25%"),
+    ``"auto"`` (derived from the container's limit and the worker count), or off."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    return parse_optional_size(value)
+
+
+def parse_fraction(value: Any) -> float:
+    number = parse_positive_float(value)
+    if not 0 < number <= 1:
+        raise ValueError(f"invalid fraction {value!r}: expected a number in (0, 1]")
+    return number
+
+
+def parse_choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise ValueError(f"invalid choice {value!r}: expected one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def parse_path(value: Any) -> str | None:
+    """A URL path the middleware answers itself ("/readyz"), or off."""
+    text = parse_optional_str(value)
+    if text is None or text.lower() in ("off", "none"):
+        return None
+    if not text.startswith("/"):
+        raise ValueError(f"invalid path {value!r}: must start with '/'")
+    return text
+
+
+MEMORY = "memory"
+
+setting("worker_memory_limit", MEMORY, "auto", parse_worker_limit,
+        "This worker's soft memory limit (\"400MiB\", or \"25%\" of the container's "
+        "limit): over it (by USS), the worker asks for a graceful recycle after its "
+        "response. Defaults to `auto`: 85% of the container's limit shared by the workers "
+        "plus one, when the limit and the worker count (WEB_CONCURRENCY, -w/--workers) "
+        "are known; otherwise off.",
+        env="MEMGUARD_WORKER_MEMORY_LIMIT")
+setting("worker_memory_hard_limit", MEMORY, "auto", parse_worker_limit,
+        "This worker's hard memory limit (RSS): over it, new requests are shed with 503 "
+        "and a body whose buffering would pass it is refused with 413. Defaults to `auto`: "
+        "1.5x the soft limit, at most 95% of the container's limit.",
+        env="MEMGUARD_WORKER_MEMORY_HARD_LIMIT")
+setting("container_memory_threshold", MEMORY, 0.9, parse_fraction,
+        "Share of the container's memory limit above which the worker sheds new requests "
+        "and reports not ready. Defaults to 0.9.",
+        env="MEMGUARD_CONTAINER_MEMORY_THRESHOLD")
+setting("memory_psi_threshold", MEMORY, 10.0, parse_positive_float,
+        "Percent of time (PSI full avg10 of the container's own cgroup v2 group) stalled "
+        "on memory above which the worker sheds and reports not ready; 0 turns it off. "
+        "Defaults to 10.",
+        env="MEMGUARD_MEMORY_PSI_THRESHOLD")
+setting("memory_refresh_interval", MEMORY, 0.002, parse_positive_float,
+        "Seconds a pressure reading (RSS, container usage) is reused before it is read "
+        "again. Defaults to 0.002.",
+        env="MEMGUARD_MEMORY_REFRESH_INTERVAL")
+setting("memory_shed", MEMORY, "all", parse_choice("all", "heavy", "off"),
+        "Which new requests get 503 under memory pressure: `all`, `heavy` (methods in "
+        "heavy_methods or paths under heavy_paths) or `off`. Defaults to `all`.",
+        env="MEMGUARD_MEMORY_SHED")
+setting("heavy_methods", MEMORY, "POST,PUT,PATCH", str,
+        "Comma-separated methods shed under pressure when memory_shed is `heavy`. "
+        "Defaults to `POST,PUT,PATCH`.",
+        env="MEMGUARD_HEAVY_METHODS")
+setting("heavy_paths", MEMORY, "", str,
+        "Comma-separated path prefixes shed under pressure when memory_shed is `heavy`. "
+        "Defaults to none.",
+        env="MEMGUARD_HEAVY_PATHS")
+setting("memory_retry_after", MEMORY, 5, parse_int,
+        "Seconds sent in Retry-After with a 503 for memory pressure. Defaults to 5.",
+        env="MEMGUARD_MEMORY_RETRY_AFTER")
+setting("body_memory_check_every", MEMORY, "4MiB", parse_size_value,
+        "Bytes of request body received between two checks of the worker's memory "
+        "against its hard limit. Defaults to 4MiB.",
+        env="MEMGUARD_BODY_MEMORY_CHECK_EVERY")
+setting("track_memory", MEMORY, True, parse_bool,
+        "Sampled per-request memory accounting per route template, with leak suspicion. "
+        "Defaults to true.",
+        env="MEMGUARD_TRACK_MEMORY")
+setting("memory_sample_interval", MEMORY, 0.001, parse_positive_float,
+        "Seconds between two sampled requests (RSS read before and after). Defaults to "
+        "0.001.",
+        env="MEMGUARD_MEMORY_SAMPLE_INTERVAL")
+setting("max_routes", MEMORY, 256, parse_int,
+        "Route templates tracked before the rest are counted as `other`. Defaults to 256.",
+        env="MEMGUARD_MAX_ROUTES")
+setting("leak_window", MEMORY, 30.0, parse_positive_float,
+        "Seconds of one leak-estimation window. Defaults to 30.",
+        env="MEMGUARD_LEAK_WINDOW")
+setting("leak_windows", MEMORY, 3, parse_int,
+        "Windows in a row a route must keep memory to be reported as a suspected leak. "
+        "Defaults to 3.",
+        env="MEMGUARD_LEAK_WINDOWS")
+setting("leak_min_growth", MEMORY, "1MiB", parse_size_value,
+        "Memory a route must keep in a window to count toward a leak. Defaults to 1MiB.",
+        env="MEMGUARD_LEAK_MIN_GROWTH")
+setting("readiness_path", MEMORY, None, parse_path,
+        "Path answered by the middleware with readiness: 200, or 503 under memory "
+        "pressure. Defaults to off.",
+        env="MEMGUARD_READINESS_PATH")
+setting("liveness_path", MEMORY, None, parse_path,
+        "Path answered by the middleware with liveness: always 200 while the worker "
+        "serves, whatever its memory. Defaults to off.",
+        env="MEMGUARD_LIVENESS_PATH")
+setting("metrics_path", MEMORY, None, parse_path,
+        "Path answered by the middleware with Prometheus metrics (needs prometheus-client; "
+        "multiprocess mode when PROMETHEUS_MULTIPROC_DIR is set). Defaults to off.",
+        env="MEMGUARD_METRICS_PATH")
+setting("leak_admin_path", MEMORY, None, parse_path,
+        "Path prefix of the leak-report admin endpoint (`/start`, `/report`, `/stop`); "
+        "needs leak_admin_token. Defaults to off.",
+        env="MEMGUARD_LEAK_ADMIN_PATH")
+setting("leak_admin_token", MEMORY, None, parse_optional_str,
+        "Token the leak-report admin endpoint requires (Authorization: Bearer), compared "
+        "in constant time. Defaults to none.",
+        env="MEMGUARD_LEAK_ADMIN_TOKEN")
+
+
 # =====================================================================================
 # gunicorn: worker recycling, the master's watchdog (memguard/gunicorn/)
 # =====================================================================================

@@ -1,0 +1,424 @@
+"""Memory admission: admit or shed a request, stop a body that would sink the worker,
+ask for a recycle after a response.
+
+One :class:`MemoryAdmission` per worker holds a *pressure level* computed from the
+worker's RSS against its limits and from the container's usage against its limit (and
+the container's own PSI where the kernel gives it). The level is cached and refreshed at
+most every ``refresh_interval`` (2 ms by default): the per-request cost is one integer
+comparison against ``time.monotonic_ns()``.
+
+The ladder of reads, cheapest first (DESIGN.md, "Measuring memory"):
+
+- RSS from ``/proc/self/statm`` and the cgroup's usage through a kept-open descriptor,
+  on each refresh (about 4 us every few milliseconds);
+- PSI (``memory.pressure``), at most once a second;
+- USS from ``smaps_rollup`` (0.25 to 8 ms), only when RSS has passed the soft limit,
+  at most once per ``uss_interval``: USS <= RSS, so an RSS under the limit proves USS is.
+
+Levels: ``OK``; ``ELEVATED`` (the worker is over its soft limit: it asks to be recycled
+after its response, and keeps serving); ``CRITICAL`` (the worker is over its hard limit,
+or the container's usage is over ``container_threshold`` of its limit, or the
+container's memory PSI is over ``psi_threshold``): new requests are shed with 503 and
+``Retry-After``, and readiness says not ready, so a load balancer sends traffic
+elsewhere. Liveness never depends on memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from memguard import events, probes, recycle
+from memguard.errors import BodyTooLarge, MemoryPressure
+from memguard.sizes import format_size, parse_size
+
+__all__ = [
+    "CRITICAL",
+    "ELEVATED",
+    "LEVEL_NAMES",
+    "OK",
+    "BodyMemoryGuard",
+    "MemoryAdmission",
+    "derive_worker_limits",
+    "worker_count_from_environment",
+]
+
+log = logging.getLogger("memguard.admission")
+
+OK, ELEVATED, CRITICAL = 0, 1, 2
+LEVEL_NAMES = ("ok", "elevated", "critical")
+
+_PSI_INTERVAL_NS = 1_000_000_000
+
+
+class MemoryAdmission:
+    """The worker's memory pressure and the decisions that follow from it.
+
+    ``soft_limit`` and ``hard_limit`` are bytes of this worker's memory (``None``: no
+    worker limit). ``shed`` is ``"all"`` (shed every new request under pressure),
+    ``"heavy"`` (only methods in ``heavy_methods`` or paths under ``heavy_paths``) or
+    ``"off"``. ``rss``, ``cgroup_usage``, ``psi`` and ``uss`` are the probes, replaceable
+    for tests that must control what the worker "sees".
+    """
+
+    def __init__(
+        self,
+        *,
+        soft_limit: int | None = None,
+        hard_limit: int | None = None,
+        container_limit: int | None = None,
+        container_threshold: float = 0.9,
+        psi_threshold: float | None = 10.0,
+        refresh_interval: float = 0.002,
+        uss_interval: float = 1.0,
+        shed: str = "all",
+        heavy_methods: Iterable[str] = ("POST", "PUT", "PATCH"),
+        heavy_paths: Iterable[str] = (),
+        retry_after: int = 5,
+        body_check_every: int = 4 << 20,
+        rss: Callable[[], int] = probes.current_rss,
+        cgroup_usage: Callable[[], int | None] | None = None,
+        psi: Callable[[], float | None] | None = None,
+        uss: Callable[[], int | None] | None = None,
+    ) -> None:
+        if shed not in ("all", "heavy", "off"):
+            raise ValueError(f"shed must be 'all', 'heavy' or 'off', not {shed!r}")
+        if soft_limit is not None and hard_limit is not None and hard_limit < soft_limit:
+            raise ValueError(
+                f"worker hard limit {format_size(hard_limit)} is below its soft limit "
+                f"{format_size(soft_limit)}"
+            )
+        self.soft_limit = soft_limit
+        self.hard_limit = hard_limit
+        self.container_limit = container_limit
+        self.container_threshold = container_threshold
+        self.psi_threshold = psi_threshold
+        self.refresh_ns = int(refresh_interval * 1e9)
+        self.uss_interval_ns = int(uss_interval * 1e9)
+        self.shed = shed
+        self.heavy_methods = frozenset(m.upper() for m in heavy_methods)
+        self.heavy_paths = tuple(heavy_paths)
+        self.retry_after = retry_after
+        self.body_check_every = max(64 << 10, body_check_every)
+        self._rss = rss
+        self._cgroup_usage = cgroup_usage
+        self._psi = psi
+        self._uss = uss if uss is not None else _own_uss
+        self._retry_headers = {"Retry-After": str(retry_after)}
+        # Cached figures, refreshed by refresh().
+        self.level = OK
+        self.reason = ""
+        self.rss = 0
+        self.container_usage: int | None = None
+        self.pressure_stall: float | None = None
+        self.uss: int | None = None
+        self._checked_ns = -(1 << 62)
+        self._psi_checked_ns = -(1 << 62)
+        self._uss_checked_ns = -(1 << 62)
+        self._last_logged_level = OK
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> MemoryAdmission:
+        """Build one from resolved ``memory`` options (see :mod:`memguard.config`)."""
+        cgroup = probes.read_cgroup()
+        container_limit = cgroup.limit if cgroup is not None else None
+        soft, hard = derive_worker_limits(
+            options["worker_memory_limit"], options["worker_memory_hard_limit"],
+            container_limit,
+        )
+        reader = probes.CgroupMemoryReader(cgroup.info) if cgroup is not None else None
+        psi: Callable[[], float | None] | None = None
+        if cgroup is not None and cgroup.info.version == 2 and cgroup.pressure is not None:
+            psi = _cgroup_psi_reader(cgroup.info.directory / "memory.pressure")
+        heavy_methods = [m.strip() for m in options["heavy_methods"].split(",") if m.strip()]
+        heavy_paths = [p.strip() for p in options["heavy_paths"].split(",") if p.strip()]
+        return cls(
+            soft_limit=soft, hard_limit=hard, container_limit=container_limit,
+            container_threshold=options["container_memory_threshold"],
+            psi_threshold=options["memory_psi_threshold"] or None,
+            refresh_interval=options["memory_refresh_interval"],
+            shed=options["memory_shed"], heavy_methods=heavy_methods, heavy_paths=heavy_paths,
+            retry_after=options["memory_retry_after"],
+            body_check_every=options["body_memory_check_every"],
+            cgroup_usage=reader.usage if reader is not None and reader.info else None,
+            psi=psi,
+        )
+
+    # ---- the pressure level -------------------------------------------------------------
+
+    def check(self, now: int) -> int:
+        """The pressure level, refreshed when older than ``refresh_interval``."""
+        if now - self._checked_ns >= self.refresh_ns:
+            self.refresh(now)
+        return self.level
+
+    def refresh(self, now: int | None = None) -> int:
+        now = time.monotonic_ns() if now is None else now
+        self._checked_ns = now
+        rss = self.rss = self._rss()
+        level, reason = OK, ""
+        soft, hard = self.soft_limit, self.hard_limit
+        if soft is not None and rss > soft:
+            level, reason = ELEVATED, "worker_over_soft_limit"
+        if hard is not None and rss > hard:
+            level, reason = CRITICAL, "worker_over_hard_limit"
+        if self._cgroup_usage is not None and self.container_limit:
+            usage = self.container_usage = self._cgroup_usage()
+            if usage is not None and usage > self.container_threshold * self.container_limit:
+                level, reason = CRITICAL, "container_near_limit"
+        if self._psi is not None and self.psi_threshold is not None:
+            if now - self._psi_checked_ns >= _PSI_INTERVAL_NS:
+                self._psi_checked_ns = now
+                self.pressure_stall = self._psi()
+            stall = self.pressure_stall
+            if stall is not None and stall >= self.psi_threshold:
+                level, reason = CRITICAL, "memory_pressure_stall"
+        self.level, self.reason = level, reason
+        if level != self._last_logged_level:
+            self._level_changed(level)
+        return level
+
+    def _level_changed(self, level: int) -> None:
+        previous, self._last_logged_level = self._last_logged_level, level
+        figures = self.figures()
+        log_fn = log.warning if level > previous else log.info
+        log_fn("memory pressure %s -> %s (%s): %s", LEVEL_NAMES[previous], LEVEL_NAMES[level],
+               self.reason or "back under every limit", figures)
+        events.emit("pressure", level=LEVEL_NAMES[level], previous=LEVEL_NAMES[previous],
+                    reason=self.reason, **figures)
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            "level": LEVEL_NAMES[self.level],
+            "reason": self.reason or None,
+            "rss": self.rss,
+            "uss": self.uss,
+            "soft_limit": self.soft_limit,
+            "hard_limit": self.hard_limit,
+            "container_usage": self.container_usage,
+            "container_limit": self.container_limit,
+            "container_threshold": self.container_threshold,
+            "pressure_stall": self.pressure_stall,
+        }
+
+    @property
+    def ready(self) -> bool:
+        """Readiness: False under critical pressure (liveness never looks at memory)."""
+        return self.level < CRITICAL
+
+    # ---- decisions ----------------------------------------------------------------------
+
+    def admit(self, method: str, path: str, now: int) -> MemoryPressure | None:
+        """``None`` to admit; the refusal (503 + Retry-After) when shedding this request.
+
+        The caller answers, logs and counts it like any :class:`RequestRejected`.
+        """
+        if now - self._checked_ns >= self.refresh_ns:
+            self.refresh(now)
+        if self.level < CRITICAL or self.shed == "off":
+            return None
+        if self.shed == "heavy" and not self.is_heavy(method, path):
+            return None
+        refusal = MemoryPressure(
+            "This server is short of memory right now; retry shortly or elsewhere.",
+            reason=f"shed_{self.reason}", headers=self._retry_headers,
+            method=method, path=path, **self.figures(),
+        )
+        return refusal
+
+    def is_heavy(self, method: str, path: str) -> bool:
+        return method in self.heavy_methods or (
+            bool(self.heavy_paths) and path.startswith(self.heavy_paths)
+        )
+
+    def body_guard(self, content_length: int | None, now: int) -> BodyMemoryGuard | None:
+        """A per-request guard for the body wrapper, or ``None`` without a hard limit."""
+        if self.hard_limit is None:
+            return None
+        if now - self._checked_ns >= self.refresh_ns:
+            self.refresh(now)
+        return BodyMemoryGuard(self, content_length, self.rss)
+
+    def after_response(self, now: int) -> bool:
+        """Ask for a graceful recycle when the worker is over its soft limit.
+
+        RSS counts pages still shared with the master after fork, so the decision uses
+        USS, read only when RSS (an upper bound of USS) is over the limit, and at most
+        once per ``uss_interval``. Returns True when a recycle was started.
+        """
+        soft = self.soft_limit
+        if soft is None:
+            return False
+        if now - self._checked_ns >= self.refresh_ns:
+            self.refresh(now)
+        if self.rss <= soft or now - self._uss_checked_ns < self.uss_interval_ns:
+            return False
+        self._uss_checked_ns = now
+        uss = self.uss = self._uss()
+        if uss is None:
+            uss = self.rss
+        if uss <= soft:
+            return False
+        return recycle.request_recycle(
+            "worker_memory_limit", rss=self.rss, uss=uss, soft_limit=soft,
+            hard_limit=self.hard_limit,
+        )
+
+
+class BodyMemoryGuard:
+    """Checks, while a body arrives, that buffering it will not push the worker past
+    its hard limit.
+
+    The body wrapper calls :meth:`chunk` with each chunk's size; RSS is read once every
+    ``body_check_every`` bytes (4 MiB by default), never per chunk. An app that streams
+    the body to disk does not grow, so it is never stopped; an app that buffers it
+    (``await request.body()``) grows by about the bytes received and will need as much
+    again to join the chunks at the end, so the request is refused (413) as soon as the
+    worker's RSS plus the growth seen so far would pass the hard limit, or, with a
+    Content-Length, as soon as the growth rate projects past it. A worker already over
+    its hard limit refuses with 503.
+    """
+
+    __slots__ = ("admission", "content_length", "received", "next_check", "baseline")
+
+    def __init__(self, admission: MemoryAdmission, content_length: int | None,
+                 baseline: int) -> None:
+        self.admission = admission
+        self.content_length = content_length
+        self.received = 0
+        self.next_check = admission.body_check_every
+        self.baseline = baseline
+
+    def chunk(self, size: int) -> None:
+        """Count ``size`` bytes received; raises :class:`RequestRejected` to stop."""
+        self.received += size
+        if self.received >= self.next_check:
+            self.next_check = self.received + self.admission.body_check_every
+            self._check()
+
+    def _check(self) -> None:
+        admission = self.admission
+        hard = admission.hard_limit
+        if hard is None:
+            return
+        rss = admission._rss()
+        growth = rss - self.baseline
+        received = self.received
+        figures: dict[str, Any] = {"rss": rss, "growth": growth, "received": received,
+                   "content_length": self.content_length, "hard_limit": hard}
+        if rss > hard:
+            raise MemoryPressure(
+                "This worker is over its memory limit; retry shortly.",
+                reason="worker_over_hard_limit", headers=admission._retry_headers, **figures,
+            )
+        projected = rss + max(growth, 0)
+        length = self.content_length
+        if length is not None and growth > received // 2 and received >= 2 * (
+            admission.body_check_every
+        ):
+            # Buffering: the rest of the body costs the same rate, the final join its size.
+            rate = growth / received
+            projected = max(projected, int(self.baseline + rate * length + length))
+        if projected > hard:
+            raise BodyTooLarge(
+                "Request body too large to buffer in this worker's memory; "
+                "the endpoint should stream it.",
+                reason="body_exceeds_worker_memory", projected=projected, **figures,
+            )
+
+
+# --------------------------------------------------------------------------------------
+# Limits
+
+
+def derive_worker_limits(
+    soft: int | str | None, hard: int | str | None, container_limit: int | None,
+    environ: Mapping[str, str] | None = None, argv: list[str] | None = None,
+) -> tuple[int | None, int | None]:
+    """Resolve the worker's soft and hard limits to bytes (``None``: off).
+
+    ``"25%"`` is a share of the container's limit. ``"auto"`` (the default) derives the
+    soft limit from the container's limit and the worker count when both are known:
+    85% of the limit shared by the workers plus one (the budget keeps room for a
+    replacement that boots while an old worker drains). The hard limit defaults to 1.5x
+    the soft limit, capped at 95% of the container's limit.
+    """
+    soft_bytes = _resolve_limit(soft, container_limit)
+    if soft == "auto":
+        workers = worker_count_from_environment(environ, argv)
+        if container_limit is not None and workers is not None:
+            soft_bytes = int(container_limit * 0.85 / (workers + 1))
+    hard_bytes = _resolve_limit(hard, container_limit)
+    if hard == "auto" and soft_bytes is not None:
+        hard_bytes = int(soft_bytes * 1.5)
+        if container_limit is not None:
+            hard_bytes = min(hard_bytes, int(container_limit * 0.95))
+        hard_bytes = max(hard_bytes, soft_bytes)
+    if soft_bytes is not None and hard_bytes is not None and hard_bytes < soft_bytes:
+        raise ValueError(
+            f"worker_memory_hard_limit ({format_size(hard_bytes)}) is below "
+            f"worker_memory_limit ({format_size(soft_bytes)})"
+        )
+    return soft_bytes, hard_bytes
+
+
+def _resolve_limit(value: int | str | None, container_limit: int | None) -> int | None:
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, str) and value.strip().endswith("%"):
+        if container_limit is None:
+            log.warning("memory limit %s ignored: no container memory limit is known", value)
+            return None
+        return parse_size(value, total=container_limit)
+    return parse_size(value)
+
+
+_WORKERS_ARG = re.compile(r"^(?:-w|--workers)(?:=?)(\d+)$")
+
+
+def worker_count_from_environment(
+    environ: Mapping[str, str] | None = None, argv: list[str] | None = None,
+) -> int | None:
+    """How many workers share the container: ``WEB_CONCURRENCY`` (which gunicorn and
+    uvicorn both read), ``-w N``/``--workers N`` in ``GUNICORN_CMD_ARGS`` or in the
+    server's command line. ``None`` when none says."""
+    env = os.environ if environ is None else environ
+    value = env.get("WEB_CONCURRENCY", "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    for args in (env.get("GUNICORN_CMD_ARGS", "").split(), sys.argv if argv is None else argv):
+        for i, arg in enumerate(args):
+            match = _WORKERS_ARG.match(arg)
+            if match:
+                return int(match.group(1)) or None
+            if arg in ("-w", "--workers") and i + 1 < len(args) and args[i + 1].isdigit():
+                return int(args[i + 1]) or None
+    return None
+
+
+def _own_uss() -> int | None:
+    try:
+        return probes.process_memory(os.getpid()).uss
+    except (ProcessLookupError, OSError):
+        return None
+
+
+def _cgroup_psi_reader(path: Any) -> Callable[[], float | None]:
+    def read() -> float | None:
+        try:
+            with open(path, encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("full "):
+                        for item in line.split()[1:]:
+                            if item.startswith("avg10="):
+                                return float(item[6:])
+        except (OSError, ValueError):
+            return None
+        return None
+
+    return read

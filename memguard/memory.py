@@ -1,0 +1,128 @@
+"""The memory side of the middlewares: one object per middleware, built from the
+``memory`` options, that the ASGI and WSGI middlewares call at their phases.
+
+- **admit** (:meth:`MemoryLayer.admit`): the cached pressure level; under critical
+  pressure, the 503 to answer instead of calling the app;
+- **wrap receive**: :meth:`MemoryLayer.body_guard` for requests that have a body (the
+  per-chunk "would buffering this push the worker past its hard limit" check);
+- **call app**: :meth:`MemoryLayer.begin` before, :meth:`MemoryLayer.end` after, with
+  the route template the framework recorded;
+- **after response**: inside :meth:`end`, the soft-limit check that asks for a recycle,
+  and, about once a second, the slow work (metrics sync).
+
+Paths the middleware answers itself (readiness, liveness, metrics, leak admin) are
+looked up with :meth:`endpoint`, only when one is configured. Everything here is built
+to cost a handful of attribute reads per request; see benchmarks/overhead.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from memguard.admission import CRITICAL, BodyMemoryGuard, MemoryAdmission
+from memguard.config import resolve
+from memguard.errors import MemoryPressure
+from memguard.leaks import LeakAdmin
+from memguard.metrics import HealthEndpoint, MetricsExporter
+from memguard.tracking import RequestTracker, Sample
+
+__all__ = ["MemoryLayer"]
+
+log = logging.getLogger("memguard.memory")
+
+_SLOW_TICK_NS = 1_000_000_000
+
+
+class MemoryLayer:
+    """Admission, tracking, metrics, health and the leak admin, for one middleware."""
+
+    def __init__(self, options: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        opts = dict(options) if options is not None else resolve(("memory",), kwargs)
+        self.options = opts
+        self.admission = MemoryAdmission.from_options(opts)
+        self.tracker: RequestTracker | None = None
+        if opts["track_memory"]:
+            self.tracker = RequestTracker(
+                sample_interval=opts["memory_sample_interval"],
+                max_routes=opts["max_routes"],
+                leak_window=opts["leak_window"],
+                leak_windows=opts["leak_windows"],
+                leak_min_growth=opts["leak_min_growth"],
+            )
+        self.metrics: MetricsExporter | None = None
+        endpoints: dict[str, Any] = {}
+        if opts["readiness_path"] or opts["liveness_path"]:
+            health = HealthEndpoint(self.admission, readiness_path=opts["readiness_path"],
+                                    liveness_path=opts["liveness_path"])
+            for path in health.paths:
+                endpoints[path] = health
+        if opts["metrics_path"]:
+            self.metrics = MetricsExporter(self.admission, self.tracker)
+            endpoints[opts["metrics_path"]] = self.metrics
+        self.leak_admin: LeakAdmin | None = None
+        if opts["leak_admin_path"]:
+            if not opts["leak_admin_token"]:
+                raise ValueError(
+                    "memguard option 'leak_admin_path' needs 'leak_admin_token' "
+                    "(MEMGUARD_LEAK_ADMIN_TOKEN): an admin endpoint without one is refused"
+                )
+            self.leak_admin = LeakAdmin(opts["leak_admin_path"], opts["leak_admin_token"])
+        self.endpoints = endpoints
+        # Bound once: the middleware calls these per request.
+        self.begin = self.tracker.begin if self.tracker is not None else self._no_sample
+        self._track_end = self.tracker.end if self.tracker is not None else None
+        self._next_tick = time.monotonic_ns() + _SLOW_TICK_NS
+        a = self.admission
+        log.info("memory: soft limit %s, hard limit %s, container limit %s, tracking %s",
+                 a.soft_limit, a.hard_limit, a.container_limit,
+                 "on" if self.tracker is not None else "off")
+
+    # ---- paths answered here ----------------------------------------------------------
+
+    def endpoint(self, path: str) -> Any:
+        """The handler (``.asgi``/``.wsgi``) answering ``path`` itself, or ``None``."""
+        handler = self.endpoints.get(path)
+        if handler is None and self.leak_admin is not None and self.leak_admin.matches(path):
+            return self.leak_admin
+        return handler
+
+    @property
+    def has_endpoints(self) -> bool:
+        return bool(self.endpoints) or self.leak_admin is not None
+
+    # ---- the phases ---------------------------------------------------------------------
+
+    def admit(self, method: str, path: str, now: int) -> MemoryPressure | None:
+        a = self.admission
+        if now - a._checked_ns >= a.refresh_ns:
+            a.refresh(now)
+        if a.level < CRITICAL:
+            return None
+        return a.admit(method, path, now)
+
+    def body_guard(self, content_length: int | None, now: int) -> BodyMemoryGuard | None:
+        return self.admission.body_guard(content_length, now)
+
+    @staticmethod
+    def _no_sample(now: int) -> Sample | None:
+        return None
+
+    def end(self, sample: Sample | None, template: str | None, path: str, now: int) -> None:
+        """The request is over: count it under its route, check the soft limit."""
+        if self._track_end is not None:
+            self._track_end(sample, template, path, now)
+        if self.admission.level:
+            self.admission.after_response(now)
+        if now >= self._next_tick:
+            self._slow_tick(now)
+
+    def _slow_tick(self, now: int) -> None:
+        self._next_tick = now + _SLOW_TICK_NS
+        if self.metrics is not None:
+            try:
+                self.metrics.sync()
+            except Exception:  # metrics must never break a request
+                log.exception("metrics sync failed")
