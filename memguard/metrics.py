@@ -143,6 +143,8 @@ class MetricsExporter:
         self.leaks = prom.Gauge(
             "memguard_suspected_leak_routes", "Routes suspected of leaking in the worker.",
             registry=None, multiprocess_mode="liveall")
+        if tracker is not None:
+            tracker.keep_samples()
         self._seen: dict[tuple[str, str], int] = {}
         self._seen_pid = os.getpid()
 
@@ -164,7 +166,7 @@ class MetricsExporter:
                 self.refusals.labels(area, reason).inc(added)
         tracker = self.tracker
         if tracker is not None:
-            pending = tracker.pending
+            pending = tracker.keep_samples()
             while pending:
                 route, growth = pending.popleft()
                 self.growth.labels(route).observe(max(0, growth))

@@ -1,25 +1,33 @@
 """Per-request memory accounting: which route grows the worker, and which one leaks.
 
 The budget is a few microseconds per request (DESIGN.md, "Measuring memory"), so the
-tracker never reads the process's memory twice per request. It *samples*: a request that
-begins once ``sample_interval`` has passed since the last sample reads RSS (one
-``pread`` of ``/proc/self/statm``) at its start and at its end; every other request only
-bumps two counters and its route's count.
+tracker never reads the process's memory twice per request. It *samples*, on a clock:
 
-A sampled request that ran alone (no other request was in flight at any moment of it)
-measures its own growth exactly. One that overlapped others measures its own growth plus
-theirs; those samples are kept apart (``overlapped``) and only enter a per-window least
-squares estimate, in which each sample's growth is explained by its own route plus the
-routes of the requests that completed while it ran (a small ring of recent completions
-tells which). A route that leaks ``x`` bytes per request then gets ``x``, and a clean
-route that merely ran beside it gets about zero, which a plain "growth per route" figure
-cannot give under concurrency.
+- **Per-request samples.** A request that begins once ``sample_interval`` has passed
+  reads RSS (one ``pread`` of ``/proc/self/statm``) at its start and at its end: the
+  route's mean and max growth. A sample that ran alone (no other request in flight at
+  any moment of it) is exact and counted apart (``exclusive``); one that overlapped
+  others includes their growth and is marked so.
+- **Quiet points, for what a route keeps.** A sampled request that *begins* with no
+  other request in flight is a quiet point: everything that ran since the previous quiet
+  point has finished. Between two quiet points, the change of the worker's Python
+  blocks (``sys.getallocatedblocks()``, 0.4 us) and RSS is what the requests completed
+  in between kept, their temporaries gone. A small ring of recent completions says which
+  routes those were, and a per-window least squares fit turns the intervals into
+  "blocks and bytes kept per request" for each route. When requests never overlap
+  (an async app under uvicorn), each interval holds one request and the figure is exact;
+  under concurrency it is statistical, and still separates a leaking route from a clean
+  one that merely ran beside it.
 
-Every ``leak_window`` seconds the window's estimate becomes each route's *retained
-growth* for that window (bytes per request times requests). A route whose retained
-growth stays above ``leak_min_growth`` for ``leak_windows`` windows in a row, while the
-worker itself grew, is a suspected leak: logged once on ``memguard.tracking`` with the
-figures, counted, and kept in its :class:`RouteStats`.
+Why blocks for the leak decision and not RSS: the heap's fragmentation decides which
+request pays for RSS growth (a clean request often extends the heap a leaking one just
+filled), while a kept Python object is a kept block wherever it lands. RSS is the gate:
+a route is a suspected leak when it kept at least ``leak_min_objects`` blocks per
+request in ``leak_windows`` windows of ``leak_window`` seconds in a row while the
+worker's RSS grew by at least ``leak_min_growth`` in each. It is then logged once on
+``memguard.tracking`` with the figures, counted, and kept in its :class:`RouteStats`.
+A leak that grows one existing object (a ``bytearray`` extended in place) keeps no new
+blocks and is not attributed; the worker's growth still shows in the metrics.
 
 Route templates (``/items/{id}``, never ``/items/42``) come from the framework after the
 app ran: Starlette/FastAPI set ``scope["route"]``; Flask's rule and Django's resolver
@@ -32,8 +40,10 @@ clients send.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, MutableMapping
@@ -61,8 +71,23 @@ OTHER = "other"
 
 _RING_SIZE = 4096  # completions remembered for overlapped samples; a power of two
 _RING_MASK = _RING_SIZE - 1
-_MAX_ROW = 64  # routes credited in one overlapped sample; more means a busier window
+_MAX_ROW = 512  # completions in one quiet-to-quiet interval; longer ones are not used
+_MAX_EXACT = 48  # routes solved exactly per window (the least-evidenced rest stay at 0)
 _PENDING_SAMPLES = 512  # samples kept for the metrics export between two syncs
+
+_blocks = sys.getallocatedblocks
+
+# Garbage collections so far in this process (gc.callbacks: one call per collection, not
+# per request). Quiet points are taken right after one; see RequestTracker._quiet_point.
+_gc_collections = [0]
+
+
+def _count_collection(phase: str, info: dict[str, int]) -> None:
+    if phase == "stop":
+        _gc_collections[0] += 1
+
+
+gc.callbacks.append(_count_collection)
 
 
 class RouteStats:
@@ -70,8 +95,8 @@ class RouteStats:
 
     __slots__ = (
         "index", "route", "count", "samples", "exclusive", "growth_sum", "growth_max",
-        "exclusive_sum", "window_start_count", "retained", "estimate", "history", "suspected",
-        "streak",
+        "exclusive_sum", "window_start_count", "retained",
+        "estimate", "objects", "history", "suspected", "streak",
     )
 
     def __init__(self, index: int, route: str, history: int) -> None:
@@ -80,24 +105,25 @@ class RouteStats:
         self.count = 0  # requests completed
         self.samples = 0  # sampled requests (RSS read before and after)
         self.exclusive = 0  # of which ran alone: their growth is exact
-        self.growth_sum = 0  # growth of every sample, bytes (overlapped ones include others')
+        self.growth_sum = 0  # RSS growth of every sample (overlapped ones include others')
         self.growth_max = 0
-        self.exclusive_sum = 0
+        self.exclusive_sum = 0  # RSS growth of the samples that ran alone
         self.window_start_count = 0  # self.count when the current window began
-        self.retained = 0.0  # estimated bytes this route kept, summed over closed windows
-        self.estimate = 0.0  # bytes per request retained, last closed window
-        self.history: deque[float] = deque(maxlen=history)  # retained bytes per window
+        self.retained = 0.0  # estimated bytes kept, summed over closed windows
+        self.estimate = 0.0  # estimated bytes kept per request, last closed window
+        self.objects = 0.0  # estimated Python blocks kept per request, last closed window
+        self.history: deque[float] = deque(maxlen=history)  # bytes kept per window
         self.suspected = False
-        self.streak = 0  # closed windows in a row above the leak threshold
+        self.streak = 0  # closed windows in a row that looked like a leak
 
     @property
     def mean_growth(self) -> float:
-        """Mean growth of this route's sampled requests, bytes (0 without samples)."""
+        """Mean RSS growth of this route's sampled requests, bytes (0 without samples)."""
         return self.growth_sum / self.samples if self.samples else 0.0
 
     @property
     def exclusive_mean(self) -> float | None:
-        """Mean growth of the samples that ran alone (exact), or ``None``."""
+        """Mean RSS growth of the samples that ran alone (exact), or ``None``."""
         return self.exclusive_sum / self.exclusive if self.exclusive else None
 
     def as_dict(self) -> dict[str, Any]:
@@ -112,6 +138,7 @@ class RouteStats:
             "max_growth": self.growth_max,
             "retained": round(self.retained),
             "retained_per_request": round(self.estimate, 1),
+            "objects_per_request": round(self.objects, 2),
             "retained_history": [round(x) for x in self.history],
             "suspected_leak": self.suspected,
         }
@@ -120,13 +147,12 @@ class RouteStats:
 class Sample:
     """The state of one sampled request between :meth:`RequestTracker.begin` and ``end``."""
 
-    __slots__ = ("seq", "alone", "rss", "ring_start")
+    __slots__ = ("seq", "alone", "rss")
 
-    def __init__(self, seq: int, alone: bool, rss: int, ring_start: int) -> None:
+    def __init__(self, seq: int, alone: bool, rss: int) -> None:
         self.seq = seq
         self.alone = alone
         self.rss = rss
-        self.ring_start = ring_start
 
 
 class RequestTracker:
@@ -153,6 +179,7 @@ class RequestTracker:
         leak_window: float = 30.0,
         leak_windows: int = 3,
         leak_min_growth: int = 1 << 20,
+        leak_min_objects: float = 0.5,
         min_window_samples: int = 5,
         rss: Callable[[], int] = probes.current_rss,
         on_leak: Callable[[RouteStats], None] | None = None,
@@ -165,6 +192,7 @@ class RequestTracker:
         self.leak_window_ns = int(leak_window * 1e9)
         self.leak_windows = max(1, leak_windows)
         self.leak_min_growth = leak_min_growth
+        self.leak_min_objects = leak_min_objects
         self.min_window_samples = min_window_samples
         self._rss = rss
         self._on_leak = on_leak
@@ -173,6 +201,12 @@ class RequestTracker:
         self._started_n = 0
         self._finished_n = 0
         self._next_sample_ns = 0
+        # A due sample waits this long for a request that starts alone (a quiet point).
+        self._patience_ns = 10 * self.sample_interval_ns
+        self._anchor_fin = -1
+        self._anchor_rss = 0
+        self._anchor_blocks = 0
+        self._anchor_gc = -1
         self._ring = [0] * _RING_SIZE
         self._routes: dict[str, RouteStats] = {}
         self._by_index: list[RouteStats] = []
@@ -180,11 +214,13 @@ class RequestTracker:
         self._other = self._route_stats(OTHER)
         # The window's least squares: A = X'X (sparse, by route index), b = X'y.
         self._xtx: dict[int, dict[int, float]] = {}
-        self._xty: dict[int, float] = {}
-        self._rows: dict[int, int] = {}  # samples per route in the window
+        self._y_bytes: dict[int, float] = {}
+        self._y_blocks: dict[int, float] = {}
+        self._rows: dict[int, int] = {}  # intervals per route in the window
         self._window_start_ns = time.monotonic_ns()
         self._window_rss = -1
-        self.pending: deque[tuple[str, int]] = deque(maxlen=_PENDING_SAMPLES)
+        # Samples kept for the metrics export, only once an exporter asked for them.
+        self.pending: deque[tuple[str, int]] | None = None
         self.windows_closed = 0
 
     # ---- the hot path ----------------------------------------------------------------
@@ -194,8 +230,15 @@ class RequestTracker:
         self._started_n = seq + 1
         if now < self._next_sample_ns:
             return None
+        alone = self._finished_n == seq
+        if alone:
+            rss = self._quiet_point(seq)
+        elif now < self._next_sample_ns + self._patience_ns:
+            return None  # due, but wait a little for a request that starts alone
+        else:
+            rss = self._rss()
         self._next_sample_ns = now + self.sample_interval_ns
-        return Sample(seq, self._finished_n == seq, self._rss(), self._finished_n)
+        return Sample(seq, alone, rss)
 
     def end(self, sample: Sample | None, template: str | None, path: str, now: int) -> None:
         """Count a finished request under ``template`` (else its raw ``path``)."""
@@ -207,36 +250,53 @@ class RequestTracker:
         stats.count += 1
         self._ring[fin & _RING_MASK] = stats.index
         if sample is not None:
-            self._measured(sample, stats, fin)
+            self._measured(sample, stats)
         if now - self._window_start_ns >= self.leak_window_ns:
             self.close_window(now)
 
-    # ---- sampled requests (at most one per sample_interval) -----------------------------
+    # ---- samples and quiet points (at most one per sample_interval) ---------------------
 
-    def _measured(self, sample: Sample, stats: RouteStats, fin: int) -> None:
+    def _measured(self, sample: Sample, stats: RouteStats) -> None:
         growth = self._rss() - sample.rss
-        alone = sample.alone and self._started_n == sample.seq + 1
         stats.samples += 1
         stats.growth_sum += growth
         if growth > stats.growth_max:
             stats.growth_max = growth
-        self.pending.append((stats.route, growth))
-        row: dict[int, int] = {stats.index: 1}
-        if alone:
+        if sample.alone and self._started_n == sample.seq + 1:
             stats.exclusive += 1
             stats.exclusive_sum += growth
-        else:
-            # Credit the requests that completed while this one ran (each may have kept
-            # memory inside this sample's window). Older than the ring: not credited.
-            first = max(sample.ring_start, fin - _RING_SIZE + 1)
+        if self.pending is not None:
+            self.pending.append((stats.route, growth))
+
+    def _quiet_point(self, seq: int) -> int:
+        """No request in flight. The first such point after a garbage collection closes
+        the interval since the previous one: both ends then sit at the same phase of the
+        collector's cycle, so cyclic garbage that requests leave for the collector
+        (often more blocks than a leak keeps) cancels out instead of looking kept."""
+        rss = self._rss()
+        collections = _gc_collections[0]
+        if collections == self._anchor_gc:
+            return rss
+        blocks = _blocks()
+        start = self._anchor_fin
+        if start >= 0 and seq - start <= _MAX_ROW and seq - start < _RING_SIZE:
+            row: dict[int, int] = {}
             ring = self._ring
-            for i in range(first, min(fin, first + _MAX_ROW)):
+            for i in range(start, seq):
                 index = ring[i & _RING_MASK]
                 row[index] = row.get(index, 0) + 1
-        xtx, xty, rows = self._xtx, self._xty, self._rows
+            if row:
+                self._add_row(row, rss - self._anchor_rss, blocks - self._anchor_blocks)
+        self._anchor_fin, self._anchor_rss, self._anchor_blocks = seq, rss, blocks
+        self._anchor_gc = collections
+        return rss
+
+    def _add_row(self, row: dict[int, int], rss_growth: int, block_growth: int) -> None:
+        xtx, y_bytes, y_blocks, rows = self._xtx, self._y_bytes, self._y_blocks, self._rows
         for i, xi in row.items():
             rows[i] = rows.get(i, 0) + 1
-            xty[i] = xty.get(i, 0.0) + xi * growth
+            y_bytes[i] = y_bytes.get(i, 0.0) + xi * rss_growth
+            y_blocks[i] = y_blocks.get(i, 0.0) + xi * block_growth
             line = xtx.get(i)
             if line is None:
                 line = xtx[i] = {}
@@ -246,36 +306,47 @@ class RequestTracker:
     # ---- windows and leak suspicion -----------------------------------------------------
 
     def close_window(self, now: int | None = None) -> None:
-        """End the current window: estimate each route's retained growth, judge leaks."""
+        """End the current window: estimate what each route kept, judge leaks."""
         now = time.monotonic_ns() if now is None else now
         rss = self._rss()
         worker_growth = rss - self._window_rss if self._window_rss >= 0 else 0
         self._window_rss = rss
         self._window_start_ns = now
-        beta = _solve(self._xtx, self._xty)
+        beta_bytes = _solve(self._xtx, self._y_bytes)
+        beta_blocks = _solve(self._xtx, self._y_blocks)
         self.windows_closed += 1
         for stats in self._by_index:
-            per_request = beta.get(stats.index, 0.0)
-            enough = self._rows.get(stats.index, 0) >= self.min_window_samples
-            retained = per_request * (stats.count - stats.window_start_count) if enough else 0.0
+            requests = stats.count - stats.window_start_count
             stats.window_start_count = stats.count
-            if not enough:
-                continue
-            stats.estimate = per_request
+            if self._rows.get(stats.index, 0) < self.min_window_samples:
+                continue  # too little evidence either way: the streak neither grows nor ends
+            stats.estimate = beta_bytes.get(stats.index, 0.0)
+            stats.objects = beta_blocks.get(stats.index, 0.0)
+            retained = stats.estimate * requests
             stats.retained += retained
             stats.history.append(retained)
-            if retained >= self.leak_min_growth and worker_growth > 0:
+            if stats.objects >= self.leak_min_objects and worker_growth >= self.leak_min_growth:
                 stats.streak += 1
             else:
                 stats.streak = 0
             if stats.streak >= self.leak_windows and not stats.suspected:
                 stats.suspected = True
-                self._report_leak(stats)
-        self._xtx, self._xty, self._rows = {}, {}, {}
+                self._report_leak(stats, worker_growth)
+        # Older windows still count, at half weight per window: one window alone is
+        # noisy (objects that outlive an interval, cyclic garbage freed in bursts).
+        for line in self._xtx.values():
+            for j in line:
+                line[j] *= 0.5
+        for y in (self._y_bytes, self._y_blocks):
+            for i in y:
+                y[i] *= 0.5
+        self._rows = {}
 
-    def _report_leak(self, stats: RouteStats) -> None:
+    def _report_leak(self, stats: RouteStats, worker_growth: int) -> None:
         figures = {
             "route": stats.route,
+            "objects_per_request": round(stats.objects, 2),
+            "worker_growth_last_window": worker_growth,
             "retained_per_window": [round(x) for x in stats.history],
             "retained_per_request": round(stats.estimate),
             "requests": stats.count,
@@ -284,9 +355,9 @@ class RequestTracker:
             "window_seconds": self.leak_window_ns / 1e9,
         }
         log.warning(
-            "suspected memory leak in route %s: kept about %s bytes per request for %s "
-            "windows of %ss in a row (%s)",
-            stats.route, round(stats.estimate), stats.streak, self.leak_window_ns / 1e9,
+            "suspected memory leak in route %s: kept about %s objects per request for %s "
+            "windows of %ss in a row while the worker grew (%s)",
+            stats.route, round(stats.objects, 2), stats.streak, self.leak_window_ns / 1e9,
             figures,
         )
         counters.increment("tracking", "suspected_leak")
@@ -322,6 +393,12 @@ class RequestTracker:
 
     # ---- reading --------------------------------------------------------------------------
 
+    def keep_samples(self) -> deque[tuple[str, int]]:
+        """Start keeping (route, growth) of each sample for an exporter; bounded."""
+        if self.pending is None:
+            self.pending = deque(maxlen=_PENDING_SAMPLES)
+        return self.pending
+
     def routes(self) -> list[RouteStats]:
         return list(self._by_index)
 
@@ -339,35 +416,49 @@ class RequestTracker:
         }
 
 
-def _solve(
-    xtx: Mapping[int, Mapping[int, float]], xty: Mapping[int, float], sweeps: int = 50,
-) -> dict[int, float]:
-    """Least squares ``(X'X) beta = X'y`` by Gauss-Seidel sweeps (X'X is diagonally
-    dominant enough here: each row's own route has weight 1 in every row it appears).
+def _solve(xtx: Mapping[int, Mapping[int, float]], xty: Mapping[int, float],
+           ) -> dict[int, float]:
+    """Non-negative least squares for ``(X'X) beta = X'y``: "kept" cannot be negative.
 
-    A small ridge term keeps routes that always ran together from trading huge opposite
-    values; growth below zero (memory returned) is clipped to zero, since "retained"
-    cannot be negative.
+    Exact: the normal equations are solved by Gaussian elimination on the routes seen
+    in the window (a few dozen at most; beyond ``_MAX_EXACT`` the routes with the least
+    evidence are left at zero), and a route whose estimate comes out negative is fixed
+    at zero and the rest solved again (the active-set method). A tiny ridge keeps a
+    route that only ever ran beside another from making the system singular.
     """
-    beta = {i: 0.0 for i in xty}
-    if not beta:
-        return beta
-    for _ in range(sweeps):
-        delta = 0.0
-        for i, line in xtx.items():
-            diag = line.get(i, 0.0)
-            if diag <= 0:
-                continue
-            acc = xty.get(i, 0.0)
-            for j, a in line.items():
-                if j != i:
-                    acc -= a * beta.get(j, 0.0)
-            new = max(0.0, acc / (diag * 1.01))
-            delta = max(delta, abs(new - beta[i]))
-            beta[i] = new
-        if delta < 1.0:  # bytes: finer than any page
+    active = sorted(xty, key=lambda i: -xtx.get(i, {}).get(i, 0.0))[:_MAX_EXACT]
+    beta: dict[int, float] = {}
+    while active:
+        solution = _gauss(xtx, xty, active)
+        negative = [i for i in active if solution[i] < 0]
+        if not negative:
+            beta = solution
             break
-    return beta
+        worst = min(negative, key=lambda i: solution[i])
+        active = [i for i in active if i != worst]
+    return {i: beta.get(i, 0.0) for i in xty}
+
+
+def _gauss(xtx: Mapping[int, Mapping[int, float]], xty: Mapping[int, float],
+           active: list[int]) -> dict[int, float]:
+    n = len(active)
+    m = [[xtx.get(i, {}).get(j, 0.0) for j in active] + [xty.get(i, 0.0)] for i in active]
+    for k in range(n):
+        m[k][k] += 1e-6 * m[k][k] + 1e-9
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        if abs(m[pivot][col]) < 1e-12:
+            continue
+        m[col], m[pivot] = m[pivot], m[col]
+        head = m[col]
+        for r in range(n):
+            if r != col and m[r][col] != 0.0:
+                factor = m[r][col] / head[col]
+                row = m[r]
+                for c in range(col, n + 1):
+                    row[c] -= factor * head[c]
+    return {i: (m[k][n] / m[k][k] if abs(m[k][k]) >= 1e-12 else 0.0)
+            for k, i in enumerate(active)}
 
 
 # --------------------------------------------------------------------------------------
