@@ -72,6 +72,7 @@ OTHER = "other"
 _RING_SIZE = 4096  # completions remembered for overlapped samples; a power of two
 _RING_MASK = _RING_SIZE - 1
 _MAX_ROW = 512  # completions in one quiet-to-quiet interval; longer ones are not used
+_WARMUP_WINDOWS = 2  # a route's first windows with evidence never count toward a leak
 _MAX_EXACT = 48  # routes solved exactly per window (the least-evidenced rest stay at 0)
 _PENDING_SAMPLES = 512  # samples kept for the metrics export between two syncs
 
@@ -96,7 +97,8 @@ class RouteStats:
     __slots__ = (
         "index", "route", "count", "samples", "exclusive", "growth_sum", "growth_max",
         "exclusive_sum", "window_start_count", "retained",
-        "estimate", "objects", "history", "suspected", "streak",
+        "estimate", "objects", "history", "objects_history", "suspected", "streak",
+        "windows",
     )
 
     def __init__(self, index: int, route: str, history: int) -> None:
@@ -113,8 +115,10 @@ class RouteStats:
         self.estimate = 0.0  # estimated bytes kept per request, last closed window
         self.objects = 0.0  # estimated Python blocks kept per request, last closed window
         self.history: deque[float] = deque(maxlen=history)  # bytes kept per window
+        self.objects_history: deque[float] = deque(maxlen=history)  # blocks per request
         self.suspected = False
         self.streak = 0  # closed windows in a row that looked like a leak
+        self.windows = 0  # closed windows with enough evidence about this route
 
     @property
     def mean_growth(self) -> float:
@@ -140,6 +144,7 @@ class RouteStats:
             "retained_per_request": round(self.estimate, 1),
             "objects_per_request": round(self.objects, 2),
             "retained_history": [round(x) for x in self.history],
+            "objects_history": [round(x, 2) for x in self.objects_history],
             "suspected_leak": self.suspected,
         }
 
@@ -325,6 +330,10 @@ class RequestTracker:
             retained = stats.estimate * requests
             stats.retained += retained
             stats.history.append(retained)
+            stats.objects_history.append(stats.objects)
+            stats.windows += 1
+            if stats.windows <= _WARMUP_WINDOWS:
+                continue  # first requests fill caches, pools, interned strings: not leaks
             if stats.objects >= self.leak_min_objects and worker_growth >= self.leak_min_growth:
                 stats.streak += 1
             else:
