@@ -17,8 +17,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
+from memguard import MemGuardMiddleware, MemGuardWSGIMiddleware
 from memguard.memory import MemoryLayer
-from tests.apps.memory_wrappers import MemoryOnlyASGI, MemoryOnlyWSGI
 
 LEAK_SIZE = int(os.environ.get("TEST_LEAK_SIZE", str(64 * 1024)))
 
@@ -26,12 +26,16 @@ _kept: list[bytes] = []
 _ballast: list[bytes] = []
 
 
-def wrap_asgi(app: Any) -> Any:
-    return MemoryOnlyASGI(app)
+# A body limit well above the 652 MB upload: only the worker's memory can stop it.
+BODY_LIMIT = os.environ.get("TEST_MAX_BODY_SIZE", "1GiB")
 
 
-def wrap_wsgi(app: Any) -> Any:
-    return MemoryOnlyWSGI(app)
+def wrap_asgi(app: Any) -> MemGuardMiddleware:
+    return MemGuardMiddleware(app, max_body_size=BODY_LIMIT)
+
+
+def wrap_wsgi(app: Any) -> MemGuardWSGIMiddleware:
+    return MemGuardWSGIMiddleware(app, max_body_size=BODY_LIMIT)
 
 
 # ---- Starlette ---------------------------------------------------------------------
@@ -60,6 +64,13 @@ async def naive_upload(request: Request) -> PlainTextResponse:
     return PlainTextResponse(f"got {len(body)}")
 
 
+async def streamed_upload(request: Request) -> PlainTextResponse:
+    received = 0
+    async for chunk in request.stream():  # counted and dropped: memory stays flat
+        received += len(chunk)
+    return PlainTextResponse(f"streamed {received}")
+
+
 async def ballast(request: Request) -> PlainTextResponse:
     """POST /ballast?mib=N holds N MiB (0 releases it): pressure on demand."""
     mib = int(request.query_params.get("mib", "0"))
@@ -81,12 +92,13 @@ starlette_app = Starlette(routes=[
     Route("/items/{item_id:int}", clean),
     Route("/", hello),
     Route("/upload", naive_upload, methods=["POST"]),
+    Route("/stream", streamed_upload, methods=["POST"]),
     Route("/ballast", ballast, methods=["POST"]),
     Route("/_stats", stats),
 ])
 
 app = wrap_asgi(starlette_app)
-_layer: MemoryLayer | None = app.layer
+_layer: MemoryLayer | None = app.memory
 
 
 # ---- plain WSGI -----------------------------------------------------------------------
@@ -101,8 +113,8 @@ def wsgi_inner(environ: dict[str, Any], start_response: Callable[..., Any]) -> I
         _ballast.extend(b"z" * (1 << 20) for _ in range(mib))
         body = f"ballast {mib} MiB".encode()
     elif path == "/_stats":
-        assert wsgi_app.layer.tracker is not None
-        body = json.dumps({"pid": os.getpid(), **wsgi_app.layer.tracker.snapshot()}).encode()
+        assert wsgi_app.memory.tracker is not None
+        body = json.dumps({"pid": os.getpid(), **wsgi_app.memory.tracker.snapshot()}).encode()
     else:
         body = f"hello from {os.getpid()}".encode()
     start_response("200 OK", [("Content-Type", "text/plain"),
