@@ -69,27 +69,15 @@ ROUTE_KEY = "memguard.route"
 
 OTHER = "other"
 
-_RING_SIZE = 4096  # completions remembered for overlapped samples; a power of two
+_RING_SIZE = 8192  # completions remembered between two quiet points; a power of two
 _RING_MASK = _RING_SIZE - 1
-_MAX_ROW = 512  # completions in one quiet-to-quiet interval; longer ones are not used
+_MAX_ROW = _RING_SIZE - 1  # completions in one interval; longer ones cannot be read back
 _WARMUP_WINDOWS = 2  # a route's first windows with evidence never count toward a leak
+_MS = 1_000_000
 _MAX_EXACT = 48  # routes solved exactly per window (the least-evidenced rest stay at 0)
 _PENDING_SAMPLES = 512  # samples kept for the metrics export between two syncs
 
 _blocks = sys.getallocatedblocks
-
-# Garbage collections so far in this process (gc.callbacks: one call per collection, not
-# per request). Quiet points are taken right after one; see RequestTracker._quiet_point.
-_gc_collections = [0]
-
-
-def _count_collection(phase: str, info: dict[str, int]) -> None:
-    if phase == "stop":
-        _gc_collections[0] += 1
-
-
-gc.callbacks.append(_count_collection)
-
 
 class RouteStats:
     """What the tracker knows about one route template. Preallocated, updated in place."""
@@ -211,7 +199,9 @@ class RequestTracker:
         self._anchor_fin = -1
         self._anchor_rss = 0
         self._anchor_blocks = 0
-        self._anchor_gc = -1
+        self._anchor_ns = -(1 << 62)
+        # Intervals per window: about a hundred, each closed by a ~50 us collection.
+        self.anchor_interval_ns = min(max(self.leak_window_ns // 100, 5 * _MS), 500 * _MS)
         self._ring = [0] * _RING_SIZE
         self._routes: dict[str, RouteStats] = {}
         self._by_index: list[RouteStats] = []
@@ -227,6 +217,7 @@ class RequestTracker:
         # Samples kept for the metrics export, only once an exporter asked for them.
         self.pending: deque[tuple[str, int]] | None = None
         self.windows_closed = 0
+        self.baseline_objects = 0.0  # blocks per request every route kept, last window
 
     # ---- the hot path ----------------------------------------------------------------
 
@@ -237,7 +228,7 @@ class RequestTracker:
             return None
         alone = self._finished_n == seq
         if alone:
-            rss = self._quiet_point(seq)
+            rss = self._quiet_point(seq, now)
         elif now < self._next_sample_ns + self._patience_ns:
             return None  # due, but wait a little for a request that starts alone
         else:
@@ -273,18 +264,21 @@ class RequestTracker:
         if self.pending is not None:
             self.pending.append((stats.route, growth))
 
-    def _quiet_point(self, seq: int) -> int:
-        """No request in flight. The first such point after a garbage collection closes
-        the interval since the previous one: both ends then sit at the same phase of the
-        collector's cycle, so cyclic garbage that requests leave for the collector
-        (often more blocks than a leak keeps) cancels out instead of looking kept."""
+    def _quiet_point(self, seq: int, now: int) -> int:
+        """No request in flight. Every ``anchor_interval`` such a point closes the
+        interval since the previous one, after a young-generation collection (about
+        50 us): with nothing in flight, it frees the cyclic garbage the finished
+        requests left (often more blocks than a leak keeps) and promotes nothing that
+        a request still uses, so both ends of every interval hold no garbage."""
         rss = self._rss()
-        collections = _gc_collections[0]
-        if collections == self._anchor_gc:
+        if now - self._anchor_ns < self.anchor_interval_ns:
             return rss
+        self._anchor_ns = now
+        if gc.isenabled():
+            gc.collect(0)
         blocks = _blocks()
         start = self._anchor_fin
-        if start >= 0 and seq - start <= _MAX_ROW and seq - start < _RING_SIZE:
+        if start >= 0 and seq - start <= _MAX_ROW:
             row: dict[int, int] = {}
             ring = self._ring
             for i in range(start, seq):
@@ -293,7 +287,6 @@ class RequestTracker:
             if row:
                 self._add_row(row, rss - self._anchor_rss, blocks - self._anchor_blocks)
         self._anchor_fin, self._anchor_rss, self._anchor_blocks = seq, rss, blocks
-        self._anchor_gc = collections
         return rss
 
     def _add_row(self, row: dict[int, int], rss_growth: int, block_growth: int) -> None:
@@ -320,13 +313,22 @@ class RequestTracker:
         beta_bytes = _solve(self._xtx, self._y_bytes)
         beta_blocks = _solve(self._xtx, self._y_blocks)
         self.windows_closed += 1
+        evidenced = [stats for stats in self._by_index
+                     if self._rows.get(stats.index, 0) >= self.min_window_samples]
+        # What every route seems to keep is the server's, not a route's: objects per
+        # connection that outlive a young-generation collection and wait for an older
+        # one. A leak is what a route keeps beyond the route that keeps least.
+        baseline = 0.0
+        if len(evidenced) >= 2:
+            baseline = min(beta_blocks.get(stats.index, 0.0) for stats in evidenced)
+        self.baseline_objects = baseline
         for stats in self._by_index:
             requests = stats.count - stats.window_start_count
             stats.window_start_count = stats.count
-            if self._rows.get(stats.index, 0) < self.min_window_samples:
+            if stats not in evidenced:
                 continue  # too little evidence either way: the streak neither grows nor ends
             stats.estimate = beta_bytes.get(stats.index, 0.0)
-            stats.objects = beta_blocks.get(stats.index, 0.0)
+            stats.objects = beta_blocks.get(stats.index, 0.0) - baseline
             retained = stats.estimate * requests
             stats.retained += retained
             stats.history.append(retained)
@@ -421,6 +423,7 @@ class RequestTracker:
         return {
             "requests": self._finished_n,
             "windows": self.windows_closed,
+            "baseline_objects_per_request": round(self.baseline_objects, 2),
             "routes": [s.as_dict() for s in self._by_index if s.count],
         }
 
