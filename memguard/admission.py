@@ -189,13 +189,12 @@ class MemoryAdmission:
         log_fn = log.warning if level > previous else log.info
         log_fn("memory pressure %s -> %s (%s): %s", LEVEL_NAMES[previous], LEVEL_NAMES[level],
                self.reason or "back under every limit", figures)
-        events.emit("pressure", level=LEVEL_NAMES[level], previous=LEVEL_NAMES[previous],
-                    reason=self.reason, **figures)
+        events.emit("pressure", previous=LEVEL_NAMES[previous], **figures)
 
     def figures(self) -> dict[str, Any]:
         return {
             "level": LEVEL_NAMES[self.level],
-            "reason": self.reason or None,
+            "pressure_reason": self.reason or None,
             "rss": self.rss,
             "uss": self.uss,
             "soft_limit": self.soft_limit,
@@ -227,7 +226,7 @@ class MemoryAdmission:
         refusal = MemoryPressure(
             "This server is short of memory right now; retry shortly or elsewhere.",
             reason=f"shed_{self.reason}", headers=self._retry_headers,
-            method=method, path=path, **self.figures(),
+            **self.figures(),
         )
         return refusal
 

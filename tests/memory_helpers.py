@@ -19,7 +19,8 @@ def _chunks(total: int, chunk: int) -> Iterator[bytes]:
 
 
 def stream_upload(port: int, path: str, total: int, *, chunk: int = 256 * 1024,
-                  timeout: float = 120) -> tuple[int | None, bytes, int]:
+                  chunked: bool = False, timeout: float = 120,
+                  ) -> tuple[int | None, bytes, int]:
     """POST ``total`` bytes (Content-Length declared) from a generator, reading the
     response while sending: a server that refuses mid-body answers and closes before the
     client has sent everything. Returns (status or None, response bytes, bytes sent)."""
@@ -43,14 +44,20 @@ def stream_upload(port: int, path: str, total: int, *, chunk: int = 256 * 1024,
     reader.start()
     sent = 0
     try:
+        framing = ("Transfer-Encoding: chunked" if chunked else f"Content-Length: {total}")
         sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                     f"Content-Type: application/octet-stream\r\n"
-                     f"Content-Length: {total}\r\n\r\n".encode())
+                     f"Content-Type: application/octet-stream\r\n{framing}\r\n\r\n".encode())
         for piece in _chunks(total, chunk):
             if done.is_set():
                 break
+            if chunked:
+                sock.sendall(b"%x\r\n" % len(piece))
             sock.sendall(piece)
+            if chunked:
+                sock.sendall(b"\r\n")
             sent += len(piece)
+        if chunked and not done.is_set():
+            sock.sendall(b"0\r\n\r\n")
     except OSError:
         pass  # the server stopped reading: its answer is what matters
     with contextlib.suppress(OSError):

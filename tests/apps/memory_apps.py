@@ -106,7 +106,10 @@ _layer: MemoryLayer | None = app.memory
 
 def wsgi_inner(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
     path = environ.get("PATH_INFO", "")
-    if path == "/ballast":
+    if path == "/upload":
+        data = environ["wsgi.input"].read()  # the naive WSGI endpoint: all of it at once
+        body = f"got {len(data)}".encode()
+    elif path == "/ballast":
         query = dict(p.split("=", 1) for p in environ.get("QUERY_STRING", "").split("&") if p)
         mib = int(query.get("mib", "0"))
         _ballast.clear()
