@@ -179,10 +179,11 @@ def test_flask_rule_is_recorded_by_the_wsgi_middleware() -> None:
 
 @pytest.mark.parametrize("kind", ["wsgi", "asgi"])
 def test_django_route_is_recorded(kind: str) -> None:
-    import tests.apps.django_app  # noqa: F401  (configures Django once per process)
     from django.core.handlers.asgi import ASGIHandler
     from django.core.handlers.wsgi import WSGIHandler
     from django.test import override_settings
+
+    import tests.apps.django_app  # noqa: F401  (configures Django once per process)
 
     with override_settings(ROOT_URLCONF="tests.apps.django_urls",
                            MIDDLEWARE=["memguard.tracking.DjangoRouteMiddleware"]):
