@@ -33,6 +33,9 @@ $(BENCH_STAMP): $(STAMP)
 		|| echo "warning: the bench extra (uwsgi, granian) did not install; their rows are skipped"
 
 bench: $(BENCH_STAMP)
+	@# wrk (Debian package) drives the end-to-end overhead benchmark; installed once.
+	@command -v wrk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk) \
+		|| echo "wrk could not be installed: end-to-end figures will be skipped"
 	$(BIN)/python -m benchmarks --quick
 
 # Generated docs (a test fails when they are stale): the options reference from
