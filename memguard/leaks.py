@@ -223,7 +223,8 @@ class LeakReporter:
 class LeakAdmin:
     """The leak-report admin endpoint, for the ASGI and WSGI middlewares.
 
-    Under ``path`` (chosen by the app, e.g. ``/_memguard/leaks``): ``POST path/start``,
+    Under ``path`` (chosen by the app, e.g. ``/_memguard/leaks``): ``POST path/start``
+    (``?frames=N``: traceback depth, 10 by default; 1 is several times cheaper),
     ``GET path/report`` (JSON; ``?format=text`` for text), ``POST path/stop`` (the
     report, then tracing stops). Every call needs ``Authorization: Bearer <token>``:
     missing is 401, wrong is 403; the comparison is constant-time. A path with no token
@@ -254,6 +255,10 @@ class LeakAdmin:
         text = "format=text" in query
         try:
             if action == "start" and method == "POST":
+                frames = _query_int(query, "frames")
+                if frames is not None:
+                    # Fewer frames, cheaper tracing: 1 frame names the line only.
+                    self.reporter.frames = max(1, min(frames, 50))
                 self.reporter.start()
                 return _answer(200, {"status": "started", "pid": os.getpid()})
             if action == "report" and method == "GET":
@@ -282,6 +287,14 @@ class LeakAdmin:
             environ.get("HTTP_AUTHORIZATION"), environ.get("QUERY_STRING", ""),
         )
         return respond_wsgi(start_response, status, ctype, body)
+
+
+def _query_int(query: str, name: str) -> int | None:
+    for item in query.split("&"):
+        key, _, value = item.partition("=")
+        if key == name and value.isdigit():
+            return int(value)
+    return None
 
 
 def _answer(status: int, data: dict[str, Any]) -> tuple[int, str, bytes]:

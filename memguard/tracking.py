@@ -9,23 +9,27 @@ tracker never reads the process's memory twice per request. It *samples*, on a c
   any moment of it) is exact and counted apart (``exclusive``); one that overlapped
   others includes their growth and is marked so.
 - **Quiet points, for what a route keeps.** A sampled request that *begins* with no
-  other request in flight is a quiet point: everything that ran since the previous quiet
-  point has finished. Between two quiet points, the change of the worker's Python
-  blocks (``sys.getallocatedblocks()``, 0.4 us) and RSS is what the requests completed
-  in between kept, their temporaries gone. A small ring of recent completions says which
-  routes those were, and a per-window least squares fit turns the intervals into
-  "blocks and bytes kept per request" for each route. When requests never overlap
-  (an async app under uvicorn), each interval holds one request and the figure is exact;
-  under concurrency it is statistical, and still separates a leaking route from a clean
-  one that merely ran beside it.
+  other request in flight is a quiet point: everything that ran since the previous one
+  has finished. Every ``leak_window / 100`` a quiet point closes an interval, after a
+  young-generation collection (~50 us; with nothing in flight it frees the cyclic
+  garbage the finished requests left and promotes nothing a request still uses). The
+  change of the worker's Python blocks (``sys.getallocatedblocks()``) and RSS over the
+  interval is what the requests completed in it kept. A ring of recent completions says
+  which routes those were, and a per-window non-negative least squares fit (older
+  windows at half weight each) turns the intervals into "blocks and bytes kept per
+  request" for each route, taken relative to the route that keeps least (what every
+  route seems to keep is the server's: per-connection objects waiting for an older
+  generation's collection). Under concurrency the figure is statistical; it still
+  separates a leaking route from a clean one that merely ran beside it.
 
 Why blocks for the leak decision and not RSS: the heap's fragmentation decides which
 request pays for RSS growth (a clean request often extends the heap a leaking one just
 filled), while a kept Python object is a kept block wherever it lands. RSS is the gate:
 a route is a suspected leak when it kept at least ``leak_min_objects`` blocks per
-request in ``leak_windows`` windows of ``leak_window`` seconds in a row while the
-worker's RSS grew by at least ``leak_min_growth`` in each. It is then logged once on
-``memguard.tracking`` with the figures, counted, and kept in its :class:`RouteStats`.
+request in ``leak_windows`` windows of ``leak_window`` seconds in a row (after its first
+two, the warm-up) while the worker's RSS grew by at least ``leak_min_growth`` in each.
+It is then logged once on ``memguard.tracking`` with the figures, counted, and kept in
+its :class:`RouteStats`.
 A leak that grows one existing object (a ``bytearray`` extended in place) keeps no new
 blocks and is not attributed; the worker's growth still shows in the metrics.
 

@@ -85,7 +85,8 @@ def test_admin_endpoint_on_a_real_server(repo: Path) -> None:
         wrong = {"Authorization": "Bearer battery staple"}
         assert http_request(url, "POST", "/_memguard/leaks/start", headers=wrong)[0] == 403
         good = {"Authorization": "Bearer correct horse"}
-        status, _, body = http_request(url, "POST", "/_memguard/leaks/start", headers=good)
+        status, _, body = http_request(url, "POST", "/_memguard/leaks/start?frames=3",
+                                       headers=good)
         assert status == 200 and json.loads(body)["status"] == "started"
         for _ in range(30):
             assert http_request(url, path="/leak")[0] == 200
