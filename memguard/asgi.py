@@ -7,14 +7,20 @@ app.add_middleware(MemGuardMiddleware, max_body_size="16MiB")   # Starlette, Fas
 
 A request goes through these phases (each one a few lines in :class:`_Responder`):
 
-1. **admit**: (memory admission plugs in here; nothing yet)
+1. **admit**: the cached memory pressure (:mod:`memguard.admission`); under critical
+   pressure the request is shed with 503 and ``Retry-After`` before the app sees it.
+   Paths the middleware answers itself (readiness, liveness, metrics, leak admin; all
+   off by default) are answered here.
 2. **frame**: Content-Length / Transfer-Encoding checked, the route's limit found; a
    declared length over it is answered with 413 before the first ``receive()``, so a
    server that sends ``100 Continue`` lazily (uvicorn) never invites the body.
-3. **wrap receive**: :class:`memguard.body.ASGIBody` counts real bytes.
+3. **wrap receive**: :class:`memguard.body.ASGIBody` counts real bytes, and every few
+   MiB checks that buffering the body will not push the worker past its hard limit.
 4. **call app**: ``send`` is wrapped so that a refusal remembered during the request
    replaces whatever response the app or its framework makes of it (a 500, a 400).
-5. **after response**: the body's timer is cancelled.
+5. **after response**: the body's timer is cancelled; the request is counted under its
+   route template (:mod:`memguard.tracking`, sampled); a worker over its soft limit asks
+   for a graceful recycle.
 
 A request with neither Content-Length nor Transfer-Encoding over HTTP/1 has no body:
 it goes to the app untouched (no wrapper, no allocation). Non-``http`` scopes pass
@@ -29,11 +35,15 @@ the connection (the client sees a truncated response, never a wrong complete one
 from __future__ import annotations
 
 import logging
+from time import monotonic_ns
 from typing import Any
 
+from memguard.admission import CRITICAL
 from memguard.body import ASGIBody, BodyPolicy, record, refusal_response
 from memguard.config import resolve
 from memguard.errors import RequestRejected
+from memguard.memory import MemoryLayer
+from memguard.tracking import Sample, asgi_route
 from memguard.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["MemGuardMiddleware"]
@@ -47,11 +57,14 @@ _BODY_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"content-ty
 
 
 class MemGuardMiddleware:
-    """ASGI middleware; every keyword is a ``body`` option of :mod:`memguard.config`."""
+    """ASGI middleware; every keyword is a ``body`` or ``memory`` option of
+    :mod:`memguard.config`."""
 
     def __init__(self, app: ASGIApp, **options: Any) -> None:
         self.app = app
-        self.policy = BodyPolicy(resolve(("body",), options))
+        values = resolve(("body", "memory"), options)
+        self.policy = BodyPolicy(values)
+        self.memory = MemoryLayer(values)
         # Django's ASGI handler spools the body to a file before any view runs and
         # closes that file only on http.disconnect: refusals reach it as a disconnect.
         self.disconnect_on_refusal = type(app).__module__.startswith("django.")
@@ -60,7 +73,23 @@ class MemGuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        # 1. admit: memory admission (503 + Retry-After) goes here, for every request.
+        memory = self.memory
+        if memory.has_endpoints:
+            handler = memory.endpoint(scope["path"])
+            if handler is not None:
+                await handler.asgi(scope, receive, send)
+                return
+        # 1. admit: a cached pressure level, refreshed every few ms (never per request).
+        now = monotonic_ns()
+        admission = memory.admission
+        if now - admission._checked_ns >= admission.refresh_ns:
+            admission.refresh(now)
+        if admission.level >= CRITICAL:
+            refusal = admission.admit(scope["method"], scope["path"], now)
+            if refusal is not None and await _Responder(self, scope, receive,
+                                                        send).refuse_now(refusal):
+                return
+        sample = memory.begin(now)
         # 2. frame: no Content-Length and no Transfer-Encoding over HTTP/1 is no body.
         for name, _ in scope["headers"]:
             if name in _FRAMING:
@@ -68,24 +97,28 @@ class MemGuardMiddleware:
         else:
             if scope.get("http_version", "1.1") in _HTTP1:
                 # No body: the hot path. Only a refusal raised by the app needs us.
+                root = scope.get("root_path", "")
                 try:
                     await self.app(scope, receive, send)
                 except RequestRejected as exc:
                     await _Responder(self, scope, receive, send).refuse_late(exc)
+                finally:
+                    memory.end(sample, asgi_route(scope, root), scope["path"], monotonic_ns())
                 return
-        await _Responder(self, scope, receive, send).run()
+        await _Responder(self, scope, receive, send).run(sample, now)
 
 
 class _Responder:
     """One request with a body: its state lives here, never on the middleware."""
 
-    __slots__ = ("mw", "scope", "receive", "_send", "started", "rejection", "logged",
-                 "replaced", "accept")
+    __slots__ = ("mw", "scope", "app_scope", "receive", "_send", "started", "rejection",
+                 "logged", "replaced", "accept")
 
     def __init__(self, mw: MemGuardMiddleware, scope: Scope, receive: Receive,
                  send: Send) -> None:
         self.mw = mw
         self.scope = scope
+        self.app_scope = scope  # the copy the app gets (the route is found in it)
         self.receive = receive
         self._send = send
         self.started = False          # the app's http.response.start went out
@@ -94,7 +127,16 @@ class _Responder:
         self.replaced = False         # our refusal went out in place of the app's response
         self.accept: bytes | None = None
 
-    async def run(self) -> None:
+    async def run(self, sample: Sample | None, now: int) -> None:
+        root = self.scope.get("root_path", "")
+        try:
+            await self._run(now)
+        finally:
+            # 5. after response: account the request under the route the app found.
+            self.mw.memory.end(sample, asgi_route(self.app_scope, root), self.scope["path"],
+                               monotonic_ns())
+
+    async def _run(self, now: int) -> None:
         policy = self.mw.policy
         scope = self.scope
         # 2. frame (admission ran in MemGuardMiddleware.__call__)
@@ -114,6 +156,7 @@ class _Responder:
                 else:
                     self.accept = value
         limit = reader_limit = policy.limit_for(scope.get("path", ""), content_type)
+        declared: int | None = None
         try:
             declared = policy.declared_length(lengths, codings)
             if declared is not None and limit is not None and declared > limit:
@@ -125,13 +168,13 @@ class _Responder:
                 await self.send_refusal(exc)
                 return
             reader_limit, decoder = None, None  # reported once is enough
-        scope = _with_extension(scope, limit, self.refused_by_app)
+        scope = self.app_scope = _with_extension(scope, limit, self.refused_by_app)
         if decoder is not None:
             scope["headers"] = [(k, v) for k, v in scope["headers"]
                                 if k not in (b"content-encoding", b"content-length")]
         # 3. wrap receive
         body = ASGIBody(self.receive, reader_limit, policy, self.reject, decoder,
-                        self.mw.disconnect_on_refusal)
+                        self.mw.disconnect_on_refusal, self.mw.memory.body_guard(declared, now))
         # 4. call app
         try:
             await self.mw.app(scope, body.receive, self.send)
@@ -189,6 +232,19 @@ class _Responder:
                           "headers": [(k.encode("latin-1"), v.encode("latin-1"))
                                       for k, v in headers]})
         await self._send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def refuse_now(self, exc: RequestRejected) -> bool:
+        """A refusal decided before the app ran (memory admission); False when
+        report-only lets the request go on."""
+        report_only = self.mw.policy.report_only
+        self.note(exc, report_only)
+        if report_only:
+            return False
+        for name, value in self.scope["headers"]:
+            if name == b"accept":
+                self.accept = value
+        await self.send_refusal(exc)
+        return True
 
     async def refuse_late(self, exc: RequestRejected) -> None:
         """A refusal raised by the app on a body-less request (no send wrapper there):

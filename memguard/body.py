@@ -370,12 +370,15 @@ class ASGIBody:
 
     __slots__ = ("_receive", "limit", "received", "done", "error", "on_reject", "policy",
                  "decoder", "_sweeper", "_task", "_waiting", "_t_enter", "_start",
-                 "_timeout", "receive", "disconnect", "_timed", "_current_task")
+                 "_timeout", "receive", "disconnect", "_timed", "_current_task", "memory")
 
     def __init__(self, receive: Receive, limit: int | None, policy: BodyPolicy,
                  on_reject: Any, decoder: Decoder | None = None,
-                 disconnect: bool = False) -> None:
+                 disconnect: bool = False, memory: Any = None) -> None:
         self._receive = receive
+        # memguard.admission.BodyMemoryGuard: the worker's memory against its hard limit,
+        # read every few MiB received (None: no worker limit).
+        self.memory = memory
         self.limit = limit
         self.received = 0
         self.done = False
@@ -466,12 +469,21 @@ class ASGIBody:
             self.done = True
             self.close()
             return message
-        self.received += len(message.get("body", b""))
+        size = len(message.get("body", b""))
+        self.received += size
         if self.limit is not None and self.received > self.limit:
             exc = self._reject(_over_limit(self.limit, self.received))
             if exc is not None:
                 return self._signal(exc)
             self.limit = None
+        if self.memory is not None:
+            try:
+                self.memory.chunk(size)
+            except RequestRejected as memory_exc:
+                self.memory = None
+                exc = self._reject(memory_exc)
+                if exc is not None:
+                    return self._signal(exc)
         if not message.get("more_body", False):
             self.done = True
             self.close()
@@ -500,6 +512,8 @@ class ASGIBody:
             if self.limit is not None and self.received > self.limit:
                 raise _over_limit(self.limit, self.received)
             out = decoder.feed(data)
+            if self.memory is not None:
+                self.memory.chunk(len(out))  # what the app may buffer is the decoded size
             more = message.get("more_body", False) or decoder.pending
             if not more:
                 decoder.finish()
@@ -509,6 +523,7 @@ class ASGIBody:
         except RequestRejected as exc:
             if exc is self.error:
                 raise
+            self.memory = None
             rejected = self._reject(exc)
             if rejected is not None:
                 return self._signal(rejected)
@@ -638,8 +653,9 @@ class WSGIInput:
 
     def __init__(self, stream: IO[bytes], declared: int | None, limit: int | None,
                  policy: BodyPolicy, on_reject: Any, decoder: Decoder | None = None,
-                 sock: Any = None) -> None:
+                 sock: Any = None, memory: Any = None) -> None:
         self._stream = stream
+        self.memory = memory  # memguard.admission.BodyMemoryGuard, or None
         self.declared = declared
         self.limit = limit
         self.received = 0
@@ -702,6 +718,12 @@ class WSGIInput:
         if self.limit is not None and self.received > self.limit:
             self._fail(_over_limit(self.limit, self.received))
             self.limit = None
+        if self.memory is not None:
+            try:
+                self.memory.chunk(n)
+            except RequestRejected as exc:
+                self.memory = None
+                self._fail(exc)
         if self.min_rate:
             now = time.monotonic()
             if now > self._start + self.grace + self.received / self.min_rate:

@@ -5,9 +5,13 @@ wsgi = MemGuardWSGIMiddleware(wsgi, max_body_size="16MiB")
 ```
 
 The phases are those of :mod:`memguard.asgi`, in WSGI terms (see :class:`_Request`):
-admit, frame (Content-Length checked before anything is read; over the limit: 413),
-wrap ``wsgi.input`` (:class:`memguard.body.WSGIInput`), call the app with a wrapped
-``start_response``, and after the response (the returned iterable's ``close()``).
+admit (the cached memory pressure: 503 under critical pressure), frame (Content-Length
+checked before anything is read; over the limit: 413), wrap ``wsgi.input``
+(:class:`memguard.body.WSGIInput`, which also checks the worker's memory every few MiB),
+call the app with a wrapped ``start_response``, and after the response (the returned
+iterable's ``close()``). The request is accounted under its route template as soon as
+the app returns its iterable (Flask's rule is recorded by a hook installed here; Django
+needs ``memguard.tracking.DjangoRouteMiddleware``).
 
 A request with neither Content-Length nor Transfer-Encoding has no body and goes to the
 app untouched. A chunked body is read only when the server sets ``wsgi.input_terminated``
@@ -31,12 +35,16 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from time import monotonic_ns
 from types import TracebackType
 from typing import Any
 
+from memguard.admission import CRITICAL
 from memguard.body import BodyPolicy, WSGIInput, record, refusal_response
 from memguard.config import resolve
 from memguard.errors import LengthRequired, RequestRejected
+from memguard.memory import MemoryLayer
+from memguard.tracking import ROUTE_KEY, install_flask_route_hook
 
 __all__ = ["MemGuardWSGIMiddleware"]
 
@@ -47,23 +55,51 @@ WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 
 
 class MemGuardWSGIMiddleware:
-    """WSGI middleware; every keyword is a ``body`` option of :mod:`memguard.config`."""
+    """WSGI middleware; every keyword is a ``body`` or ``memory`` option of
+    :mod:`memguard.config`."""
 
     def __init__(self, app: WSGIApp, **options: Any) -> None:
         self.app = app
-        self.policy = BodyPolicy(resolve(("body",), options))
+        values = resolve(("body", "memory"), options)
+        self.policy = BodyPolicy(values)
+        self.memory = MemoryLayer(values)
+        if self.memory.tracker is not None:
+            install_flask_route_hook(app)
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        # 1. admit: memory admission (503 + Retry-After) goes here, for every request.
-        # 2. frame: no Content-Length and no Transfer-Encoding is no body.
-        if "CONTENT_LENGTH" not in environ and "HTTP_TRANSFER_ENCODING" not in environ:
-            try:
-                return self.app(environ, start_response)
-            except RequestRejected as exc:
-                return _Request(self, environ, start_response).refuse_now(exc)
-        if environ.get("CONTENT_LENGTH") == "" and "HTTP_TRANSFER_ENCODING" not in environ:
-            return self.app(environ, start_response)  # wsgiref's "no length"
-        return _Request(self, environ, start_response).run()
+        memory = self.memory
+        path = environ.get("PATH_INFO", "")
+        if memory.has_endpoints:
+            handler = memory.endpoint(path)
+            if handler is not None:
+                answer: Iterable[bytes] = handler.wsgi(environ, start_response)
+                return answer
+        # 1. admit: a cached pressure level, refreshed every few ms (never per request).
+        now = monotonic_ns()
+        admission = memory.admission
+        if now - admission._checked_ns >= admission.refresh_ns:
+            admission.refresh(now)
+        if admission.level >= CRITICAL:
+            refusal = admission.admit(environ.get("REQUEST_METHOD", ""), path, now)
+            if refusal is not None:
+                request = _Request(self, environ, start_response)
+                request.note(refusal, self.policy.report_only)
+                if not self.policy.report_only:
+                    return request.refusal(refusal)
+        sample = memory.begin(now)
+        try:
+            # 2. frame: no Content-Length and no Transfer-Encoding is no body.
+            if "CONTENT_LENGTH" not in environ and "HTTP_TRANSFER_ENCODING" not in environ:
+                try:
+                    return self.app(environ, start_response)
+                except RequestRejected as exc:
+                    return _Request(self, environ, start_response).refuse_now(exc)
+            if environ.get("CONTENT_LENGTH") == "" and "HTTP_TRANSFER_ENCODING" not in environ:
+                return self.app(environ, start_response)  # wsgiref's "no length"
+            return _Request(self, environ, start_response).run(now)
+        finally:
+            # 5. after response (the app has built it): account it under its route.
+            memory.end(sample, environ.get(ROUTE_KEY), path, monotonic_ns())
 
 
 def _discard(data: bytes) -> None:
@@ -84,7 +120,7 @@ class _Request:
         self.replaced = False    # our refusal is the response
         self.input: WSGIInput | None = None
 
-    def run(self) -> Iterable[bytes]:
+    def run(self, now: int) -> Iterable[bytes]:
         policy = self.mw.policy
         environ = self.environ
         # 2. frame (admission ran in MemGuardWSGIMiddleware.__call__)
@@ -115,7 +151,8 @@ class _Request:
         environ["memguard.reject"] = self.refused_by_app
         # 3. wrap wsgi.input
         self.input = WSGIInput(environ["wsgi.input"], declared, reader_limit, policy, self.reject,
-                               decoder, sock=environ.get("gunicorn.socket"))
+                               decoder, sock=environ.get("gunicorn.socket"),
+                               memory=self.mw.memory.body_guard(declared, now))
         environ["wsgi.input"] = self.input
         if decoder is not None:
             environ.pop("CONTENT_LENGTH", None)
