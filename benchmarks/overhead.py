@@ -55,12 +55,13 @@ async def _send(message: dict[str, Any]) -> None:
 
 
 async def _batch(app: Any, n: int) -> float:
-    """Microseconds per request over ``n`` requests."""
+    """Microseconds of this process's CPU time per request over ``n`` requests (CPU
+    time, not wall time: other processes on this shared machine do not count)."""
     scope = _scope
-    started = time.perf_counter_ns()
+    started = time.process_time_ns()
     for _ in range(n):
         await app(scope(), _receive, _send)
-    return (time.perf_counter_ns() - started) / n / 1000
+    return (time.process_time_ns() - started) / n / 1000
 
 
 def in_process(rounds: int, per_round: int) -> dict[str, Any]:
@@ -89,18 +90,29 @@ def in_process(rounds: int, per_round: int) -> dict[str, Any]:
     }
 
 
-def _wrk(port: int, seconds: float, connections: int) -> float:
+def _cpu_ns(pid: int) -> int:
+    """Time the process has spent on a CPU, in ns (``/proc/PID/schedstat``)."""
+    with open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split()[0])
+
+
+def _wrk(port: int, pid: int | None, seconds: float, connections: int,
+         ) -> tuple[float, float]:
+    """(requests per second, server CPU microseconds per request)."""
+    cpu_before = _cpu_ns(pid) if pid else 0
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", f"http://127.0.0.1:{port}/"],
         capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
-    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if match is None:
+    cpu = (_cpu_ns(pid) - cpu_before) if pid else 0
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    if rate is None or total is None:
         raise RuntimeError(f"unexpected wrk output:\n{out}")
-    return float(match.group(1))
+    return float(rate.group(1)), cpu / 1000 / max(1, int(total.group(1)))
 
 
 @contextlib.contextmanager
-def _uvicorn(app: str) -> Iterator[int]:
+def _uvicorn(app: str) -> Iterator[tuple[int, int]]:
     """uvicorn on its own port (``--port``, not ``--fd``): uvicorn takes a socket handed
     by descriptor for a Unix socket, so asyncio leaves Nagle's algorithm on and every
     keep-alive response waits ~40 ms for a delayed ACK, which wrk would measure."""
@@ -122,7 +134,7 @@ def _uvicorn(app: str) -> Iterator[int]:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"uvicorn {app} did not start") from None
                 time.sleep(0.05)
-        yield port
+        yield port, proc.pid
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -138,18 +150,28 @@ def end_to_end(rounds: int, seconds: float) -> dict[str, Any]:
         return {"skipped": "wrk not installed (Debian package wrk; make bench installs it)"}
     names = ("bare", "passthrough", "guarded", "anchor")
     rps: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     with contextlib.ExitStack() as stack:
-        ports = {name: stack.enter_context(_uvicorn(f"benchmarks.overhead_apps:{name}"))
-                 for name in names}
-        for port in ports.values():
-            _wrk(port, 1, 8)  # warm up
+        servers = {name: stack.enter_context(_uvicorn(f"benchmarks.overhead_apps:{name}"))
+                   for name in names}
+        for port, pid in servers.values():
+            _wrk(port, pid, 1, 8)  # warm up
         for i in range(rounds):
             order = names if i % 2 == 0 else tuple(reversed(names))
             for name in order:
-                rps[name].append(_wrk(ports[name], seconds, 8))
+                rate, cpu_per_request = _wrk(*servers[name], seconds, 8)
+                rps[name].append(rate)
+                cpu[name].append(cpu_per_request)
     ratios = [g / b for g, b in zip(rps["guarded"], rps["bare"], strict=True)]
     anchor_ratios = [a / b for a, b in zip(rps["anchor"], rps["bare"], strict=True)]
     pass_ratios = [p / b for p, b in zip(rps["passthrough"], rps["bare"], strict=True)]
+
+    def cpu_added(name: str) -> float:
+        return median([x - b for x, b in zip(cpu[name], cpu["bare"], strict=True)])
+
+    def cpu_loss(name: str) -> float:
+        # A CPU-bound server's throughput is 1 / (CPU per request).
+        return (1 - median(cpu["bare"]) / median(cpu[name])) * 100
     return {
         "rounds": rounds, "seconds_per_run": seconds, "connections": 8,
         "bare_rps": round(median(rps["bare"])),
@@ -161,6 +183,17 @@ def end_to_end(rounds: int, seconds: float) -> dict[str, Any]:
         "psutil_loss_percent": round((1 - median(anchor_ratios)) * 100, 2),
         # A middleware that does nothing: what this machine's noise alone makes of it.
         "passthrough_loss_percent": round((1 - median(pass_ratios)) * 100, 2),
+        # The server process's own CPU time per request (schedstat): steadier than
+        # requests/s when other work shares the machine.
+        "bare_cpu_us": round(median(cpu["bare"]), 2),
+        "memguard_cpu_us": round(median(cpu["guarded"]), 2),
+        "psutil_cpu_us": round(median(cpu["anchor"]), 2),
+        "memguard_cpu_added_us": round(cpu_added("guarded"), 2),
+        "psutil_cpu_added_us": round(cpu_added("anchor"), 2),
+        "passthrough_cpu_added_us": round(cpu_added("passthrough"), 2),
+        "memguard_cpu_loss_percent": round(cpu_loss("guarded"), 2),
+        "psutil_cpu_loss_percent": round(cpu_loss("anchor"), 2),
+        "passthrough_cpu_loss_percent": round(cpu_loss("passthrough"), 2),
     }
 
 
@@ -220,11 +253,13 @@ def run(quick: bool) -> Result:
               "us"),
     ]
     if "memguard_loss_percent" in e2e:
-        bounds.append(Bound("end-to-end throughput loss under uvicorn",
+        bounds.append(Bound("end-to-end throughput loss under uvicorn (requests/s)",
                             e2e["memguard_loss_percent"], 2.0, "%"))
+        bounds.append(Bound("end-to-end throughput loss under uvicorn (server CPU/request)",
+                            e2e["memguard_cpu_loss_percent"], 2.0, "%"))
     notes = [
-        "in-process: Starlette hello world called through ASGI, variants interleaved per "
-        "round, median over rounds of (wrapped - bare)",
+        "in-process: Starlette hello world called through ASGI, process CPU time, variants "
+        "interleaved per round, median over rounds of (wrapped - bare)",
         "end-to-end: uvicorn, one process per variant, wrk -t1 -c8, runs interleaved "
         "(order reversed every other round), median of per-round ratios",
         "psutil anchor: two psutil memory_info() calls per request",
@@ -236,9 +271,12 @@ def run(quick: bool) -> Result:
          "psutil anchor": f"{inproc['psutil_added_us']} us"},
     ]
     if "memguard_ratio" in e2e:
-        table.append({"what": "uvicorn + wrk throughput loss",
+        table.append({"what": "uvicorn + wrk throughput loss (requests/s)",
                       "memguard": f"{e2e['memguard_loss_percent']}%",
                       "psutil anchor": f"{e2e['psutil_loss_percent']}%"})
+        table.append({"what": "uvicorn + wrk throughput loss (server CPU per request)",
+                      "memguard": f"{e2e['memguard_cpu_loss_percent']}%",
+                      "psutil anchor": f"{e2e['psutil_cpu_loss_percent']}%"})
     return Result(name="overhead",
                   figures={"in_process": inproc, "end_to_end": e2e, "leak_report": leaks},
                   bounds=bounds, notes=notes, table=table)

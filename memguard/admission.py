@@ -85,6 +85,7 @@ class MemoryAdmission:
         cgroup_usage: Callable[[], int | None] | None = None,
         psi: Callable[[], float | None] | None = None,
         uss: Callable[[], int | None] | None = None,
+        reclaimable: Callable[[], int] | None = None,
     ) -> None:
         if shed not in ("all", "heavy", "off"):
             raise ValueError(f"shed must be 'all', 'heavy' or 'off', not {shed!r}")
@@ -109,6 +110,9 @@ class MemoryAdmission:
         self._cgroup_usage = cgroup_usage
         self._psi = psi
         self._uss = uss if uss is not None else _own_uss
+        # The container's page cache the kernel drops before any OOM kill (inactive
+        # file pages): read only when usage looks high, to judge the working set.
+        self._reclaimable = reclaimable
         self._retry_headers = {"Retry-After": str(retry_after)}
         # Cached figures, refreshed by refresh().
         self.level = OK
@@ -147,6 +151,9 @@ class MemoryAdmission:
             body_check_every=options["body_memory_check_every"],
             cgroup_usage=reader.usage if reader is not None and reader.info else None,
             psi=psi,
+            reclaimable=(_inactive_file_reader(cgroup.info.directory / "memory.stat",
+                                               cgroup.info.version)
+                         if cgroup is not None else None),
         )
 
     # ---- the pressure level -------------------------------------------------------------
@@ -169,7 +176,12 @@ class MemoryAdmission:
             level, reason = CRITICAL, "worker_over_hard_limit"
         if self._cgroup_usage is not None and self.container_limit:
             usage = self.container_usage = self._cgroup_usage()
-            if usage is not None and usage > self.container_threshold * self.container_limit:
+            threshold = self.container_threshold * self.container_limit
+            if usage is not None and usage > threshold and self._reclaimable is not None:
+                # Usage counts page cache; the working set (usage - inactive file, as
+                # Kubernetes counts it) is what an OOM kill would be about.
+                usage = self.container_usage = usage - self._reclaimable()
+            if usage is not None and usage > threshold:
                 level, reason = CRITICAL, "container_near_limit"
         if self._psi is not None and self.psi_threshold is not None:
             if now - self._psi_checked_ns >= _PSI_INTERVAL_NS:
@@ -405,6 +417,22 @@ def _own_uss() -> int | None:
         return probes.process_memory(os.getpid()).uss
     except (ProcessLookupError, OSError):
         return None
+
+
+def _inactive_file_reader(path: Any, version: int) -> Callable[[], int]:
+    key = "total_inactive_file " if version == 1 else "inactive_file "
+
+    def read() -> int:
+        try:
+            with open(path, encoding="ascii") as f:
+                for line in f:
+                    if line.startswith(key):
+                        return int(line.split()[1])
+        except (OSError, ValueError):
+            return 0
+        return 0
+
+    return read
 
 
 def _cgroup_psi_reader(path: Any) -> Callable[[], float | None]:

@@ -382,9 +382,9 @@ setting("memory_psi_threshold", MEMORY, 10.0, parse_positive_float,
         "on memory above which the worker sheds and reports not ready; 0 turns it off. "
         "Defaults to 10.",
         env="MEMGUARD_MEMORY_PSI_THRESHOLD")
-setting("memory_refresh_interval", MEMORY, 0.002, parse_positive_float,
+setting("memory_refresh_interval", MEMORY, 0.005, parse_positive_float,
         "Seconds a pressure reading (RSS, container usage) is reused before it is read "
-        "again. Defaults to 0.002.",
+        "again. Defaults to 0.005.",
         env="MEMGUARD_MEMORY_REFRESH_INTERVAL")
 setting("memory_shed", MEMORY, "all", parse_choice("all", "heavy", "off"),
         "Which new requests get 503 under memory pressure: `all`, `heavy` (methods in "
@@ -409,9 +409,9 @@ setting("track_memory", MEMORY, True, parse_bool,
         "Sampled per-request memory accounting per route template, with leak suspicion. "
         "Defaults to true.",
         env="MEMGUARD_TRACK_MEMORY")
-setting("memory_sample_interval", MEMORY, 0.001, parse_positive_float,
+setting("memory_sample_interval", MEMORY, 0.005, parse_positive_float,
         "Seconds between two sampled requests (RSS read before and after). Defaults to "
-        "0.001.",
+        "0.005.",
         env="MEMGUARD_MEMORY_SAMPLE_INTERVAL")
 setting("max_routes", MEMORY, 256, parse_int,
         "Route templates tracked before the rest are counted as `other`. Defaults to 256.",

@@ -494,14 +494,14 @@ def asgi_route(scope: Mapping[str, Any], root_path: str = "") -> str | None:
     if route is None:
         named = scope.get(ROUTE_KEY)
         return None if named is None else str(named)
-    template = getattr(route, "path_format", None)
+    template: str | None = getattr(route, "path_format", None)
     if template is None:
         return None
     inner_root = scope.get("root_path", "")
     if inner_root != root_path and isinstance(inner_root, str):
         if inner_root.startswith(root_path):
-            return inner_root[len(root_path):] + str(template)
-    return str(template)
+            return inner_root[len(root_path):] + template
+    return template
 
 
 def wsgi_route(environ: Mapping[str, Any]) -> str | None:

@@ -61,6 +61,19 @@ def test_levels_from_worker_and_container() -> None:
     assert a.refresh(4) == OK
 
 
+def test_container_page_cache_is_not_pressure() -> None:
+    usage = Probe(950 * MiB)
+    cache = Probe(300 * MiB)
+    a = MemoryAdmission(rss=Probe(MiB), cgroup_usage=usage, reclaimable=cache,
+                        container_limit=1000 * MiB)
+    assert a.refresh(0) == OK and a.container_usage == 650 * MiB
+    cache.value = 10 * MiB
+    assert a.refresh(1) == CRITICAL
+    usage.value = 500 * MiB
+    reads = cache.reads
+    assert a.refresh(2) == OK and cache.reads == reads  # under the threshold: not read
+
+
 def test_psi_counts_only_over_its_threshold() -> None:
     psi = Probe(None)
     a = MemoryAdmission(rss=Probe(MiB), psi=psi, psi_threshold=10.0)
