@@ -426,6 +426,11 @@ setting("leak_windows", MEMORY, 3, parse_int,
 setting("leak_min_growth", MEMORY, "1MiB", parse_size_value,
         "Memory a route must keep in a window to count toward a leak. Defaults to 1MiB.",
         env="MEMGUARD_LEAK_MIN_GROWTH")
+setting("leak_min_objects", MEMORY, 1.0, parse_positive_float,
+        "Python objects a route must keep per request, beyond the route that keeps least "
+        "and beyond two standard errors of its estimate, to count toward a leak. "
+        "Defaults to 1.",
+        env="MEMGUARD_LEAK_MIN_OBJECTS")
 setting("readiness_path", MEMORY, None, parse_path,
         "Path answered by the middleware with readiness: 200, or 503 under memory "
         "pressure. Defaults to off.",

@@ -51,6 +51,7 @@ class MemoryLayer:
                 leak_window=opts["leak_window"],
                 leak_windows=opts["leak_windows"],
                 leak_min_growth=opts["leak_min_growth"],
+                leak_min_objects=opts["leak_min_objects"],
             )
         self.metrics: MetricsExporter | None = None
         endpoints: dict[str, Any] = {}

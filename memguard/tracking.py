@@ -176,7 +176,7 @@ class RequestTracker:
         leak_window: float = 30.0,
         leak_windows: int = 3,
         leak_min_growth: int = 1 << 20,
-        leak_min_objects: float = 0.5,
+        leak_min_objects: float = 1.0,
         min_window_samples: int = 5,
         rss: Callable[[], int] = probes.current_rss,
         on_leak: Callable[[RouteStats], None] | None = None,
@@ -216,6 +216,8 @@ class RequestTracker:
         self._y_bytes: dict[int, float] = {}
         self._y_blocks: dict[int, float] = {}
         self._rows: dict[int, int] = {}  # intervals per route in the window
+        self._yy_blocks = 0.0  # sum of squared block growths (residual variance)
+        self._n_rows = 0.0
         self._window_start_ns = time.monotonic_ns()
         self._window_rss = -1
         # Samples kept for the metrics export, only once an exporter asked for them.
@@ -294,6 +296,8 @@ class RequestTracker:
         return rss
 
     def _add_row(self, row: dict[int, int], rss_growth: int, block_growth: int) -> None:
+        self._yy_blocks += float(block_growth) * block_growth
+        self._n_rows += 1.0
         xtx, y_bytes, y_blocks, rows = self._xtx, self._y_bytes, self._y_blocks, self._rows
         for i, xi in row.items():
             rows[i] = rows.get(i, 0) + 1
@@ -316,6 +320,8 @@ class RequestTracker:
         self._window_start_ns = now
         beta_bytes = _solve(self._xtx, self._y_bytes)
         beta_blocks = _solve(self._xtx, self._y_blocks)
+        errors = _standard_errors(self._xtx, self._y_blocks, self._yy_blocks, self._n_rows,
+                                  beta_blocks)
         self.windows_closed += 1
         evidenced = [stats for stats in self._by_index
                      if self._rows.get(stats.index, 0) >= self.min_window_samples]
@@ -333,6 +339,9 @@ class RequestTracker:
                 continue  # too little evidence either way: the streak neither grows nor ends
             stats.estimate = beta_bytes.get(stats.index, 0.0)
             stats.objects = beta_blocks.get(stats.index, 0.0) - baseline
+            # Two standard errors above the baseline: the intervals' noise (objects that
+            # outlive an interval, older generations collected in bursts) is not a leak.
+            significant = stats.objects > 2 * errors.get(stats.index, 0.0)
             retained = stats.estimate * requests
             stats.retained += retained
             stats.history.append(retained)
@@ -340,7 +349,8 @@ class RequestTracker:
             stats.windows += 1
             if stats.windows <= _WARMUP_WINDOWS:
                 continue  # first requests fill caches, pools, interned strings: not leaks
-            if stats.objects >= self.leak_min_objects and worker_growth >= self.leak_min_growth:
+            if (stats.objects >= self.leak_min_objects and significant
+                    and worker_growth >= self.leak_min_growth):
                 stats.streak += 1
             else:
                 stats.streak = 0
@@ -355,6 +365,8 @@ class RequestTracker:
         for y in (self._y_bytes, self._y_blocks):
             for i in y:
                 y[i] *= 0.5
+        self._yy_blocks *= 0.5
+        self._n_rows *= 0.5
         self._rows = {}
 
     def _report_leak(self, stats: RouteStats, worker_growth: int) -> None:
@@ -453,6 +465,26 @@ def _solve(xtx: Mapping[int, Mapping[int, float]], xty: Mapping[int, float],
         worst = min(negative, key=lambda i: solution[i])
         active = [i for i in active if i != worst]
     return {i: beta.get(i, 0.0) for i in xty}
+
+
+def _standard_errors(xtx: Mapping[int, Mapping[int, float]], xty: Mapping[int, float],
+                     yy: float, n: float, beta: Mapping[int, float]) -> dict[int, float]:
+    """Standard error of each route's estimate: residual variance times the diagonal of
+    ``(X'X)^-1`` (each column of the inverse is one more solve of the same system)."""
+    active = sorted(xty, key=lambda i: -xtx.get(i, {}).get(i, 0.0))[:_MAX_EXACT]
+    k = len(active)
+    if k == 0 or n <= k:
+        return {}
+    fitted = sum(beta.get(i, 0.0) * xty.get(i, 0.0) for i in active)
+    quadratic = sum(beta.get(i, 0.0) * xtx.get(i, {}).get(j, 0.0) * beta.get(j, 0.0)
+                    for i in active for j in active)
+    variance = max(0.0, yy - 2 * fitted + quadratic) / (n - k)
+    out: dict[int, float] = {}
+    for i in active:
+        unit = {j: (1.0 if j == i else 0.0) for j in active}
+        column = _gauss(xtx, unit, active)
+        out[i] = (variance * max(0.0, column[i])) ** 0.5
+    return out
 
 
 def _gauss(xtx: Mapping[int, Mapping[int, float]], xty: Mapping[int, float],
