@@ -72,7 +72,7 @@ class MemoryAdmission:
         soft_limit: int | None = None,
         hard_limit: int | None = None,
         container_limit: int | None = None,
-        container_threshold: float = 0.9,
+        container_threshold: float = 0.95,
         psi_threshold: float | None = 10.0,
         refresh_interval: float = 0.002,
         uss_interval: float = 1.0,
@@ -353,19 +353,27 @@ def derive_worker_limits(
 ) -> tuple[int | None, int | None]:
     """Resolve the worker's soft and hard limits to bytes (``None``: off).
 
-    ``"25%"`` is a share of the container's limit. ``"auto"`` (the default) derives the
-    soft limit from the container's limit and the worker count when both are known:
+    ``"25%"`` is a share of the container's limit. ``"auto"`` (the default) takes the
+    limits of memguard's gunicorn integration when the worker runs under it (so the
+    middleware refuses a body before the master's watchdog would stop the worker);
+    otherwise it derives the soft limit from the container's limit and the worker count
+    when both are known:
     85% of the limit shared by the workers plus one (the budget keeps room for a
     replacement that boots while an old worker drains). The hard limit defaults to 1.5x
     the soft limit, capped at 95% of the container's limit.
     """
     soft_bytes = _resolve_limit(soft, container_limit)
-    if soft == "auto":
+    server = _gunicorn_integration_limits()
+    if soft == "auto" and server is not None and server[0] is not None:
+        soft_bytes = server[0]
+    elif soft == "auto":
         workers = worker_count_from_environment(environ, argv)
         if container_limit is not None and workers is not None:
             soft_bytes = int(container_limit * 0.85 / (workers + 1))
     hard_bytes = _resolve_limit(hard, container_limit)
-    if hard == "auto" and soft_bytes is not None:
+    if hard == "auto" and server is not None and server[1] is not None:
+        hard_bytes = server[1]
+    elif hard == "auto" and soft_bytes is not None:
         hard_bytes = int(soft_bytes * 1.5)
         if container_limit is not None:
             hard_bytes = min(hard_bytes, int(container_limit * 0.95))
@@ -376,6 +384,17 @@ def derive_worker_limits(
             f"worker_memory_limit ({format_size(soft_bytes)})"
         )
     return soft_bytes, hard_bytes
+
+
+def _gunicorn_integration_limits() -> tuple[int | None, int | None] | None:
+    """(soft, hard) of ``memguard.gunicorn.install`` in this process (a gunicorn worker
+    forked from a master that ran it), or ``None``."""
+    module = sys.modules.get("memguard.gunicorn")
+    limits = getattr(getattr(module, "_guard", None), "limits", None)
+    if limits is None:
+        return None
+    soft, hard = getattr(limits, "soft", None), getattr(limits, "hard", None)
+    return (soft if isinstance(soft, int) else None, hard if isinstance(hard, int) else None)
 
 
 def _resolve_limit(value: int | str | None, container_limit: int | None) -> int | None:

@@ -364,18 +364,21 @@ MEMORY = "memory"
 setting("worker_memory_limit", MEMORY, "auto", parse_worker_limit,
         "This worker's soft memory limit (\"400MiB\", or \"25%\" of the container's "
         "limit): over it (by USS), the worker asks for a graceful recycle after its "
-        "response. Defaults to `auto`: 85% of the container's limit shared by the workers "
-        "plus one, when the limit and the worker count (WEB_CONCURRENCY, -w/--workers) "
-        "are known; otherwise off.",
+        "response. Defaults to `auto`: the gunicorn integration's limit under it; else 85% "
+        "of the container's limit shared by the workers plus one, when the limit and the "
+        "worker count (WEB_CONCURRENCY, -w/--workers) are known; otherwise off.",
         env="MEMGUARD_WORKER_MEMORY_LIMIT")
 setting("worker_memory_hard_limit", MEMORY, "auto", parse_worker_limit,
         "This worker's hard memory limit (RSS): over it, new requests are shed with 503 "
         "and a body whose buffering would pass it is refused with 413. Defaults to `auto`: "
-        "1.5x the soft limit, at most 95% of the container's limit.",
+        "the gunicorn integration's hard limit under it; else 1.5x the soft limit, at most "
+        "95% of the container's limit.",
         env="MEMGUARD_WORKER_MEMORY_HARD_LIMIT")
-setting("container_memory_threshold", MEMORY, 0.9, parse_fraction,
-        "Share of the container's memory limit above which the worker sheds new requests "
-        "and reports not ready. Defaults to 0.9.",
+setting("container_memory_threshold", MEMORY, 0.95, parse_fraction,
+        "Share of the container's memory limit, counted as its working set (usage minus "
+        "inactive page cache), above which the worker sheds new requests and reports not "
+        "ready: a last resort above the gunicorn watchdog's budget (0.9), which recycles "
+        "first. Defaults to 0.95.",
         env="MEMGUARD_CONTAINER_MEMORY_THRESHOLD")
 setting("memory_psi_threshold", MEMORY, 10.0, parse_positive_float,
         "Percent of time (PSI full avg10 of the container's own cgroup v2 group) stalled "

@@ -55,18 +55,18 @@ def test_levels_from_worker_and_container() -> None:
     assert a.refresh(2) == CRITICAL and not a.ready
     assert a.reason == "worker_over_hard_limit"
     a._rss.value = 100 * MiB  # type: ignore[attr-defined]
-    a._cgroup_usage.value = 950 * MiB  # type: ignore[attr-defined]
+    a._cgroup_usage.value = 980 * MiB  # type: ignore[attr-defined]
     assert a.refresh(3) == CRITICAL and a.reason == "container_near_limit"
     a._cgroup_usage.value = 850 * MiB  # type: ignore[attr-defined]
     assert a.refresh(4) == OK
 
 
 def test_container_page_cache_is_not_pressure() -> None:
-    usage = Probe(950 * MiB)
+    usage = Probe(990 * MiB)
     cache = Probe(300 * MiB)
     a = MemoryAdmission(rss=Probe(MiB), cgroup_usage=usage, reclaimable=cache,
                         container_limit=1000 * MiB)
-    assert a.refresh(0) == OK and a.container_usage == 650 * MiB
+    assert a.refresh(0) == OK and a.container_usage == 690 * MiB
     cache.value = 10 * MiB
     assert a.refresh(1) == CRITICAL
     usage.value = 500 * MiB
@@ -314,3 +314,20 @@ def test_readiness_flips_under_pressure_and_back(repo: Path) -> None:
         log = server.log()
         assert "memory pressure ok -> critical" in log or "-> critical" in log
         assert "shed_worker_over_hard_limit" in log
+
+
+def test_auto_limits_follow_the_gunicorn_integration() -> None:
+    import memguard.gunicorn as integration
+
+    previous = integration._guard
+    try:
+        namespace: dict[str, Any] = {}
+        integration.install(namespace, worker_memory_limit="160MiB",
+                            worker_memory_hard_limit="320MiB")
+        assert derive_worker_limits("auto", "auto", None, environ={}, argv=[]) == (
+            160 * MiB, 320 * MiB)
+        # An explicit middleware option still wins.
+        assert derive_worker_limits("100MiB", "auto", None, environ={}, argv=[]) == (
+            100 * MiB, 320 * MiB)
+    finally:
+        integration._guard = previous
