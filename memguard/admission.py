@@ -86,6 +86,7 @@ class MemoryAdmission:
         psi: Callable[[], float | None] | None = None,
         uss: Callable[[], int | None] | None = None,
         reclaimable: Callable[[], int] | None = None,
+        recycle_after_response: bool = True,
     ) -> None:
         if shed not in ("all", "heavy", "off"):
             raise ValueError(f"shed must be 'all', 'heavy' or 'off', not {shed!r}")
@@ -113,6 +114,10 @@ class MemoryAdmission:
         # The container's page cache the kernel drops before any OOM kill (inactive
         # file pages): read only when usage looks high, to judge the working set.
         self._reclaimable = reclaimable
+        # False under memguard's gunicorn integration: its worker monitor and the
+        # master's watchdog recycle, staggered so that replacements never all boot at
+        # once; a second, uncoordinated trigger here would defeat that.
+        self.recycle_after_response = recycle_after_response
         self._retry_headers = {"Retry-After": str(retry_after)}
         # Cached figures, refreshed by refresh().
         self.level = OK
@@ -154,6 +159,7 @@ class MemoryAdmission:
             reclaimable=(_inactive_file_reader(cgroup.info.directory / "memory.stat",
                                                cgroup.info.version)
                          if cgroup is not None else None),
+            recycle_after_response=_gunicorn_integration_limits() is None,
         )
 
     # ---- the pressure level -------------------------------------------------------------
@@ -263,7 +269,7 @@ class MemoryAdmission:
         once per ``uss_interval``. Returns True when a recycle was started.
         """
         soft = self.soft_limit
-        if soft is None:
+        if soft is None or not self.recycle_after_response:
             return False
         if now - self._checked_ns >= self.refresh_ns:
             self.refresh(now)
@@ -364,14 +370,14 @@ def derive_worker_limits(
     """
     soft_bytes = _resolve_limit(soft, container_limit)
     server = _gunicorn_integration_limits()
-    if soft == "auto" and server is not None and server[0] is not None:
+    if soft == "auto" and server is not None:
         soft_bytes = server[0]
     elif soft == "auto":
         workers = worker_count_from_environment(environ, argv)
         if container_limit is not None and workers is not None:
             soft_bytes = int(container_limit * 0.85 / (workers + 1))
     hard_bytes = _resolve_limit(hard, container_limit)
-    if hard == "auto" and server is not None and server[1] is not None:
+    if hard == "auto" and server is not None:
         hard_bytes = server[1]
     elif hard == "auto" and soft_bytes is not None:
         hard_bytes = int(soft_bytes * 1.5)

@@ -329,5 +329,13 @@ def test_auto_limits_follow_the_gunicorn_integration() -> None:
         # An explicit middleware option still wins.
         assert derive_worker_limits("100MiB", "auto", None, environ={}, argv=[]) == (
             100 * MiB, 320 * MiB)
+        # No hard limit there: none here either (no shedding the integration did not ask).
+        integration.install(namespace, worker_memory_limit="80MiB")
+        assert derive_worker_limits("auto", "auto", None, environ={}, argv=[]) == (
+            80 * MiB, None)
+        # Recycling is the integration's (staggered): the middleware does not trigger it.
+        from memguard.config import resolve
+        admission = MemoryAdmission.from_options(resolve(["memory"], {}))
+        assert admission.recycle_after_response is False
     finally:
         integration._guard = previous
