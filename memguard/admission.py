@@ -301,7 +301,8 @@ class BodyMemoryGuard:
     its hard limit refuses with 503.
     """
 
-    __slots__ = ("admission", "content_length", "received", "next_check", "baseline")
+    __slots__ = ("admission", "content_length", "received", "next_check", "baseline",
+                 "last_rss", "last_received", "project_after")
 
     def __init__(self, admission: MemoryAdmission, content_length: int | None,
                  baseline: int) -> None:
@@ -310,6 +311,16 @@ class BodyMemoryGuard:
         self.received = 0
         self.next_check = admission.body_check_every
         self.baseline = baseline
+        self.last_rss = baseline
+        self.last_received = 0
+        # The worker's RSS also moves with every other request it serves: a projection
+        # from the first few MiB would blame a concurrent request's growth on this body
+        # (seen: a streamed upload refused beside a leaking route). So project only after
+        # a sixteenth of the body (at most 64 MiB, at least two checks) has arrived.
+        every = admission.body_check_every
+        self.project_after = 2 * every
+        if content_length is not None:
+            self.project_after = max(2 * every, min(content_length // 16, 64 << 20))
 
     def chunk(self, size: int) -> None:
         """Count ``size`` bytes received; raises :class:`RequestRejected` to stop."""
@@ -335,9 +346,14 @@ class BodyMemoryGuard:
             )
         projected = rss + max(growth, 0)
         length = self.content_length
-        if length is not None and growth > received // 2 and received >= 2 * (
-            admission.body_check_every
-        ):
+        # Growth since the previous check, against the bytes received since then: a
+        # buffering app keeps growing with its body; growth from elsewhere does not
+        # follow it from interval to interval.
+        recent_growth = rss - self.last_rss
+        recent_received = received - self.last_received
+        self.last_rss, self.last_received = rss, received
+        if (length is not None and received >= self.project_after
+                and growth > received // 2 and recent_growth > recent_received // 2):
             # Buffering: the rest of the body costs the same rate, the final join its size.
             rate = growth / received
             projected = max(projected, int(self.baseline + rate * length + length))

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -32,6 +33,7 @@ __all__ = [
     "patterned_body",
     "patterned_sha256",
     "serve",
+    "stream_upload",
 ]
 
 CGROUP_V1_MEMORY = Path("/sys/fs/cgroup/memory")
@@ -244,9 +246,70 @@ def patterned_sha256(size: int) -> str:
     return digest.hexdigest()
 
 
+def stream_upload(port: int, path: str, total: int, *, chunk: int = 256 * 1024,
+                  chunked: bool = False, timeout: float = 120, host: str = "127.0.0.1",
+                  ) -> tuple[int | None, bytes, int]:
+    """POST ``total`` bytes (Content-Length declared, or chunked) from a generator,
+    reading the response while sending, on a second thread.
+
+    A server that refuses mid-body answers, then closes with the rest of the body unread,
+    which sends a reset: a client that reads only after sending everything (http.client)
+    loses the answer to it. Browsers and curl read early; so does this.
+    Returns (status or None, response bytes, bytes sent)."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    response = bytearray()
+    done = threading.Event()
+
+    def read() -> None:
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                response.extend(data)
+        except OSError:
+            pass
+        finally:
+            done.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    sent = 0
+    try:
+        framing = ("Transfer-Encoding: chunked" if chunked else f"Content-Length: {total}")
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     f"Content-Type: application/octet-stream\r\n{framing}\r\n\r\n".encode())
+        for piece in patterned_body(total, chunk):
+            if done.is_set():
+                break
+            if chunked:
+                sock.sendall(b"%x\r\n" % len(piece))
+            sock.sendall(piece)
+            if chunked:
+                sock.sendall(b"\r\n")
+            sent += len(piece)
+        if chunked and not done.is_set():
+            sock.sendall(b"0\r\n\r\n")
+    except OSError:
+        pass  # the server stopped reading: its answer is what matters
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+    done.wait(timeout)
+    sock.close()
+    status: int | None = None
+    head = bytes(response[:64])
+    if head.startswith(b"HTTP/1."):
+        status = int(head.split(b" ", 2)[1])
+    return status, bytes(response), sent
+
+
 def _free_listener(host: str) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted sockets inherit TCP_NODELAY from the listener on Linux. uvicorn wraps a
+    # socket passed with --fd as AF_UNIX and so never sets it itself: without this, every
+    # keep-alive response would wait for the client's delayed ACK (~40 ms).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, 0))
     sock.listen(1024)
     sock.set_inheritable(True)
