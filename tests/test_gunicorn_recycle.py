@@ -336,3 +336,26 @@ def test_preloaded_worker_recycles_at_its_limit_not_past_it(
         over = int(e["uss"]) - int(e["limit"])  # type: ignore[call-overload]
         assert over <= 4 << 20, (e, log[-3000:])
     assert group.oom_kills == 0
+
+
+def test_pool_check_sheds_the_last_serving_worker_past_the_ceiling(repo: Path,
+                                                                    needs_cgroup: None) -> None:
+    """Workers already recycling count as gone under the budget, not past its ceiling.
+
+    Three workers of 60 MiB are draining in a 300 MiB group (budget 270 MiB, ceiling
+    285 MiB). Just past the budget the last serving worker keeps serving: the leavers'
+    180 MiB will come back. Past the ceiling it leaves too: they are still resident, and
+    under CPU starvation their drain took long enough for the pool to pass 400 MiB.
+    """
+    import sys
+
+    with MemoryCgroup("300MiB") as group:
+        done = group.run([sys.executable, "-m", "tests.apps.pool_ceiling", "60"], cwd=repo)
+        assert done.returncode == 0, done.stderr.decode()[-3000:]
+        assert group.oom_kills == 0
+    budget, ceiling = (json.loads(line) for line in done.stdout.decode().splitlines())
+    assert budget["working_set"] + budget["reserve"] < budget["ceiling"]
+    assert budget["recycles"] == []
+    assert ceiling["working_set"] + ceiling["reserve"] >= ceiling["ceiling"]
+    assert ceiling["recycles"] == ["pool_budget"]
+    assert ceiling["figures"][0]["ceiling"] == ceiling["ceiling"] == 285 << 20

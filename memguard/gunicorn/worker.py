@@ -205,7 +205,7 @@ class WorkerMonitor:
             rss += int(self.pending * self.rate)
         if rss >= self._next_check_rss:
             self._checkpoint(probes.current_rss())
-        elif self._pool is not None:
+        if self._pool is not None and not self.recycling:
             usage = self._pool.usage()
             if usage is not None and usage >= self._pool_threshold:
                 self._pool_check()
@@ -235,14 +235,24 @@ class WorkerMonitor:
         self.sample_uss, self.sample_rss = uss, probes.current_rss()
         self.slots.set_figures(self.age, uss, self.requests)
         leaving, largest = self.slots.pool_view(self.age)
+        if uss < largest:
+            return
         # Workers already recycling will give their memory back: only if the pool is
         # over its budget without them does another one go. This, not a count of
         # concurrent recycles, keeps a pool under pressure from recycling every worker
-        # at once, and never holds back the recycle that memory needs.
-        if working_set - leaving + reserve < self.limits.total or uss < largest:
+        # at once, and never holds back the recycle that memory needs. Until the
+        # ceiling: their memory is resident until they exit, and past it the largest
+        # serving worker stops taking requests whoever else is leaving.
+        ceiling = self.limits.ceiling
+        past_ceiling = ceiling is not None and working_set + reserve >= ceiling
+        if working_set - leaving + reserve < self.limits.total and not past_ceiling:
             return
-        self._recycle("pool_budget", uss=uss, usage=working_set, leaving=leaving,
-                      reserve=reserve, budget=self.limits.total, requests=self.requests)
+        figures: dict[str, Any] = {"uss": uss, "usage": working_set, "leaving": leaving,
+                                   "reserve": reserve, "budget": self.limits.total,
+                                   "requests": self.requests}
+        if past_ceiling:
+            figures["ceiling"] = ceiling
+        self._recycle("pool_budget", **figures)
 
     def _checkpoint(self, rss: int) -> None:
         """A fresh USS sample; the full check only if it says the limit is reached."""
