@@ -305,3 +305,57 @@ def test_oom_kills_are_told_apart_in_child_exit(
     assert "last known memory" in reports[0] and "uss=" in "\n".join(reports)
     assert "never recycled" in log  # the start-up warning: no limit set
     assert len(oom_events) >= len(reports)  # the log was read a moment before
+
+
+def test_preloaded_worker_recycles_at_its_limit_not_past_it(
+    group: MemoryCgroup, repo: Path, tmp_path: Path
+) -> None:
+    """A preloaded app's pages turn private at a worker's first full collection.
+
+    memguard's own check collects garbage at the soft limit: if that were the first
+    collection, every worker would jump past its limit by the app's shared heap at the
+    moment memory is tightest (4 workers x 10 MiB for the FastAPI app tipped the 400 MiB
+    group over under CPU load). The worker takes that collection when it becomes ready,
+    so the figure it extrapolates from per request is honest and it leaves at its limit.
+    """
+    event_log = tmp_path / "events.jsonl"
+    # 400,000 small lists in the master: about 50 MiB of pages a collection unshares.
+    env = {"MEMGUARD_WORKER_MEMORY_LIMIT": "100MiB", "LEAKY_OBJECTS": "400000",
+           "MEMGUARD_EVENTS": str(event_log), "MEMGUARD_WATCHDOG_INTERVAL": "0"}
+    with serve("gunicorn", "tests.apps.leaky_fastapi:app",
+               [*CONF, "-w", "1", "-k", "uvicorn_worker.UvicornWorker", "--preload"],
+               env=env, cwd=repo, cgroup=group, ready_path="/ping") as server:
+        ok, failed, errors = load(server.url, count=60, clients=1)
+        log = server.log()
+    assert (ok, failed) == (60, 0), errors[:5]
+    recycles = [e for e in events(event_log)
+                if e["kind"] == "recycle" and e.get("reason") == "soft_limit"]
+    assert recycles, log[-3000:]
+    for e in recycles:
+        # One request (2 MiB) past the limit at most, and what collecting returned.
+        over = int(e["uss"]) - int(e["limit"])  # type: ignore[call-overload]
+        assert over <= 4 << 20, (e, log[-3000:])
+    assert group.oom_kills == 0
+
+
+def test_pool_check_sheds_the_last_serving_worker_past_the_ceiling(repo: Path,
+                                                                    needs_cgroup: None) -> None:
+    """Workers already recycling count as gone under the budget, not past its ceiling.
+
+    Three workers of 60 MiB are draining in a 300 MiB group (budget 270 MiB, ceiling
+    285 MiB). Just past the budget the last serving worker keeps serving: the leavers'
+    180 MiB will come back. Past the ceiling it leaves too: they are still resident, and
+    under CPU starvation their drain took long enough for the pool to pass 400 MiB.
+    """
+    import sys
+
+    with MemoryCgroup("300MiB") as group:
+        done = group.run([sys.executable, "-m", "tests.apps.pool_ceiling", "60"], cwd=repo)
+        assert done.returncode == 0, done.stderr.decode()[-3000:]
+        assert group.oom_kills == 0
+    budget, ceiling = (json.loads(line) for line in done.stdout.decode().splitlines())
+    assert budget["working_set"] + budget["reserve"] < budget["ceiling"]
+    assert budget["recycles"] == []
+    assert ceiling["working_set"] + ceiling["reserve"] >= ceiling["ceiling"]
+    assert ceiling["recycles"] == ["pool_budget"]
+    assert ceiling["figures"][0]["ceiling"] == ceiling["ceiling"] == 285 << 20

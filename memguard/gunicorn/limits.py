@@ -38,6 +38,20 @@ class Limits:
     min_lifetime: float
     gc_freeze: bool
 
+    @property
+    def ceiling(self) -> int | None:
+        """The pool's working set past which its largest serving worker leaves even while
+        others are already leaving: halfway from the budget to the container's limit.
+
+        Under the budget, workers already recycling count as gone (one leaves at a time);
+        but they drain, their last requests still growing, and under CPU starvation that
+        takes tenths of a second while the serving workers grow: the kernel counts what
+        is resident, not what is about to be freed.
+        """
+        if self.total is None:
+            return None
+        return self.total + max(self.container - self.total, 0) // 2
+
     def describe(self) -> str:
         return (f"worker soft limit {format_size(self.soft) if self.soft else 'none'}, "
                 f"hard limit {format_size(self.hard) if self.hard else 'none'}, "

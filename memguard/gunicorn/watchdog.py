@@ -195,7 +195,12 @@ class Watchdog:
             reserve = min((r.first_uss or _own(r)) for r in current)
             if total + reserve >= 0.9 * limits.total:
                 urgent = True
-            if total + reserve >= limits.total and busy < limits.max_concurrent:
+            # Past the ceiling memory wins over capacity: the cap on concurrent
+            # recycles would leave the kernel to pick a victim.
+            ceiling = limits.ceiling
+            past_ceiling = ceiling is not None and total + reserve >= ceiling
+            if total + reserve >= limits.total and (
+                    busy < limits.max_concurrent or past_ceiling):
                 for record in sorted(current, key=_own, reverse=True):
                     if self._eligible(record, now):
                         self._recycle(record, "pool_budget", uss=_own(record), usage=total,
