@@ -13,7 +13,9 @@ threads, and prints what memguard did:
   worker passes its limit, the worker keeps serving;
 - an upload declared bigger than its route's limit, and a few hostile requests
   (malformed Content-Length, Content-Length with Transfer-Encoding, a stalled body):
-  each gets its precise 4xx.
+  each gets its precise 4xx;
+- at the end, the readiness answer and each route's memory growth per request, scraped
+  from the Prometheus endpoint (the leaking route stands out).
 
 The event log and the memory timeline land in ``demo-output/``.
 """
@@ -23,7 +25,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -161,7 +165,10 @@ def run(seconds: float, upload_size: int, out: Path) -> int:
     events_path = out / "events.jsonl"
     events_path.unlink(missing_ok=True)
     uploads = Path(tempfile.mkdtemp(prefix="memguard-demo-uploads-"))
+    metrics_dir = Path(tempfile.mkdtemp(prefix="memguard-demo-metrics-"))
     env = {
+        # prometheus-client's multiprocess mode: every worker's counts in one scrape.
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
         "MEMGUARD_EVENTS": str(events_path),
         "UPLOAD_DIR": str(uploads),
         "LEAK_BYTES": str(2 * MiB),
@@ -208,11 +215,34 @@ def run(seconds: float, upload_size: int, out: Path) -> int:
             stop.set()
             for t in threads:
                 t.join(timeout=130)
+            routes, readiness = scrape(server)
             oom_kills = group.oom_kills if group else 0
             peak = group.peak if group else None
-        return summarize(tally, events_path, out, oom_kills, peak)
+        return summarize(tally, events_path, out, oom_kills, peak, routes, readiness)
     finally:
         shutil.rmtree(uploads, ignore_errors=True)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def scrape(server: Server) -> tuple[dict[str, tuple[float, float]], str]:
+    """Per-route memory growth from the Prometheus endpoint, and the readiness answer."""
+    routes: dict[str, tuple[float, float]] = {}
+    try:
+        status, body = request(server, "GET", "/readyz")
+        readiness = f"{status} {json.loads(body).get('status', '')}"
+        status, body = request(server, "GET", "/metrics")
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        return routes, f"unavailable ({exc})"
+    pattern = re.compile(
+        r'^memguard_route_memory_growth_bytes_(sum|count)\{route="([^"]*)"\} (\S+)')
+    for line in body.decode().splitlines():
+        match = pattern.match(line)
+        if match:
+            kind, route, value = match.groups()
+            total, count = routes.get(route, (0.0, 0.0))
+            routes[route] = (total + float(value), count) if kind == "sum" else (
+                total, count + float(value))
+    return routes, readiness
 
 
 def _count_events(path: Path, kind: str) -> int:
@@ -224,7 +254,8 @@ def _count_events(path: Path, kind: str) -> int:
 
 
 def summarize(tally: Tally, events_path: Path, out: Path, oom_kills: int,
-              cgroup_peak: int | None) -> int:
+              cgroup_peak: int | None, routes: dict[str, tuple[float, float]],
+              readiness: str) -> int:
     timeline = report.load(events_path)
     summary = report.summarize(timeline)
     served, failed = tally.total("ok"), tally.total("failed")
@@ -245,9 +276,16 @@ def summarize(tally: Tally, events_path: Path, out: Path, oom_kills: int,
     ]
     if cgroup_peak is not None:
         rows.append(("cgroup peak usage (incl. page cache)", format_size(cgroup_peak)))
+    rows.append(("readiness at the end (/readyz)", readiness))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"  {key.ljust(width)}  {value}")
+    if routes:
+        print("\n  memory growth per route, sampled requests (from /metrics):")
+        for route, (total, count) in sorted(routes.items(), key=lambda r: -r[1][0]):
+            mean = total / count if count else 0.0
+            print(f"    {route:<14} {int(count):>6} samples, mean {_size(int(mean)):>10} "
+                  "per request")
     print("\n  peak memory per worker process (USS = its own memory; RSS includes pages "
           "shared with the master):")
     for p in summary["processes"]:

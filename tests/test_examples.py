@@ -50,7 +50,10 @@ def _raw(server: Server, head: bytes) -> bytes:
 def test_example_under_gunicorn(name: str, repo: Path, tmp_path: Path) -> None:
     conf, app = EXAMPLES[name]
     uploads = tmp_path / "uploads"
-    env = {"UPLOAD_DIR": str(uploads), "LEAK_BYTES": str(LEAK_BYTES)}
+    prometheus = tmp_path / "prometheus"  # multiprocess mode: every worker's counts
+    prometheus.mkdir()
+    env = {"UPLOAD_DIR": str(uploads), "LEAK_BYTES": str(LEAK_BYTES),
+           "PROMETHEUS_MULTIPROC_DIR": str(prometheus)}
     with serve("gunicorn", app, ["-c", conf], cwd=repo, env=env, timeout=60) as server:
         server.wait_for_workers(2)
         status, _, body = http_request(server.url)
@@ -86,3 +89,9 @@ def test_example_under_gunicorn(name: str, repo: Path, tmp_path: Path) -> None:
         assert len(pids) > 2, "the leaking workers should have been replaced"
         status, _, _ = http_request(server.url)
         assert status == 200
+        if name == "fastapi":  # readiness and Prometheus, as Kubernetes would use them
+            status, _, body = http_request(server.url, path="/readyz")
+            assert status == 200 and json.loads(body)["status"] == "ready"
+            status, _, body = http_request(server.url, path="/metrics")
+            assert status == 200
+            assert b'memguard_route_memory_growth_bytes_count{route="/leak"}' in body

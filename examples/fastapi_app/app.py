@@ -68,4 +68,10 @@ app = MemGuardMiddleware(
     api,
     max_body_size="16MiB",
     routes={"/upload": "8GiB", "/upload-form": "8GiB", "/naive": "1GiB"},
+    # For a load balancer or Kubernetes: 503 under memory pressure, never over liveness.
+    readiness_path="/readyz",
+    liveness_path="/livez",
+    # Prometheus (set PROMETHEUS_MULTIPROC_DIR under gunicorn): refusals, recycles,
+    # per-route memory growth, per-worker memory.
+    metrics_path="/metrics",
 )
