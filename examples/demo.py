@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -38,7 +39,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from memguard import report
+from memguard import doctor, report
 from memguard.sizes import format_size
 from memguard.testing import (
     MemoryCgroup,
@@ -186,6 +187,7 @@ def run(seconds: float, upload_size: int, out: Path) -> int:
                 print(f"memory cgroup {group.path.name}: limit 1 GiB (a container's limit)")
             else:
                 print(f"no memory cgroup here ({reason}): the worker limits are the budget")
+            suggest(group)
             server = stack.enter_context(serve(
                 "gunicorn", "examples.fastapi_app.app:app",
                 ["-c", "examples/fastapi_app/gunicorn.conf.py"],
@@ -216,12 +218,40 @@ def run(seconds: float, upload_size: int, out: Path) -> int:
             for t in threads:
                 t.join(timeout=130)
             routes, readiness = scrape(server)
+            diagnosis = doctor.collect(pid=server.pid)
+            print(f"\nmemguard doctor --pid {server.pid}: limit "
+                  f"{format_size(diagnosis['memory_limit'])}, usage "
+                  f"{_size(diagnosis['memory_usage'])}, peak {_size(diagnosis['memory_peak'])}, "
+                  f"OOM kills {diagnosis['oom_kills']}, {diagnosis['cpus']:g} CPUs")
             oom_kills = group.oom_kills if group else 0
             peak = group.peak if group else None
         return summarize(tally, events_path, out, oom_kills, peak, routes, readiness)
     finally:
         shutil.rmtree(uploads, ignore_errors=True)
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def suggest(group: MemoryCgroup | None) -> None:
+    """What ``memguard suggest`` advises for this app in this budget (run inside it)."""
+    argv = [sys.executable, "-m", "memguard", "suggest", "--app", "examples.fastapi_app.app:app",
+            "--worker-class", "uvicorn_worker.UvicornWorker", "--json"]
+    print("memguard suggest --app examples.fastapi_app.app:app (measuring the app) ...",
+          flush=True)
+    try:
+        if group is not None:
+            done = group.run(argv, timeout=120, cwd=str(REPO))
+        else:
+            done = subprocess.run(argv, capture_output=True, timeout=120, cwd=REPO)
+        advice = json.loads(done.stdout)
+    except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
+        print(f"  suggest did not answer: {exc}")
+        return
+    classic = advice["classic"]
+    print(f"  {advice['workers']} workers (decided by {advice['decided_by']}), soft limit "
+          f"{format_size(advice['worker_memory_limit'])}, hard "
+          f"{format_size(advice['worker_memory_hard_limit'])}; 2 x cores + 1 = "
+          f"{classic['workers']} would need {format_size(classic['needed'])}"
+          f"{'' if classic['fits'] else ' (does not fit)'}")
 
 
 def scrape(server: Server) -> tuple[dict[str, tuple[float, float]], str]:

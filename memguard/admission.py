@@ -326,8 +326,16 @@ class BodyMemoryGuard:
         """Count ``size`` bytes received; raises :class:`RequestRejected` to stop."""
         self.received += size
         if self.received >= self.next_check:
-            self.next_check = self.received + self.admission.body_check_every
-            self._check()
+            self.reached(self.received)
+
+    def reached(self, received: int) -> int:
+        """``received`` bytes in all have arrived and :attr:`next_check` was passed: check
+        now; returns the next byte count to check at. For a wrapper that counts bytes
+        itself and only calls here when a check is due."""
+        self.received = received
+        self.next_check = received + self.admission.body_check_every
+        self._check()
+        return self.next_check
 
     def _check(self) -> None:
         admission = self.admission
