@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "CGROUP_V1_MEMORY",
@@ -31,6 +32,7 @@ __all__ = [
     "cgroup_unavailable_reason",
     "http_request",
     "patterned_body",
+    "run_lifespan",
     "patterned_sha256",
     "serve",
     "stream_upload",
@@ -225,6 +227,17 @@ class Server:
             if len(pids) >= count or time.monotonic() > deadline:
                 return pids
             time.sleep(0.05)
+
+
+async def run_lifespan(receive: Any, send: Any) -> None:
+    """Answer an ASGI ``lifespan`` scope: what a bare test app needs to start and stop."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
 
 
 def patterned_body(size: int, block: int = 1024 * 1024) -> Iterator[bytes]:

@@ -17,6 +17,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from memguard.testing import run_lifespan
+
 MiB = 1024 * 1024
 PATTERN = os.environ.get("LEAK_PATTERN", "steady")
 HUGE_BYTES = int(os.environ.get("HUGE_MIB", "640")) * MiB
@@ -57,13 +59,8 @@ def wsgi_app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
 
 async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await run_lifespan(receive, send)
+        return
     if scope["path"] == "/huge":
         grown: list[bytes] = []
         while len(grown) * HUGE_STEP < HUGE_BYTES:

@@ -11,6 +11,8 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
+from memguard.testing import run_lifespan
+
 HOG_BYTES = int(os.environ.get("HOG_MIB", "150")) * 1024 * 1024
 _held: list[bytes] = []
 
@@ -35,13 +37,8 @@ def wsgi_app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
 
 async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await run_lifespan(receive, send)
+        return
     _hold()
     body = f"holding {sum(map(len, _held))} bytes in {os.getpid()}\n".encode()
     await send({"type": "http.response.start", "status": 200,

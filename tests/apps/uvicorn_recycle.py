@@ -12,6 +12,7 @@ from typing import Any
 
 from memguard import probes
 from memguard.recycle import SignalRecycler, request_recycle, set_recycler
+from memguard.testing import run_lifespan
 
 MIB = 1 << 20
 LIMIT = 60 * MIB
@@ -22,13 +23,8 @@ _baseline = probes.current_rss()
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await run_lifespan(receive, send)
+        return
     if scope["path"] == "/leak":
         _kept.append(os.urandom(16) * (10 * MIB // 16))
     body = f"{os.getpid()}\n".encode()
