@@ -11,23 +11,14 @@ from collections.abc import Iterable
 from typing import Any
 
 from memguard import MemGuardMiddleware, MemGuardWSGIMiddleware
+from memguard.testing import run_lifespan
 from memguard.types import Receive, Scope, Send
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 async def asgi_echo(scope: Scope, receive: Receive, send: Send) -> None:
     """Answers ``<length> <sha256>`` of the body it read, plus the limit it was told."""
     if scope["type"] == "lifespan":
-        await _lifespan(receive, send)
+        await run_lifespan(receive, send)
         return
     digest = hashlib.sha256()
     length = 0
