@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import psutil
 import pytest
 
@@ -57,4 +54,3 @@ def test_failing_server_reports_its_log(repo: object) -> None:
     with pytest.raises(RuntimeError, match="exited"):
         with serve("gunicorn", "tests.apps.nope:app", cwd=str(repo), timeout=20):
             pass
-    assert os.getpid() > 0 and sys.executable
