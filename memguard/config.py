@@ -517,6 +517,15 @@ setting(
     "Defaults to false.",
     env="MEMGUARD_GC_FREEZE",
 )
+setting(
+    "gunicorn_fast_exit", "gunicorn", True, parse_bool,
+    "A worker memguard recycled runs its atexit handlers, joins its threads and flushes "
+    "its logs, then exits without the interpreter's teardown (as multiprocessing's "
+    "children do): that teardown touches every object and turns the pages the worker "
+    "shares with the master private, about 45 ms of CPU per recycle here. Defaults to "
+    "true.",
+    env="MEMGUARD_FAST_EXIT",
+)
 
 
 # =====================================================================================

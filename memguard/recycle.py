@@ -77,6 +77,11 @@ class SignalRecycler:
         self._sent = False
         self._lock = threading.Lock()
 
+    @property
+    def started(self) -> bool:
+        """True once this recycler has started a recycle."""
+        return self._sent
+
     def recycle(self, reason: str, figures: dict[str, Any]) -> bool:
         with self._lock:
             if self._sent:
@@ -126,6 +131,11 @@ class AliveFlagRecycler:
         self.worker = worker
         self._sent = False
         self._lock = threading.Lock()
+
+    @property
+    def started(self) -> bool:
+        """True once this recycler has started a recycle."""
+        return self._sent
 
     def recycle(self, reason: str, figures: dict[str, Any]) -> bool:
         with self._lock:

@@ -359,3 +359,29 @@ def test_pool_check_sheds_the_last_serving_worker_past_the_ceiling(repo: Path,
     assert ceiling["working_set"] + ceiling["reserve"] >= ceiling["ceiling"]
     assert ceiling["recycles"] == ["pool_budget"]
     assert ceiling["figures"][0]["ceiling"] == ceiling["ceiling"] == 285 << 20
+
+
+@pytest.mark.parametrize("fast_exit", ["1", "0"])
+def test_recycled_worker_runs_exit_handlers_and_skips_only_the_teardown(
+    repo: Path, group: MemoryCgroup, fast_exit: str
+) -> None:
+    """A recycled worker exits without the interpreter's teardown (MEMGUARD_FAST_EXIT,
+    on by default), but after everything a user relies on at exit: their worker_exit
+    hook, atexit handlers, non-daemon threads."""
+    with serve("gunicorn", "tests.apps.leaky:wsgi_app",
+               ["-c", "python:tests.apps.exit_conf", "-w", "2"], cwd=repo, cgroup=group,
+               env={"MEMGUARD_FAST_EXIT": fast_exit}, ready_path="/ping") as server:
+        ok, failed, _ = load(server.url, count=200, clients=4)
+        recycled = {int(p) for p in re.findall(r"recycling worker (\d+)", server.log())}
+        assert recycled  # 200 x 2 MiB > 2 x 80 MiB
+        assert wait_for(lambda: all(f"worker {pid} exited" in server.log()
+                                    for pid in recycled))
+        log = server.log()
+    assert (ok, failed) == (200, 0)
+    for pid in recycled:
+        assert f"worker {pid} exited: cause=recycled" in log
+        assert f"user worker_exit hook ran in {pid}" in log
+        assert f"atexit handler ran in {pid}" in log
+        assert f"non-daemon thread finished in {pid}" in log
+        assert (f"teardown ran in {pid}" in log) == (fast_exit == "0")
+    assert group.oom_kills == 0

@@ -31,7 +31,7 @@ from memguard.gunicorn import slots as slot_states
 from memguard.gunicorn.limits import Limits, resolve_limits
 from memguard.gunicorn.slots import SlotTable
 from memguard.gunicorn.watchdog import Watchdog
-from memguard.gunicorn.worker import WorkerMonitor
+from memguard.gunicorn.worker import WorkerMonitor, exit_without_teardown
 
 __all__ = ["HOOKS", "Guard", "install", "is_uvicorn_worker"]
 
@@ -53,6 +53,7 @@ class Guard:
         self.slots = SlotTable()  # made in the master, before any fork: shared
         self.watchdog: Watchdog | None = None
         self.monitor: WorkerMonitor | None = None
+        self.recycler: recycle.Recycler | None = None
         self._froze = False
 
     # ---- master ----------------------------------------------------------------------
@@ -112,6 +113,7 @@ class Guard:
         self.slots.set_pid(worker.age, os.getpid())
         recycler = recycle.gunicorn_recycler(worker)
         recycle.set_recycler(recycler)
+        self.recycler = recycler
         self.monitor = WorkerMonitor(worker, self.limits, self.slots, recycler)
 
     def post_worker_init(self, worker: Any) -> None:
@@ -138,6 +140,11 @@ class Guard:
             _, state, _, _ = self.slots.read(worker.age)
             if state != slot_states.RECYCLING:
                 self.slots.set_state(worker.age, slot_states.EXITED)
+            recycled = state == slot_states.RECYCLING or getattr(self.recycler, "started", False)
+            if recycled and self.limits.fast_exit:
+                # The last thing gunicorn does in a worker (this hook runs after any of
+                # the user's): a recycled worker skips the interpreter's teardown.
+                exit_without_teardown(0)
 
 
 def _adapt_uvicorn_worker(worker: Any, monitor: WorkerMonitor, slots: SlotTable) -> None:

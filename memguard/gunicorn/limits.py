@@ -37,6 +37,7 @@ class Limits:
     max_concurrent: int
     min_lifetime: float
     gc_freeze: bool
+    fast_exit: bool = True
 
     @property
     def ceiling(self) -> int | None:
@@ -118,4 +119,5 @@ def resolve_limits(
         max_concurrent=values["gunicorn_max_concurrent_recycles"],
         min_lifetime=values["gunicorn_min_worker_lifetime"],
         gc_freeze=values["gunicorn_gc_freeze"],
+        fast_exit=values["gunicorn_fast_exit"],
     )

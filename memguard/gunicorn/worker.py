@@ -18,12 +18,16 @@ catches those.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import ctypes.util
 import gc
+import logging
 import os
 import platform
 import random
+import sys
+import threading
 import time
 from typing import Any
 
@@ -33,7 +37,7 @@ from memguard.gunicorn.limits import Limits
 from memguard.gunicorn.slots import SlotTable
 from memguard.sizes import format_size
 
-__all__ = ["WorkerMonitor", "release_memory"]
+__all__ = ["WorkerMonitor", "exit_without_teardown", "release_memory"]
 
 # Each worker's soft limit is lowered by up to this share, drawn once per worker (as
 # gunicorn's max_requests_jitter), so workers started together with the same leak do
@@ -85,6 +89,31 @@ def release_memory() -> bool:
         return False
     _malloc_trim(0)
     return True
+
+
+def exit_without_teardown(code: int = 0) -> None:
+    """End this process the way multiprocessing ends its children: atexit handlers, then
+    non-daemon threads joined, logs and standard streams flushed, then ``os._exit``.
+
+    What is skipped is the interpreter's teardown, which clears every module and frees
+    every object: in a forked worker each refcount it writes turns a page shared with
+    the master private, 45 ms of CPU per exit measured here, paid on every recycle.
+    """
+    try:
+        atexit._run_exitfuncs()
+        # Joins non-daemon threads and runs concurrent.futures' exit hook, as the
+        # interpreter would; private, but what multiprocessing calls too.
+        shutdown = getattr(threading, "_shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (AttributeError, OSError, ValueError):
+                pass
+    finally:
+        os._exit(code)
 
 
 class WorkerMonitor:
