@@ -12,8 +12,9 @@ Per row: failed requests (an exception or a status other than 200; the huge requ
 counted apart, since it cannot succeed in 400 MiB), the group's OOM kills, restarts (new
 pids seen in the group, sampled every 20 ms, after the pool was up), the group's peak and
 the wall time of the load. memguard's rows use the limits ``memguard suggest`` gives for
-this app and group. Plain gunicorn and memguard run three times, interleaved, and their
-medians are reported (the worst round for failures and OOM kills). Quick mode (CI): the
+this app and group; each one's wall time is compared with plain gunicorn's with the same
+worker class. Plain gunicorn (sync and UvicornWorker) and memguard run three times,
+interleaved, and their medians are reported (the worst round for failures and OOM kills). Quick mode (CI): the
 steady pattern, fewer requests, one round of plain gunicorn and memguard's sync worker;
 memguard rows must have 0 OOM kills (hard).
 """
@@ -86,6 +87,9 @@ class Row:
     env: dict[str, str] = field(default_factory=dict)
     memguard: bool = False
     suggest: str | None = None  # the worker class to ask `memguard suggest` limits for
+    # The plain gunicorn row with the same worker class, whose wall time this row's is
+    # compared with.
+    reference: str = "gunicorn"
 
 
 def _uwsgi(tuned: bool) -> Callable[[str], list[str]]:
@@ -97,8 +101,13 @@ def _uwsgi(tuned: bool) -> Callable[[str], list[str]]:
     return args
 
 
+UVICORN_PLAIN = "gunicorn + uvicorn_worker.UvicornWorker"
+# Plain gunicorn, one row per worker class memguard runs with: the references.
+REFERENCES = ("gunicorn", UVICORN_PLAIN)
 ROWS: list[Row] = [
     Row("gunicorn", "gunicorn", args=lambda p: ["-k", "sync"]),
+    Row(UVICORN_PLAIN, "gunicorn", interface="asgi", reference=UVICORN_PLAIN,
+        args=lambda p: ["-k", "uvicorn_worker.UvicornWorker"]),
     Row("gunicorn --max-requests 1000 --max-requests-jitter 50", "gunicorn",
         args=lambda p: ["-k", "sync", "--max-requests", "1000", "--max-requests-jitter", "50"]),
     Row("gunicorn --max-requests (hand-tuned)", "gunicorn",
@@ -112,7 +121,7 @@ ROWS: list[Row] = [
     Row("memguard (gunicorn sync)", "gunicorn", memguard=True, suggest="sync",
         args=lambda p: ["-c", "python:memguard.gunicorn.conf", "-k", "sync"]),
     Row("memguard (gunicorn + uvicorn_worker.UvicornWorker)", "gunicorn", interface="asgi",
-        memguard=True, suggest="uvicorn_worker.UvicornWorker",
+        memguard=True, suggest="uvicorn_worker.UvicornWorker", reference=UVICORN_PLAIN,
         args=lambda p: ["-c", "python:memguard.gunicorn.conf",
                         "-k", "uvicorn_worker.UvicornWorker"]),
 ]
@@ -393,7 +402,7 @@ def run(quick: bool) -> Result:
         runs: dict[str, list[dict[str, Any]]] = {row.name: [] for row in rows}
         for round_ in range(rounds):
             for row in rows:
-                if round_ and not (row.memguard or row.name == "gunicorn"):
+                if round_ and not (row.memguard or row.name in REFERENCES):
                     continue
                 print(f"   {pattern:7} {row.name} (round {round_ + 1}) ...", flush=True)
                 data = _run_row(row, pattern, requests, limits.get(row.name))
@@ -408,11 +417,12 @@ def run(quick: bool) -> Result:
             results.append(data)
             if row.memguard and "skipped" not in data:
                 bounds += _memguard_bounds(row, pattern, requests, data)
-    _add_wall_ratios(results)
+    _add_wall_ratios(results, rows)
     for r in results:
-        if r["server"].startswith("memguard") and "wall_vs_gunicorn" in r:
-            bounds.append(Bound(f"{r['pattern']} {r['server']}: wall time vs plain gunicorn",
-                                r["wall_vs_gunicorn"], WALL_RATIO_TARGET, unit="x"))
+        if r["server"].startswith("memguard") and "wall_vs_reference" in r:
+            bounds.append(Bound(f"{r['pattern']} {r['server']}: wall time vs plain gunicorn "
+                                f"with the same worker class", r["wall_vs_reference"],
+                                WALL_RATIO_TARGET, unit="x"))
     skipped = sorted({r["skipped"] for r in results if "skipped" in r})
     notes += [f"skipped rows: {s}" for s in skipped]
     table = [{k: r.get(k) for k in ("pattern", "server", "failed", "huge_request", "oom_kills",
@@ -462,12 +472,20 @@ def _memguard_bounds(row: Row, pattern: str, requests: int,
     return bounds
 
 
-def _add_wall_ratios(results: list[dict[str, Any]]) -> None:
-    plain = {r["pattern"]: r["wall_s"] for r in results
-             if r["server"] == "gunicorn" and "wall_s" in r}
+def _add_wall_ratios(results: list[dict[str, Any]], rows: list[Row]) -> None:
+    """Each row's wall time over plain gunicorn's (sync) and over its reference's (plain
+    gunicorn with the same worker class), in the same pattern."""
+    wall = {(r["pattern"], r["server"]): r["wall_s"] for r in results if "wall_s" in r}
+    reference = {row.name: row.reference for row in rows}
     for r in results:
-        if "wall_s" in r and plain.get(r["pattern"]):
-            r["wall_vs_gunicorn"] = round(r["wall_s"] / plain[r["pattern"]], 2)
+        if "wall_s" not in r:
+            continue
+        plain = wall.get((r["pattern"], "gunicorn"))
+        if plain:
+            r["wall_vs_gunicorn"] = round(r["wall_s"] / plain, 2)
+        same = wall.get((r["pattern"], reference.get(r["server"], "gunicorn")))
+        if same:
+            r["wall_vs_reference"] = round(r["wall_s"] / same, 2)
 
 
 def _versions() -> dict[str, str | None]:
@@ -484,17 +502,19 @@ def _versions() -> dict[str, str | None]:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The README table from a result's rows (``python -m benchmarks.recycle [JSON]``)."""
-    out = ["| pattern | server | failed | OOM kills | restarts | wall (s) | x gunicorn |",
-           "|---|---|---:|---:|---:|---:|---:|"]
+    out = ["| pattern | server | failed | OOM kills | restarts | wall (s) | x gunicorn"
+           " | x gunicorn, same worker class |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "skipped" in r:
-            out.append(f"| {r['pattern']} | {r['server']} | skipped | | | | |")
+            out.append(f"| {r['pattern']} | {r['server']} | skipped | | | | | |")
             continue
         failed = str(r["failed"])
         if r.get("huge_request") is not None:
             failed += f" (+ the huge one: {r['huge_request']})"
         out.append(f"| {r['pattern']} | {r['server']} | {failed} | {r['oom_kills']} |"
-                   f" {r['restarts']} | {r['wall_s']:.1f} | {r.get('wall_vs_gunicorn', '')} |")
+                   f" {r['restarts']} | {r['wall_s']:.1f} | {r.get('wall_vs_gunicorn', '')} |"
+                   f" {r.get('wall_vs_reference', '') if r['server'] != 'gunicorn' else ''} |")
     return "\n".join(out)
 
 

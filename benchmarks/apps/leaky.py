@@ -17,8 +17,6 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from memguard.testing import run_lifespan
-
 MiB = 1024 * 1024
 PATTERN = os.environ.get("LEAK_PATTERN", "steady")
 HUGE_BYTES = int(os.environ.get("HUGE_MIB", "640")) * MiB
@@ -59,6 +57,10 @@ def wsgi_app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
 
 async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
+        # Imported here: plain gunicorn's sync workers must not pay for importing
+        # memguard at each boot when memguard's own rows have it from their master.
+        from memguard.testing import run_lifespan
+
         await run_lifespan(receive, send)
         return
     if scope["path"] == "/huge":

@@ -20,6 +20,7 @@ namespace already defines first. Who decides a recycle (DESIGN.md):
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import signal
 import sys
@@ -40,8 +41,30 @@ HOOKS = ("on_starting", "when_ready", "pre_fork", "post_fork", "post_worker_init
 
 
 def is_uvicorn_worker(worker: Any) -> bool:
+    return _is_uvicorn_worker_class(type(worker))
+
+
+def _is_uvicorn_worker_class(cls: type) -> bool:
     return any(k.__module__.startswith(("uvicorn_worker", "uvicorn.workers"))
-               for k in type(worker).__mro__)
+               for k in cls.__mro__)
+
+
+# What a uvicorn-worker imports in each worker after the fork (its protocol, lifespan
+# and event loop classes). Imported once in the master, every replacement of a recycled
+# worker starts that much sooner (17 ms of CPU with h11, measured here).
+_UVICORN_WORKER_MODULES = ("uvicorn.protocols.http.auto", "uvicorn.protocols.websockets.auto",
+                           "uvicorn.lifespan.on", "uvicorn.loops.auto",
+                           "uvicorn.loops.asyncio", "uvicorn.loops.uvloop")
+
+
+def _import_worker_modules(worker_class: Any) -> None:
+    if not isinstance(worker_class, type) or not _is_uvicorn_worker_class(worker_class):
+        return
+    for name in _UVICORN_WORKER_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception:  # uvloop absent, a uvicorn that moved them: the worker imports
+            pass
 
 
 class Guard:
@@ -81,6 +104,7 @@ class Guard:
             server.log.warning("memguard: no worker memory limit and no pool budget set: "
                                "workers are watched and reported, never recycled")
         self.watchdog = Watchdog(limits, self.slots, server.log)
+        _import_worker_modules(getattr(server, "worker_class", None))
 
     def when_ready(self, server: Any) -> None:
         if self.watchdog is None:
