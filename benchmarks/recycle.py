@@ -14,9 +14,9 @@ pids seen in the group, sampled every 20 ms, after the pool was up), the group's
 the wall time of the load. memguard's rows use the limits ``memguard suggest`` gives for
 this app and group; each one's wall time is compared with plain gunicorn's with the same
 worker class. Plain gunicorn (sync and UvicornWorker) and memguard run three times,
-interleaved, and their medians are reported (the worst round for failures and OOM kills). Quick mode (CI): the
-steady pattern, fewer requests, one round of plain gunicorn and memguard's sync worker;
-memguard rows must have 0 OOM kills (hard).
+interleaved, and their medians are reported (the worst round for failures and OOM
+kills). Quick mode (CI): the steady pattern, fewer requests, one round of plain gunicorn
+and memguard's sync worker; memguard rows must have 0 OOM kills (hard).
 """
 
 from __future__ import annotations

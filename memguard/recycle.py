@@ -248,7 +248,7 @@ def _figures_text(figures: dict[str, Any]) -> str:
 
 _SIZE_KEYS = frozenset({"rss", "uss", "pss", "growth", "limit", "hard_limit", "baseline",
                         "figure", "usage", "budget", "swap", "expected_growth", "reserve",
-                        "leaving", "ceiling"})
+                        "leaving", "ceiling", "largest_request_growth"})
 
 
 _recycler: Recycler = LogOnlyRecycler()

@@ -385,3 +385,29 @@ def test_recycled_worker_runs_exit_handlers_and_skips_only_the_teardown(
         assert f"non-daemon thread finished in {pid}" in log
         assert (f"teardown ran in {pid}" in log) == (fast_exit == "0")
     assert group.oom_kills == 0
+
+
+def test_worker_recycles_before_a_request_like_its_largest_would_pass_the_hard_limit(
+    repo: Path, group: MemoryCgroup
+) -> None:
+    """Steps larger than the gap between the limits: after 2 x 30 MiB the worker is
+    under its 80 MiB soft limit, but one more such request would pass the 90 MiB hard
+    one, where the master stops it mid-request. It recycles now, gracefully."""
+    env = {"MEMGUARD_WORKER_MEMORY_LIMIT": "80MiB",
+           "MEMGUARD_WORKER_MEMORY_HARD_LIMIT": "90MiB"}
+    with serve("gunicorn", "tests.apps.leaky:wsgi_app", [*CONF, "-w", "1"], env=env,
+               cwd=repo, cgroup=group, ready_path="/ping") as server:
+        (pid,) = server.wait_for_workers(1)
+        assert http_request(server.url, path="/ping")[0] == 200
+        for _ in range(2):
+            assert http_request(server.url, path="/grow?mib=30")[0] == 200
+        assert wait_for(lambda: f"worker {pid} exited" in server.log())
+        log = server.log()
+    line = next(line for line in log.splitlines() if f"recycling worker {pid} " in line)
+    assert "(hard_limit_ahead)" in line and "limit=90.0 MiB" in line, line
+    growth = re.search(r"largest_request_growth=([\d.]+) MiB", line)
+    assert growth is not None and 28 <= float(growth.group(1)) <= 34, line
+    uss = re.search(r" uss=([\d.]+) MiB", line)
+    assert uss is not None and float(uss.group(1)) < 80, line  # before the soft limit
+    assert "by the master's watchdog" not in log
+    assert group.oom_kills == 0
