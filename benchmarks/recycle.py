@@ -368,17 +368,21 @@ def _worker_uss(pids: set[int]) -> int:
     return int(median([float(s) for s in sizes[:WORKERS]])) if sizes else 0
 
 
-def _min_restarts(pattern: str, requests: int, start_uss: int, soft: int) -> int:
-    """The fewest restarts the leaked bytes allow at memguard's soft limit: each worker
+def _min_restarts(pattern: str, requests: int, start_uss: int, soft: int,
+                  hard: int | None) -> int:
+    """The fewest restarts the leaked bytes allow at memguard's limits: each worker
     lifetime absorbs the leak steps that fit between a fresh worker's USS and the soft
-    limit, plus the one that crosses it; the first WORKERS lifetimes need no restart."""
+    limit, plus the one that crosses it if that one stays under the hard limit (past it
+    the worker is stopped); the first WORKERS lifetimes need no restart."""
     info = PATTERNS[pattern]
     leaked = info["kept_per_request"] * requests
-    step = info["step"]
+    step = int(info["step"])
     if not leaked:
         return 0
-    per_lifetime = math.ceil(max(soft - start_uss, 1) / step) * step
-    return max(0, int(math.ceil(leaked / per_lifetime)) - WORKERS)
+    steps = math.ceil(max(soft - start_uss, 1) / step)
+    if hard is not None:
+        steps = max(1, min(steps, (hard - start_uss - 1) // step))
+    return max(0, int(math.ceil(leaked / (steps * step))) - WORKERS)
 
 
 def run(quick: bool) -> Result:
@@ -464,8 +468,9 @@ def _memguard_bounds(row: Row, pattern: str, requests: int,
     soft = env.get("MEMGUARD_WORKER_MEMORY_LIMIT")
     if soft is not None:
         # The minimum is defined by a per-worker soft limit.
+        hard = env.get("MEMGUARD_WORKER_MEMORY_HARD_LIMIT")
         minimum = _min_restarts(pattern, requests, int(data["worker_uss_at_start_mib"] * MiB),
-                                int(soft))
+                                int(soft), int(hard) if hard is not None else None)
         if minimum:
             bounds.append(Bound(f"{label}: restarts (minimum {minimum}) <= 1.5 x",
                                 data["restarts"], math.ceil(1.5 * minimum)))

@@ -518,6 +518,16 @@ setting(
     env="MEMGUARD_GC_FREEZE",
 )
 setting(
+    "gunicorn_gc_freeze_at_fork", "gunicorn", True, parse_bool,
+    "Without --preload, each worker calls gc.freeze() as it starts, so its garbage "
+    "collections never walk the objects it inherited from the master (gunicorn's, "
+    "memguard's, the config's: they live as long as the worker anyway). A full "
+    "collection in a worker then takes 0.3 ms instead of 11-18 ms and leaves about "
+    "9 MiB of pages shared with the master (measured). The app's own objects are never "
+    "frozen (with --preload, see MEMGUARD_GC_FREEZE). Defaults to true.",
+    env="MEMGUARD_GC_FREEZE_AT_FORK",
+)
+setting(
     "gunicorn_fast_exit", "gunicorn", True, parse_bool,
     "A worker memguard recycled runs its atexit handlers, joins its threads and flushes "
     "its logs, then exits without the interpreter's teardown (as multiprocessing's "

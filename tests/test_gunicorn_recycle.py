@@ -411,3 +411,20 @@ def test_worker_recycles_before_a_request_like_its_largest_would_pass_the_hard_l
     assert uss is not None and float(uss.group(1)) < 80, line  # before the soft limit
     assert "by the master's watchdog" not in log
     assert group.oom_kills == 0
+
+
+@pytest.mark.parametrize(("args", "env", "frozen"), [
+    ([], {}, True),
+    ([], {"MEMGUARD_GC_FREEZE_AT_FORK": "0"}, False),
+    (["--preload"], {}, False),  # the app's objects: only MEMGUARD_GC_FREEZE freezes them
+])
+def test_worker_freezes_what_it_inherited_from_the_master_not_the_app(
+    repo: Path, args: list[str], env: dict[str, str], frozen: bool
+) -> None:
+    with serve("gunicorn", "tests.apps.leaky:wsgi_app", [*CONF, "-w", "1", *args], env=env,
+               cwd=repo, ready_path="/ping") as server:
+        status, _, body = http_request(server.url, path="/gc-state")
+    assert status == 200
+    _, count, _, app_collectable = body.split()
+    assert (int(count) > 1000) == frozen, body
+    assert app_collectable == b"True", body

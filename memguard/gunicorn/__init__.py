@@ -132,6 +132,11 @@ class Guard:
     # ---- worker ----------------------------------------------------------------------
 
     def post_fork(self, server: Any, worker: Any) -> None:
+        if self.limits.gc_freeze_at_fork and not server.cfg.preload_app:
+            # Everything alive now came from the master and stays for the worker's life:
+            # its collections (ours at the limit included) skip it and leave its pages
+            # shared. The app is imported after this, and collected as usual.
+            gc.freeze()
         counters.reset()  # a worker counts its own recycles, not its master's
         self.watchdog = None
         self.slots.set_pid(worker.age, os.getpid())

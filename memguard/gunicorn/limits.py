@@ -38,6 +38,7 @@ class Limits:
     min_lifetime: float
     gc_freeze: bool
     fast_exit: bool = True
+    gc_freeze_at_fork: bool = True
 
     @property
     def ceiling(self) -> int | None:
@@ -120,4 +121,5 @@ def resolve_limits(
         min_lifetime=values["gunicorn_min_worker_lifetime"],
         gc_freeze=values["gunicorn_gc_freeze"],
         fast_exit=values["gunicorn_fast_exit"],
+        gc_freeze_at_fork=values["gunicorn_gc_freeze_at_fork"],
     )

@@ -58,6 +58,10 @@ def _route(path: str, query: dict[str, str]) -> bytes:
         gc.collect()
     elif path == "/ping":
         pass
+    elif path == "/gc-state":
+        # Objects frozen (gc.freeze) are in no generation: get_objects() leaves them out.
+        app_collectable = any(o is _kept for o in gc.get_objects())
+        return f"frozen {gc.get_freeze_count()} app_collectable {app_collectable}\n".encode()
     else:
         _keep(LEAK_BYTES)
     return f"ok {os.getpid()} {len(_kept)}\n".encode()
