@@ -9,9 +9,9 @@ default) of one upload at most::
     saved = save_body_wsgi(request.environ, "/data/video.mp4")    # Flask, Django WSGI
 
 Each file is written to a temporary file in its destination's directory, hashed with
-SHA-256 on the way, fsynced (``upload_fsync``) and given its name atomically; on a
-client disconnect, a limit, an exception or a cancellation, nothing is left behind
-(see :mod:`memguard.spool`). In ASGI apps the writes run in writer threads, up to three
+SHA-256 on the way, fsynced if asked (``upload_fsync``, off by default) and given its name
+atomically; on a client disconnect, a limit, an exception or a cancellation, nothing is
+left behind (see :mod:`memguard.spool`). In ASGI apps the writes run in writer threads, up to three
 batches in flight while the next is received, so the event loop never waits for the
 disk (only a few metadata calls, ``stat`` and ``statvfs``, run on it at the start).
 Multipart bodies are read with python-multipart (``memguard-web[multipart]``) through

@@ -130,6 +130,31 @@ def test_save_body_streams_to_disk_whole(updir: Path, temp_mode: bool) -> None:
     assert listing(updir) == [str(dest)]  # no temporary file left next to it
 
 
+@pytest.mark.parametrize("fsync", [False, True])
+def test_fsync_only_when_asked_then_file_and_directory(
+    updir: Path, temp_mode: bool, fsync: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """upload_fsync is off by default; on, the file is fsynced before it gets its name
+    (and its writeback started as it is written), and its directory after."""
+    synced: list[tuple[str, bool]] = []  # (what, did the destination exist yet)
+    dest = updir / "video.mp4"
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        kind = "dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "file"
+        synced.append((kind, dest.exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(spool.os, "fsync", spy)
+    data = os.urandom(20 * 1024 * 1024 + 5)
+    options = {"fsync": True} if fsync else {}
+    saved = run(save_body(scope_for({"content-length": str(len(data))}), dest,
+                          receive=Feed(split(data)), **options))
+    assert dest.read_bytes() == data and saved.sha256 == hashlib.sha256(data).hexdigest()
+    assert synced == ([("file", False), ("dir", True)] if fsync else [])
+    assert listing(updir) == [str(dest)]
+
+
 def test_save_body_takes_a_starlette_request(updir: Path) -> None:
     from starlette.requests import Request
 
