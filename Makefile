@@ -8,7 +8,9 @@ BENCH_STAMP := $(VENV)/.memguard-bench-installed
 
 .PHONY: install test lint demo bench docs clean
 
-$(STAMP): pyproject.toml
+# The C extension (memguard/_speedups.c) is compiled by the editable install: a change
+# to it reinstalls.
+$(STAMP): pyproject.toml setup.py memguard/_speedups.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[all]" --group dev
@@ -16,8 +18,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The body tests run a second time on the pure-Python path (no C extension), the one
+# installs without a compiler get.
 test: $(STAMP)
 	$(BIN)/python -m pytest
+	MEMGUARD_PURE_PYTHON=1 $(BIN)/python -m pytest -q tests/test_body_asgi.py \
+		tests/test_body_property.py tests/test_body_frameworks.py tests/test_body_speedups.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check memguard tests examples benchmarks

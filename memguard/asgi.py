@@ -177,7 +177,7 @@ class _Responder:
                         self.mw.disconnect_on_refusal, self.mw.memory.body_guard(declared, now))
         # 4. call app
         try:
-            await self.mw.app(scope, body.receive, self.send)
+            await self.mw.app(scope, body.app_receive, self.send)
         except Exception as exc:
             if isinstance(exc, RequestRejected) and self.rejection is None:
                 self.refused_by_app(exc)

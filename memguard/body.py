@@ -33,6 +33,7 @@ import functools
 import http
 import json
 import logging
+import os
 import sys
 import time
 import weakref
@@ -55,6 +56,24 @@ __all__ = ["ASGIBody", "BodyPolicy", "Decoder", "WSGIInput", "record", "refusal_
 log = logging.getLogger("memguard.body")
 
 _monotonic = time.monotonic
+
+# The per-chunk path in C (memguard/_speedups.c), when it was built: ASGIBody's base
+# then holds the counting and timing fields, and the body itself is the receive the app
+# gets. Without it (another interpreter, no compiler at install), the same class runs in
+# Python. MEMGUARD_PURE_PYTHON=1 forces the Python path (tests run both).
+_COUNTER_FIELDS = ("_receive", "_current_task", "_task", "_tasks", "_loop", "received",
+                   "_threshold", "_t_enter", "_fast", "_timed", "_waiting")
+_CounterBase: type
+try:
+    if os.environ.get("MEMGUARD_PURE_PYTHON"):
+        raise ImportError("MEMGUARD_PURE_PYTHON is set")
+    from memguard._speedups import BodyCounter as _CounterBase
+    SPEEDUPS = True
+except ImportError:
+    _CounterBase = object
+    SPEEDUPS = False
+# No count reaches this: "no threshold".
+_NEVER = sys.maxsize
 
 
 def _task_getter(loop: asyncio.AbstractEventLoop) -> Callable[[], asyncio.Task[Any] | None]:
@@ -356,7 +375,7 @@ def _over_limit(limit: int, received: int) -> BodyTooLarge:
                         reason="body_over_limit", limit=limit, received=received)
 
 
-class ASGIBody:
+class ASGIBody(_CounterBase):  # type: ignore[misc]
     """Wraps one request's ``receive``: counts real bytes, enforces slow-body timeouts,
     decodes when asked. A refusal is raised into the app *and* handed to ``on_reject``
     (the middleware's responder), which remembers it so that whatever the app or its
@@ -368,10 +387,9 @@ class ASGIBody:
     times a second and cancels the wait of one that is over a limit.
     """
 
-    __slots__ = ("_receive", "limit", "received", "done", "error", "on_reject", "policy",
-                 "decoder", "_sweeper", "_task", "_waiting", "_t_enter", "_start",
-                 "_timeout", "receive", "disconnect", "_timed", "_current_task", "memory",
-                 "_memory_at")
+    __slots__ = ("limit", "done", "error", "on_reject", "policy", "decoder", "_sweeper",
+                 "_start", "_timeout", "receive", "disconnect", "memory", "_memory_at",
+                 *(() if SPEEDUPS else _COUNTER_FIELDS))
 
     def __init__(self, receive: Receive, limit: int | None, policy: BodyPolicy,
                  on_reject: Any, decoder: Decoder | None = None,
@@ -401,7 +419,25 @@ class ASGIBody:
         self._start = 0.0
         self._timeout: RequestTimeout | None = None
         self._current_task: Callable[[], asyncio.Task[Any] | None] = asyncio.current_task
+        self._fast = False  # the C path takes the next chunk (set after the first)
+        self._threshold = _NEVER
+        self._set_threshold()
         self.receive = self._receive_decoded if decoder is not None else self._receive_plain
+
+    @property
+    def app_receive(self) -> Receive:
+        """What the app gets as ``receive``: the body itself when the C path is there
+        (calling it costs no coroutine frame per chunk), else the Python method."""
+        if SPEEDUPS and self.decoder is None:
+            return self
+        return self.receive
+
+    def _set_threshold(self) -> None:
+        """The first byte count the C path hands back to Python: one past the limit, or
+        where the memory guard reads RSS next."""
+        limit = self.limit + 1 if self.limit is not None else _NEVER
+        memory_at = self._memory_at if self.memory is not None else _NEVER
+        self._threshold = min(limit, memory_at)
 
     def _reject(self, exc: RequestRejected) -> RequestRejected | None:
         """Hand a refusal to the responder; ``None`` when report-only lets it go."""
@@ -469,6 +505,12 @@ class ASGIBody:
             self._waiting = False
         else:
             message = await self._receive()
+        return self._finish(message)
+
+    def _finish(self, message: Message) -> Message:
+        """The received ``message``, counted and checked against the limit and the
+        memory guard. The C path calls it for every message it does not take itself
+        (it has not counted those)."""
         if message["type"] != "http.request":
             self.done = True
             self.close()
@@ -491,7 +533,16 @@ class ASGIBody:
         if not message.get("more_body", False):
             self.done = True
             self.close()
+        if SPEEDUPS and not self.done:
+            self._set_threshold()
+            self._fast = True
         return message
+
+    def _failed(self, exc: BaseException) -> Message:
+        """The C path's receive() was cancelled: our slow-body timer's doing, or not."""
+        if self._timeout is None:
+            raise exc
+        return self._timed_out()
 
     async def _receive_decoded(self) -> Message:
         decoder = self.decoder
@@ -546,6 +597,11 @@ class ASGIBody:
             return
         self._sweeper = _Sweeper.of(loop)
         self._current_task = self._sweeper.current_task
+        if SPEEDUPS:
+            # The C path reads asyncio's {loop: running task} dict itself, where it is one.
+            tasks = getattr(asyncio.tasks, "_current_tasks", None)
+            if sys.version_info < (3, 12) and isinstance(tasks, dict):
+                self._tasks, self._loop = tasks, loop
         self._start = _monotonic()
         self._sweeper.add(self)
 
@@ -580,6 +636,7 @@ class ASGIBody:
         return False
 
     def close(self) -> None:
+        self._fast = False  # a finished or refused body answers from Python
         if self._sweeper is not None:
             self._sweeper.discard(self)
             self._sweeper = None

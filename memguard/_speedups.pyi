@@ -1,0 +1,16 @@
+from collections.abc import Callable
+from typing import Any
+
+class BodyCounter:
+    _receive: Callable[[], Any]
+    _current_task: Callable[[], Any] | None
+    _task: Any
+    _tasks: Any
+    _loop: Any
+    received: int
+    _threshold: int
+    _t_enter: float
+    _fast: bool
+    _timed: bool
+    _waiting: bool
+    def __call__(self) -> Any: ...

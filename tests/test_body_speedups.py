@@ -1,0 +1,217 @@
+"""The C path of the ASGI body guard (memguard/_speedups.c), where the rest of the body
+tests cannot tell it from the Python one: what the awaitable it returns does with
+cancellations, timeouts, other awaitables and references. ``make test`` runs the body
+tests again with ``MEMGUARD_PURE_PYTHON=1``; these run in both modes too."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+from typing import Any
+
+import pytest
+
+from memguard import MemGuardMiddleware, body
+from memguard.types import Message, Receive, Scope, Send
+from tests.body_helpers import exchange
+
+
+def cl(n: int) -> tuple[bytes, bytes]:
+    return (b"content-length", str(n).encode())
+
+
+def test_the_c_path_is_built_where_it_can_be() -> None:
+    """CI must exercise it: on CPython with a C compiler the install builds it."""
+    if os.environ.get("MEMGUARD_PURE_PYTHON"):
+        assert not body.SPEEDUPS
+        return
+    if sys.implementation.name != "cpython" or shutil.which("cc") is None:
+        pytest.skip("no CPython or no C compiler: the pure-Python path is the one installed")
+    assert body.SPEEDUPS
+
+
+def test_app_gets_every_chunk_and_the_count_is_exact() -> None:
+    seen: list[bytes] = []
+    bodies: list[Any] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        bodies.append(receive)
+        while True:
+            message = await receive()
+            seen.append(message["body"])
+            if not message["more_body"]:
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    chunks = [bytes([i]) * (1000 + i) for i in range(50)]
+    ex = asyncio.run(exchange(MemGuardMiddleware(app, max_body_size=10**6),
+                              headers=[cl(sum(map(len, chunks)))], chunks=chunks))
+    assert ex.status == 200 and seen == chunks
+    if body.SPEEDUPS:
+        counter = bodies[0]
+        assert isinstance(counter, body.ASGIBody) and counter.received == sum(map(len, chunks))
+
+
+def test_limit_crossed_in_the_middle_of_the_c_path_is_413() -> None:
+    ex = asyncio.run(exchange(MemGuardMiddleware(_reader, max_body_size=25_000),
+                              headers=[(b"transfer-encoding", b"chunked")],
+                              chunks=[b"x" * 1000] * 40))
+    assert ex.status == 413
+    assert ex.delivered == 26_000  # cut at the chunk that crossed
+
+
+async def _reader(scope: Scope, receive: Receive, send: Send) -> None:
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def test_cancelling_the_apps_own_wait_is_not_a_timeout() -> None:
+    """A cancellation that is not the guard's (the app's own timeout) reaches the app
+    as CancelledError / TimeoutError, and the body can be read on afterwards."""
+    outcome: dict[str, Any] = {}
+    gate = asyncio.Event()
+
+    async def server_receive_factory() -> Any:
+        chunks = [b"a" * 10, b"b" * 10, b"c" * 10]
+
+        async def receive() -> Message:
+            chunk = chunks.pop(0)
+            if chunk.startswith(b"b"):
+                await gate.wait()  # the second chunk comes late
+            return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+        return receive
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        outcome["first"] = (await receive())["body"]
+        try:
+            await asyncio.wait_for(receive(), 0.05)
+        except asyncio.TimeoutError:
+            outcome["timed_out"] = True
+        gate.set()
+        rest = b""
+        while True:
+            message = await receive()
+            rest += message["body"]
+            if not message["more_body"]:
+                break
+        outcome["rest"] = rest
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def main() -> list[Message]:
+        receive = await server_receive_factory()
+        sent: list[Message] = []
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/", "http_version": "1.1",
+                 "headers": [cl(30)], "query_string": b"", "root_path": ""}
+        await MemGuardMiddleware(app, body_idle_timeout=30)(scope, receive, send)
+        return sent
+
+    sent = asyncio.run(main())
+    assert outcome["first"] == b"a" * 10 and outcome["timed_out"]
+    # The cancelled wait consumed the server's second receive() (as it would without
+    # memguard); what is left arrives whole.
+    assert outcome["rest"] == b"c" * 10
+    assert sent[0]["status"] == 200
+
+
+def test_task_cancelled_while_waiting_propagates() -> None:
+    started = asyncio.Event()
+
+    async def stalled() -> Message:
+        started.set()
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    calls = 0
+
+    async def server_receive() -> Message:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return {"type": "http.request", "body": b"x", "more_body": True}
+        return await stalled()
+
+    async def main() -> None:
+        async def send(message: Message) -> None:
+            pass
+
+        scope = {"type": "http", "method": "POST", "path": "/", "http_version": "1.1",
+                 "headers": [cl(10)], "query_string": b"", "root_path": ""}
+        task = asyncio.ensure_future(MemGuardMiddleware(_reader)(scope, server_receive, send))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+
+
+def test_a_server_receive_returning_a_future_is_awaited() -> None:
+    async def main() -> Any:
+        loop = asyncio.get_running_loop()
+        chunks = [b"x" * 5, b"y" * 5]
+
+        def receive() -> asyncio.Future[Message]:
+            future: asyncio.Future[Message] = loop.create_future()
+            chunk = chunks.pop(0)
+            loop.call_soon(future.set_result, {"type": "http.request", "body": chunk,
+                                                "more_body": bool(chunks)})
+            return future
+
+        sent: list[Message] = []
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/", "http_version": "1.1",
+                 "headers": [cl(10)], "query_string": b"", "root_path": ""}
+        await MemGuardMiddleware(_reader)(scope, receive, send)
+        return sent
+
+    sent = asyncio.run(main())
+    assert sent[0]["status"] == 200
+
+
+def test_no_reference_is_leaked_per_chunk() -> None:
+    """The same message object handed out many times, and the body object: their
+    reference counts come back to where they were (a leak in C would grow them)."""
+    message = {"type": "http.request", "body": b"z" * 100, "more_body": True}
+    last = {"type": "http.request", "body": b"", "more_body": False}
+    count = 2000
+    state = {"n": 0}
+
+    async def receive() -> Message:
+        state["n"] += 1
+        return message if state["n"] < count else last
+
+    async def main() -> tuple[int, int, int]:
+        async def send(m: Message) -> None:
+            pass
+
+        scope = {"type": "http", "method": "POST", "path": "/", "http_version": "1.1",
+                 "headers": [(b"transfer-encoding", b"chunked")], "query_string": b"",
+                 "root_path": ""}
+        before = sys.getrefcount(message)
+        holder: list[Any] = []
+
+        async def app(scope: Scope, receive_: Receive, send_: Send) -> None:
+            holder.append(receive_)
+            await _reader(scope, receive_, send_)
+
+        await MemGuardMiddleware(app, max_body_size=10**9)(scope, receive, send)
+        return before, sys.getrefcount(message), sys.getrefcount(holder[0])
+
+    before, after, holder_refs = asyncio.run(main())
+    assert after == before
+    # The list, getrefcount's argument, and the middleware's frame is gone: 2 (or 3 if
+    # the pure path's bound method is what the app got).
+    assert holder_refs <= 3
