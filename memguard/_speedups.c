@@ -29,6 +29,9 @@
 static PyObject *str_type, *str_body, *str_more_body, *str_http_request;
 static PyObject *str_receive_plain, *str_finish, *str_failed, *str_throw, *str_close;
 static PyObject *CancelledError;
+/* A str equal to "http.request" seen before, kept: servers hand out the same constant
+ * every time, and a pointer compare is cheaper than PyUnicode_Compare per chunk. */
+static PyObject *known_request_type;
 
 typedef struct {
     PyObject_HEAD
@@ -225,9 +228,14 @@ pending_returned(Pending *self, PyObject *message)
         PyObject *type = PyDict_GetItemWithError(message, str_type);
         PyObject *body = type != NULL ? PyDict_GetItemWithError(message, str_body) : NULL;
         PyObject *more = body != NULL ? PyDict_GetItemWithError(message, str_more_body) : NULL;
-        if (more == Py_True && PyBytes_CheckExact(body) && PyUnicode_CheckExact(type)
-                && (type == str_http_request
-                    || PyUnicode_Compare(type, str_http_request) == 0)) {
+        int is_request = type == str_http_request || type == known_request_type;
+        if (!is_request && type != NULL && PyUnicode_CheckExact(type)
+                && PyUnicode_Compare(type, str_http_request) == 0) {
+            Py_INCREF(type);
+            Py_XSETREF(known_request_type, type);
+            is_request = 1;
+        }
+        if (more == Py_True && is_request && PyBytes_CheckExact(body)) {
             Py_ssize_t received = owner->received + PyBytes_GET_SIZE(body);
             if (received < owner->threshold) {
                 owner->received = received;

@@ -402,7 +402,6 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
         # per chunk instead of a method call.
         self._memory_at = memory.next_check if memory is not None else 0
         self.limit = limit
-        self.received = 0
         self.done = False
         self.error: RequestRejected | None = None
         self.on_reject = on_reject
@@ -413,15 +412,20 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
         self.disconnect = disconnect
         self._timed = policy.timed
         self._sweeper: _Sweeper | None = None
-        self._task: asyncio.Task[Any] | None = None
-        self._waiting = False
-        self._t_enter = 0.0
         self._start = 0.0
         self._timeout: RequestTimeout | None = None
-        self._current_task: Callable[[], asyncio.Task[Any] | None] = asyncio.current_task
-        self._fast = False  # the C path takes the next chunk (set after the first)
-        self._threshold = _NEVER
-        self._set_threshold()
+        if not SPEEDUPS:
+            # The C base starts zeroed, which reads the same (and each of its fields
+            # costs a generic setattr from Python): nothing received, no task, not
+            # waiting, not on the C path yet (_fast is set after the first chunk, with
+            # _threshold), the task getter set by _arm() when timing starts.
+            self.received = 0
+            self._task: asyncio.Task[Any] | None = None
+            self._waiting = False
+            self._t_enter = 0.0
+            self._fast = False
+            self._threshold = _NEVER
+            self._current_task: Callable[[], asyncio.Task[Any] | None] = asyncio.current_task
         self.receive = self._receive_decoded if decoder is not None else self._receive_plain
 
     @property
@@ -460,6 +464,8 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
             return await self._receive()
         if self._sweeper is None:
             self._arm()
+            if not self._timed:  # no asyncio loop (trio): counting only
+                return await self._receive()
         self._t_enter = _monotonic()
         self._task = self._current_task()
         self._waiting = True
@@ -489,9 +495,9 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
             if self.error is not None:
                 return self._signal(self.error)
             return await self._receive()
+        if self._timed and self._sweeper is None:
+            self._arm()  # no asyncio loop (trio): _timed is now False, counting only
         if self._timed:
-            if self._sweeper is None:
-                self._arm()
             self._t_enter = _monotonic()
             self._task = self._current_task()
             self._waiting = True
