@@ -42,6 +42,9 @@ bench: $(BENCH_STAMP)
 	@# wrk (Debian package) drives the end-to-end overhead benchmark; installed once.
 	@command -v wrk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk) \
 		|| echo "wrk could not be installed: end-to-end figures will be skipped"
+	@# valgrind counts the body guard's instructions (benchmarks/instructions.py).
+	@command -v valgrind >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq valgrind) \
+		|| echo "valgrind could not be installed: instruction counts will be skipped"
 	$(BIN)/python -m benchmarks --quick
 
 # Generated docs (a test fails when they are stale): the options reference from

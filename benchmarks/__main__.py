@@ -15,7 +15,8 @@ import time
 from benchmarks.harness import write_result
 
 # Add new benchmarks here (module names under benchmarks/).
-BENCHMARKS: list[str] = ["probes", "body_guard", "uploads", "recycle", "overhead"]
+BENCHMARKS: list[str] = ["probes", "body_guard", "instructions", "uploads", "recycle",
+                         "overhead"]
 
 
 def main(argv: list[str] | None = None) -> int:
