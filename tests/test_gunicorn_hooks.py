@@ -351,3 +351,19 @@ def test_uvicorn_worker_gets_a_bounded_drain_and_a_checked_app(
     asyncio.run(worker.wsgi({"type": "lifespan"}, None, None))
     assert calls == ["http", "lifespan"]
     assert monitor.requests == 1 and monitor.in_flight == 0  # only HTTP is counted
+
+
+def test_slot_table_keeps_each_workers_last_paths() -> None:
+    from memguard.gunicorn.slots import PATH_BYTES, RECENT, SlotTable
+
+    table = SlotTable(slots=4)
+    for n in range(RECENT + 5):
+        table.note_request(6, f"/items/{n}")
+    table.note_request(6, "/" + "é" * 100)  # truncated to the slot's bytes, still text
+    paths, started = table.recent_paths(6)
+    assert started == RECENT + 6 and len(paths) == RECENT
+    assert paths[0] == "/items/6" and paths[-2] == f"/items/{RECENT + 4}"
+    assert paths[-1].startswith("/éé") and len(paths[-1].encode()) <= PATH_BYTES - 1
+    assert table.recent_paths(7) == ([], 0)  # another worker's slot
+    table.reset(6)
+    assert table.recent_paths(6) == ([], 0)

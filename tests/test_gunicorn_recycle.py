@@ -303,6 +303,9 @@ def test_oom_kills_are_told_apart_in_child_exit(
     reports = [line for line in log.splitlines() if "killed by the kernel's OOM killer" in line]
     assert 0 < len(reports) <= kills
     assert "last known memory" in reports[0] and "uss=" in "\n".join(reports)
+    # What the dead worker was serving: every request of the load is to /.
+    assert "top_paths=[/ (" in reports[0], reports[0]
+    assert any("in_flight=/" in line for line in reports), reports
     assert "never recycled" in log  # the start-up warning: no limit set
     assert len(oom_events) >= len(reports)  # the log was read a moment before
 

@@ -156,7 +156,7 @@ class Guard:
     def pre_request(self, worker: Any, req: Any) -> None:
         monitor = self.monitor
         if monitor is not None:
-            monitor.before_request()
+            monitor.before_request(getattr(req, "path", None))
 
     def post_request(self, worker: Any, req: Any, environ: Any, resp: Any) -> None:
         monitor = self.monitor
@@ -194,7 +194,7 @@ def _adapt_uvicorn_worker(worker: Any, monitor: WorkerMonitor, slots: SlotTable)
         if scope["type"] != "http":
             await inner(scope, receive, send)
             return
-        monitor.before_request()
+        monitor.before_request(scope.get("path"))
         try:
             await inner(scope, receive, send)
         finally:

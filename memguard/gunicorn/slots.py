@@ -8,6 +8,12 @@ count; the master clears a slot when it forks into it and when it reaps its work
 Each field is one aligned 8-byte word written with ``struct.pack_into``, so a reader
 never sees half a value; a reader may see a slightly stale one, which is fine for state
 and figures.
+
+A second area holds, per slot, the paths of the worker's last ``RECENT`` requests and a
+count of requests started: what the master reports about a worker the kernel killed
+(its busiest paths, and the one it was serving). A path is at most ``PATH_BYTES - 1``
+bytes; a torn read of one (the worker writing while the master reads a dead worker's
+slot cannot happen, a live one's can) only garbles that line of a report.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ from __future__ import annotations
 import mmap
 import struct
 
-__all__ = ["SlotTable", "EMPTY", "BOOTING", "SERVING", "BORN_OVER", "RECYCLING", "EXITED"]
+__all__ = ["SlotTable", "EMPTY", "BOOTING", "SERVING", "BORN_OVER", "RECYCLING", "EXITED",
+           "RECENT", "PATH_BYTES"]
 
 # BORN_OVER: serving, but over its soft limit from the start, so never recycled for it.
 EMPTY, BOOTING, SERVING, RECYCLING, EXITED, BORN_OVER = 0, 1, 2, 3, 4, 5
@@ -25,6 +32,10 @@ STATE_NAMES = {EMPTY: "empty", BOOTING: "booting", SERVING: "serving",
 # pid, state, figure (bytes: the worker's own estimate of its USS), requests served
 _SLOT = struct.Struct("=qqqq")
 _SLOTS = 256
+RECENT = 32  # paths kept per worker
+PATH_BYTES = 64  # per path: a length byte, then up to 63 bytes of UTF-8
+_RECENT_SLOT = 8 + RECENT * PATH_BYTES  # requests started, then the ring
+_STARTED = struct.Struct("=q")
 
 
 class SlotTable:
@@ -35,6 +46,7 @@ class SlotTable:
         self.slots = slots
         # One header slot, then the workers' slots.
         self._map = mmap.mmap(-1, (slots + 1) * _SLOT.size)
+        self._recent = mmap.mmap(-1, slots * _RECENT_SLOT)
 
     def _offset(self, age: int) -> int:
         return (age % self.slots + 1) * _SLOT.size
@@ -49,6 +61,28 @@ class SlotTable:
 
     def reset(self, age: int, pid: int = 0, state: int = EMPTY) -> None:
         _SLOT.pack_into(self._map, self._offset(age), pid, state, 0, 0)
+        _STARTED.pack_into(self._recent, (age % self.slots) * _RECENT_SLOT, 0)
+
+    def note_request(self, age: int, path: str) -> None:
+        """A request for ``path`` starts in the worker of slot ``age`` (a microsecond)."""
+        base = (age % self.slots) * _RECENT_SLOT
+        (started,) = _STARTED.unpack_from(self._recent, base)
+        data = path.encode("utf-8", "replace")[:PATH_BYTES - 1]
+        at = base + 8 + (started % RECENT) * PATH_BYTES
+        self._recent[at] = len(data)
+        self._recent[at + 1:at + 1 + len(data)] = data
+        _STARTED.pack_into(self._recent, base, started + 1)
+
+    def recent_paths(self, age: int) -> tuple[list[str], int]:
+        """(the last paths of slot ``age``, oldest first; requests started in all)."""
+        base = (age % self.slots) * _RECENT_SLOT
+        (started,) = _STARTED.unpack_from(self._recent, base)
+        paths = []
+        for n in range(max(0, started - RECENT), started):
+            at = base + 8 + (n % RECENT) * PATH_BYTES
+            size = min(self._recent[at], PATH_BYTES - 1)
+            paths.append(self._recent[at + 1:at + 1 + size].decode("utf-8", "replace"))
+        return paths, int(started)
 
     def set_state(self, age: int, state: int) -> None:
         struct.pack_into("=q", self._map, self._offset(age) + 8, state)

@@ -25,6 +25,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 from memguard import counters, events, probes
@@ -311,8 +312,9 @@ class Watchdog:
         with self._lock:
             record = self.records.pop(pid, None)
         slot_pid, state, figure, requests = self.slots.read(worker.age)
+        paths, started = self.slots.recent_paths(worker.age)
         if slot_pid not in (pid, 0):  # the slot was reused: ignore what it says
-            state, figure, requests = slot_states.EMPTY, 0, 0
+            state, figure, requests, paths, started = slot_states.EMPTY, 0, 0, [], 0
         self.slots.reset(worker.age)
         oom = read_oom_kills(self.cgroup)
         oom_moved = oom is not None and oom[0] > self.oom_seen
@@ -347,6 +349,8 @@ class Watchdog:
         if oom is not None:
             info["oom_kills"] = oom[0]
             info["oom_counter"] = oom[1]
+        if cause in _DEATHS and paths:
+            info.update(_path_forensics(paths, started, requests))
         text = _figures_text(info)
         if cause == "oom_kill":
             self.log.error(
@@ -360,6 +364,21 @@ class Watchdog:
             self.log.info("memguard: worker %s exited: %s", pid, text)
         events.emit("worker_exit", pid=pid, **extra_event, **info)
         return info
+
+
+# Causes a worker does not choose: their reports say what it was serving.
+_DEATHS = frozenset({"oom_kill", "killed_or_crashed", "hard_limit_kill", "timeout"})
+
+
+def _path_forensics(paths: list[str], started: int, finished: int) -> dict[str, Any]:
+    """The busiest of a dead worker's last paths, and those it had not finished."""
+    counts = Counter(paths)
+    top = ", ".join(f"{path} ({n})" for path, n in counts.most_common(3))
+    out: dict[str, Any] = {"top_paths": f"[{top}] of the last {len(paths)}"}
+    unfinished = max(0, min(started - finished, len(paths)))
+    if unfinished:
+        out["in_flight"] = ", ".join(paths[-unfinished:])
+    return out
 
 
 def _own(record: WorkerRecord) -> int:

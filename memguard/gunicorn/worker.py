@@ -217,8 +217,11 @@ class WorkerMonitor:
 
     # ---- the per-request path --------------------------------------------------------
 
-    def before_request(self) -> None:
+    def before_request(self, path: str | None = None) -> None:
         self.in_flight += 1
+        if path is not None:
+            # For the master's report should the kernel kill this worker.
+            self.slots.note_request(self.age, path)
 
     def after_request(self) -> None:
         """Called after every request; microseconds unless the threshold is crossed.
