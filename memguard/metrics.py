@@ -28,6 +28,7 @@ the master starts.
 
 from __future__ import annotations
 
+import atexit
 import glob
 import json
 import logging
@@ -147,6 +148,17 @@ class MetricsExporter:
             tracker.keep_samples()
         self._seen: dict[tuple[str, str], int] = {}
         self._seen_pid = os.getpid()
+        if self.multiprocess_dir:
+            # What a worker counted since its last sync (about a second's worth) would be
+            # lost at every recycle: recycled workers often live only seconds. atexit
+            # runs in each worker (a recycled one too: memguard's fast exit runs it).
+            atexit.register(self._sync_at_exit)
+
+    def _sync_at_exit(self) -> None:
+        try:
+            self.sync()
+        except Exception:  # an exit must not fail on metrics
+            log.exception("metrics sync at exit failed")
 
     def sync(self) -> None:
         if self._seen_pid != os.getpid():

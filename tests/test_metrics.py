@@ -6,6 +6,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -141,3 +143,26 @@ def test_clear_multiprocess_dir(multiproc_dir: str) -> None:
     Path(multiproc_dir, "keep.txt").write_text("x")
     assert clear_multiprocess_dir(multiproc_dir) == 1
     assert os.listdir(multiproc_dir) == ["keep.txt"]
+
+
+def test_a_worker_counts_since_its_last_sync_are_written_at_exit(multiproc_dir: str) -> None:
+    """A recycled worker often lives seconds: what it counted after its last sync (about a
+    second's worth) is written when it exits, not lost."""
+    code = (
+        "import os\n"
+        "from memguard import counters\n"
+        "from memguard.metrics import MetricsExporter\n"
+        "exporter = MetricsExporter()\n"
+        "exporter.sync()\n"
+        "counters.increment('body', 'body_over_limit')\n"  # after the last sync
+        "raise SystemExit(0)\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": multiproc_dir}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=multiproc_dir)  # type: ignore[no-untyped-call]
+    text = generate_latest(registry).decode()
+    assert _samples(text, "memguard_refusals_total") == {
+        'memguard_refusals_total{area="body",reason="body_over_limit"}': 1.0}
