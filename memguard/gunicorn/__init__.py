@@ -19,6 +19,7 @@ namespace already defines first. Who decides a recycle (DESIGN.md):
 
 from __future__ import annotations
 
+import atexit
 import gc
 import importlib
 import os
@@ -221,11 +222,18 @@ def _adapt_uvicorn_worker(worker: Any, monitor: WorkerMonitor, slots: SlotTable)
 
     def on_term(sig: int, frame: Any) -> None:
         # uvicorn replaces this handler while it serves, and raises SIGTERM again with
-        # it restored once its graceful shutdown is over: mark the clean exit for the
-        # master's forensics, then die of SIGTERM as the worker would have.
+        # it restored once its graceful shutdown is over (from inside its event loop):
+        # run the atexit handlers a signal death skips (the metrics' last sync among
+        # them), mark the clean exit for the master's forensics, then die of SIGTERM as
+        # the worker would have. Not threading's shutdown: joining threads from inside
+        # the loop can wait for ever (measured: recycled workers hung).
         _, state, _, _ = slots.read(worker.age)
         if state != slot_states.RECYCLING:
             slots.set_state(worker.age, slot_states.EXITED)
+        try:
+            atexit._run_exitfuncs()
+        except Exception:  # an exit must not fail on a handler
+            worker.log.exception("memguard: an atexit handler failed")
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
 
