@@ -162,10 +162,10 @@ counter_call(BodyCounter *self, PyObject *args, PyObject *kwds)
         }
         self->waiting = 1;
     }
-    /* Not tracked by the cycle collector: it lives for one receive(), and nothing it
-     * refers to (this body, the server's awaitable) refers back to it. Untracked, it
-     * costs no GC bookkeeping and does not count towards the next collection. */
-    Pending *pending = PyObject_New(Pending, &PendingType);
+    /* Tracked by the cycle collector: while it is awaited, the awaiting task's frame
+     * holds it, and it holds this body, which holds that task (for the slow-body
+     * timer). A task dropped while suspended must still be collectable. */
+    Pending *pending = PyObject_GC_New(Pending, &PendingType);
     if (pending == NULL) {
         Py_DECREF(iter);
         self->waiting = 0;
@@ -174,6 +174,7 @@ counter_call(BodyCounter *self, PyObject *args, PyObject *kwds)
     Py_INCREF(self);
     pending->owner = self;
     pending->iter = iter;
+    PyObject_GC_Track(pending);
     return (PyObject *)pending;
 }
 
@@ -209,12 +210,28 @@ static PyTypeObject BodyCounterType = {
 
 /* ---- Pending ----------------------------------------------------------------------- */
 
-static void
-pending_dealloc(Pending *self)
+static int
+pending_traverse(Pending *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->owner);
+    Py_VISIT(self->iter);
+    return 0;
+}
+
+static int
+pending_clear(Pending *self)
 {
     Py_CLEAR(self->owner);
     Py_CLEAR(self->iter);
-    PyObject_Free(self);
+    return 0;
+}
+
+static void
+pending_dealloc(Pending *self)
+{
+    PyObject_GC_UnTrack(self);
+    pending_clear(self);
+    PyObject_GC_Del(self);
 }
 
 /* The server's receive() returned ``message``: count it here or hand it to Python.
@@ -442,8 +459,10 @@ static PyTypeObject PendingType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "memguard._speedups.Pending",
     .tp_basicsize = sizeof(Pending),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "One receive() in progress, counted when it returns.",
+    .tp_traverse = (traverseproc)pending_traverse,
+    .tp_clear = (inquiry)pending_clear,
     .tp_dealloc = (destructor)pending_dealloc,
     .tp_as_async = &pending_as_async,
     .tp_iter = PyObject_SelfIter,

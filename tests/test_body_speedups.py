@@ -215,3 +215,51 @@ def test_no_reference_is_leaked_per_chunk() -> None:
     # The list, getrefcount's argument, and the middleware's frame is gone: 2 (or 3 if
     # the pure path's bound method is what the app got).
     assert holder_refs <= 3
+
+
+def test_a_task_dropped_while_it_waits_is_collected(caplog: pytest.LogCaptureFixture) -> None:
+    """While the app waits in receive(), its task's frame holds the awaitable, which holds
+    the body, which holds the task (for the slow-body timer): a cycle. A task dropped
+    while suspended (its server gone without cancelling it) must still be collectable."""
+    import gc
+    import weakref
+
+    class Sentinel:
+        pass
+
+    async def main() -> Any:
+        loop = asyncio.get_running_loop()
+        never: list[asyncio.Future[Message]] = [loop.create_future()]
+        calls = 0
+
+        async def server_receive() -> Message:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return {"type": "http.request", "body": b"x", "more_body": True}
+            return await never[0]
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            sentinel = Sentinel()
+            refs.append(weakref.ref(sentinel))
+            while (await receive()).get("more_body"):
+                pass
+
+        async def send(message: Message) -> None:
+            pass
+
+        refs: list[weakref.ref[Sentinel]] = []
+        scope = {"type": "http", "method": "POST", "path": "/", "http_version": "1.1",
+                 "headers": [cl(10)], "query_string": b"", "root_path": ""}
+        task = loop.create_task(MemGuardMiddleware(app)(scope, server_receive, send))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert calls == 2 and not task.done()  # waiting in the second receive()
+        del task
+        never.clear()
+        gc.collect()
+        return refs[0]
+
+    ref = asyncio.run(main())
+    gc.collect()
+    assert ref() is None
