@@ -16,6 +16,7 @@ from gunicorn.workers.gthread import ThreadWorker
 from gunicorn.workers.sync import SyncWorker
 from uvicorn_worker import UvicornWorker
 
+import memguard.gunicorn
 from memguard import recycle
 from memguard.gunicorn import HOOKS, install, is_uvicorn_worker
 from memguard.gunicorn import slots as slot_states
@@ -28,6 +29,14 @@ MIB = 1 << 20
 
 
 # ---- options --------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _no_guard_left_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """install() keeps its Guard in the module, as a worker forked from the master does;
+    in this test process it would make the middleware of later tests believe it runs
+    under memguard's gunicorn integration (memguard.admission reads it)."""
+    monkeypatch.setattr(memguard.gunicorn, "_guard", None)
 
 
 def test_env_contract_names() -> None:
