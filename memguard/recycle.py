@@ -41,9 +41,16 @@ class Recycler(Protocol):
         """Start a graceful replacement of this worker; True if one was started."""
         ...
 
+    @property
+    def started(self) -> bool:
+        """True once this recycler has started a recycle."""
+        ...
+
 
 class LogOnlyRecycler:
     """The default: log that a recycle would help, do nothing else."""
+
+    started = False  # it never starts one
 
     def __init__(self) -> None:
         self._logged: set[str] = set()
@@ -58,7 +65,28 @@ class LogOnlyRecycler:
         return False
 
 
-class SignalRecycler:
+class _OnceRecycler:
+    """A recycle happens once per process: the first caller claims it, atomically
+    across threads (gthread's workers, the event loop and a signal may all ask)."""
+
+    def __init__(self) -> None:
+        self._sent = False
+        self._lock = threading.Lock()
+
+    @property
+    def started(self) -> bool:
+        """True once this recycler has started a recycle."""
+        return self._sent
+
+    def _claim(self) -> bool:
+        with self._lock:
+            if self._sent:
+                return False
+            self._sent = True
+            return True
+
+
+class SignalRecycler(_OnceRecycler):
     """Send this process a signal its server treats as a graceful stop (default SIGTERM).
 
     Under gunicorn the master then starts a replacement; under ``uvicorn --workers N``
@@ -72,21 +100,13 @@ class SignalRecycler:
     SIGNAL_DELAY = 0.1
 
     def __init__(self, sig: int = signal.SIGTERM, logger: Any = None) -> None:
+        super().__init__()
         self.sig = sig
         self.logger = logger if logger is not None else log
-        self._sent = False
-        self._lock = threading.Lock()
-
-    @property
-    def started(self) -> bool:
-        """True once this recycler has started a recycle."""
-        return self._sent
 
     def recycle(self, reason: str, figures: dict[str, Any]) -> bool:
-        with self._lock:
-            if self._sent:
-                return False
-            self._sent = True
+        if not self._claim():
+            return False
         self._stop_accepting()
         self.logger.warning("recycling worker %s (%s): %s", os.getpid(), reason,
                             _figures_text(figures))
@@ -118,7 +138,7 @@ class SignalRecycler:
             return
 
 
-class AliveFlagRecycler:
+class AliveFlagRecycler(_OnceRecycler):
     """gunicorn's own way: ``worker.alive = False`` (sync, gthread, gevent, eventlet).
 
     The worker finishes the connections it has, stops accepting, and exits; the master
@@ -128,20 +148,13 @@ class AliveFlagRecycler:
     """
 
     def __init__(self, worker: Any) -> None:
+        super().__init__()
         self.worker = worker
-        self._sent = False
-        self._lock = threading.Lock()
-
-    @property
-    def started(self) -> bool:
-        """True once this recycler has started a recycle."""
-        return self._sent
 
     def recycle(self, reason: str, figures: dict[str, Any]) -> bool:
-        with self._lock:
-            if self._sent or not self.worker.alive:
-                return False
-            self._sent = True
+        # A worker already leaving (gunicorn's max_requests, a SIGTERM) needs no recycle.
+        if not self.worker.alive or not self._claim():
+            return False
         self.worker.log.warning("recycling worker %s (%s): %s", os.getpid(), reason,
                                 _figures_text(figures))
         self.worker.alive = False

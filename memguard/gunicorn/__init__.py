@@ -77,7 +77,6 @@ class Guard:
         self.slots = SlotTable()  # made in the master, before any fork: shared
         self.watchdog: Watchdog | None = None
         self.monitor: WorkerMonitor | None = None
-        self.recycler: recycle.Recycler | None = None
         self._froze = False
 
     # ---- master ----------------------------------------------------------------------
@@ -143,7 +142,6 @@ class Guard:
         self.slots.set_pid(worker.age, os.getpid())
         recycler = recycle.gunicorn_recycler(worker)
         recycle.set_recycler(recycler)
-        self.recycler = recycler
         self.monitor = WorkerMonitor(worker, self.limits, self.slots, recycler)
 
     def post_worker_init(self, worker: Any) -> None:
@@ -170,7 +168,9 @@ class Guard:
             _, state, _, _ = self.slots.read(worker.age)
             if state != slot_states.RECYCLING:
                 self.slots.set_state(worker.age, slot_states.EXITED)
-            recycled = state == slot_states.RECYCLING or getattr(self.recycler, "started", False)
+            monitor = self.monitor
+            recycled = state == slot_states.RECYCLING or (
+                monitor is not None and monitor.recycler.started)
             if recycled and self.limits.fast_exit:
                 # The last thing gunicorn does in a worker (this hook runs after any of
                 # the user's): a recycled worker skips the interpreter's teardown.
