@@ -76,12 +76,20 @@ except ImportError:
 _NEVER = sys.maxsize
 
 
+def _current_tasks() -> dict[Any, Any] | None:
+    """asyncio's {loop: running task} dict where it is one (up to 3.11), else None."""
+    tasks = getattr(asyncio.tasks, "_current_tasks", None)
+    if sys.version_info < (3, 12) and isinstance(tasks, dict):
+        return tasks
+    return None
+
+
 def _task_getter(loop: asyncio.AbstractEventLoop) -> Callable[[], asyncio.Task[Any] | None]:
     """The cheapest ``current_task()`` for ``loop``: on 3.11 the public function is
     Python calling get_running_loop() (~0.3 us, once per chunk); the dict it reads is
     ~0.05 us. From 3.12 ``current_task`` is C and used as is."""
-    tasks = getattr(asyncio.tasks, "_current_tasks", None)
-    if sys.version_info < (3, 12) and isinstance(tasks, dict):
+    tasks = _current_tasks()
+    if tasks is not None:
         return functools.partial(tasks.get, loop)
     return asyncio.current_task
 
@@ -601,13 +609,11 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
         except RuntimeError:  # not asyncio (trio): no timeouts, counting still applies
             self._timed = False
             return
-        self._sweeper = _Sweeper.of(loop)
-        self._current_task = self._sweeper.current_task
-        if SPEEDUPS:
-            # The C path reads asyncio's {loop: running task} dict itself, where it is one.
-            tasks = getattr(asyncio.tasks, "_current_tasks", None)
-            if sys.version_info < (3, 12) and isinstance(tasks, dict):
-                self._tasks, self._loop = tasks, loop
+        sweeper = self._sweeper = _Sweeper.of(loop)
+        self._current_task = sweeper.current_task
+        if SPEEDUPS and sweeper.tasks is not None:
+            # The C path reads asyncio's {loop: running task} dict itself.
+            self._tasks, self._loop = sweeper.tasks, loop
         self._start = _monotonic()
         self._sweeper.add(self)
 
@@ -662,6 +668,7 @@ class _Sweeper:
         self.handle: asyncio.TimerHandle | None = None
         self.period = 0.5
         self.current_task = _task_getter(loop)
+        self.tasks = _current_tasks()  # found once per loop, not once per body
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> _Sweeper:
