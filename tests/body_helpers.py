@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from memguard.types import ASGIApp, Message
+from memguard.types import ASGIApp, Message, Receive
 
 
 @dataclass
@@ -27,10 +27,11 @@ async def exchange(
     app: ASGIApp, method: str = "POST", path: str = "/", *,
     headers: Sequence[tuple[bytes, bytes]] = (), chunks: Sequence[bytes] = (),
     delay: float = 0.0, stall_after: int | None = None, http_version: str = "1.1",
-    scope_extra: dict[str, Any] | None = None,
+    scope_extra: dict[str, Any] | None = None, receive: Receive | None = None,
 ) -> Exchange:
     """Run one request through ``app``; ``chunks`` arrive ``delay`` seconds apart, and
-    after ``stall_after`` chunks the client goes silent."""
+    after ``stall_after`` chunks the client goes silent. ``receive`` replaces that fake
+    server's receive altogether (for servers that behave otherwise)."""
     ex = Exchange()
     pending = list(chunks)
     scope: dict[str, Any] = {
@@ -41,7 +42,7 @@ async def exchange(
     }
     sent = 0
 
-    async def receive() -> Message:
+    async def fake_receive() -> Message:
         nonlocal sent
         ex.receive_calls += 1
         if stall_after is not None and sent >= stall_after:
@@ -70,7 +71,7 @@ async def exchange(
             ex.body += message.get("body", b"")
             ex.complete = not message.get("more_body", False)
 
-    await app(scope, receive, send)
+    await app(scope, receive if receive is not None else fake_receive, send)
     return ex
 
 

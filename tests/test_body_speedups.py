@@ -6,16 +6,18 @@ tests again with ``MEMGUARD_PURE_PYTHON=1``; these run in both modes too."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import sys
+import weakref
 from typing import Any
 
 import pytest
 
 from memguard import MemGuardMiddleware, body
 from memguard.types import Message, Receive, Scope, Send
-from tests.body_helpers import exchange
+from tests.body_helpers import Exchange, exchange
 
 
 def cl(n: int) -> tuple[bytes, bytes]:
@@ -103,24 +105,16 @@ def test_cancelling_the_apps_own_wait_is_not_a_timeout() -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    async def main() -> list[Message]:
-        receive = await server_receive_factory()
-        sent: list[Message] = []
+    async def main() -> Exchange:
+        return await exchange(MemGuardMiddleware(app, body_idle_timeout=30),
+                              headers=[cl(30)], receive=await server_receive_factory())
 
-        async def send(message: Message) -> None:
-            sent.append(message)
-
-        scope = {"type": "http", "method": "POST", "path": "/", "http_version": "1.1",
-                 "headers": [cl(30)], "query_string": b"", "root_path": ""}
-        await MemGuardMiddleware(app, body_idle_timeout=30)(scope, receive, send)
-        return sent
-
-    sent = asyncio.run(main())
+    ex = asyncio.run(main())
     assert outcome["first"] == b"a" * 10 and outcome["timed_out"]
     # The cancelled wait consumed the server's second receive() (as it would without
     # memguard); what is left arrives whole.
     assert outcome["rest"] == b"c" * 10
-    assert sent[0]["status"] == 200
+    assert ex.status == 200
 
 
 def test_task_cancelled_while_waiting_propagates() -> None:
@@ -141,12 +135,8 @@ def test_task_cancelled_while_waiting_propagates() -> None:
         return await stalled()
 
     async def main() -> None:
-        async def send(message: Message) -> None:
-            pass
-
-        scope = {"type": "http", "method": "POST", "path": "/", "http_version": "1.1",
-                 "headers": [cl(10)], "query_string": b"", "root_path": ""}
-        task = asyncio.ensure_future(MemGuardMiddleware(_reader)(scope, server_receive, send))
+        task = asyncio.ensure_future(exchange(MemGuardMiddleware(_reader), headers=[cl(10)],
+                                              receive=server_receive))
         await started.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -167,18 +157,10 @@ def test_a_server_receive_returning_a_future_is_awaited() -> None:
                                                 "more_body": bool(chunks)})
             return future
 
-        sent: list[Message] = []
+        return await exchange(MemGuardMiddleware(_reader), headers=[cl(10)],
+                              receive=receive)
 
-        async def send(message: Message) -> None:
-            sent.append(message)
-
-        scope = {"type": "http", "method": "POST", "path": "/", "http_version": "1.1",
-                 "headers": [cl(10)], "query_string": b"", "root_path": ""}
-        await MemGuardMiddleware(_reader)(scope, receive, send)
-        return sent
-
-    sent = asyncio.run(main())
-    assert sent[0]["status"] == 200
+    assert asyncio.run(main()).status == 200
 
 
 def test_no_reference_is_leaked_per_chunk() -> None:
@@ -194,12 +176,6 @@ def test_no_reference_is_leaked_per_chunk() -> None:
         return message if state["n"] < count else last
 
     async def main() -> tuple[int, int, int]:
-        async def send(m: Message) -> None:
-            pass
-
-        scope = {"type": "http", "method": "POST", "path": "/", "http_version": "1.1",
-                 "headers": [(b"transfer-encoding", b"chunked")], "query_string": b"",
-                 "root_path": ""}
         before = sys.getrefcount(message)
         holder: list[Any] = []
 
@@ -207,7 +183,8 @@ def test_no_reference_is_leaked_per_chunk() -> None:
             holder.append(receive_)
             await _reader(scope, receive_, send_)
 
-        await MemGuardMiddleware(app, max_body_size=10**9)(scope, receive, send)
+        await exchange(MemGuardMiddleware(app, max_body_size=10**9),
+                       headers=[(b"transfer-encoding", b"chunked")], receive=receive)
         return before, sys.getrefcount(message), sys.getrefcount(holder[0])
 
     before, after, holder_refs = asyncio.run(main())
@@ -220,9 +197,8 @@ def test_no_reference_is_leaked_per_chunk() -> None:
 def test_a_task_dropped_while_it_waits_is_collected(caplog: pytest.LogCaptureFixture) -> None:
     """While the app waits in receive(), its task's frame holds the awaitable, which holds
     the body, which holds the task (for the slow-body timer): a cycle. A task dropped
-    while suspended (its server gone without cancelling it) must still be collectable."""
-    import gc
-    import weakref
+    while suspended (its server gone without cancelling it) must still be collectable.
+    (asyncio logs "Task was destroyed but it is pending": caplog keeps it quiet.)"""
 
     class Sentinel:
         pass
@@ -245,13 +221,9 @@ def test_a_task_dropped_while_it_waits_is_collected(caplog: pytest.LogCaptureFix
             while (await receive()).get("more_body"):
                 pass
 
-        async def send(message: Message) -> None:
-            pass
-
         refs: list[weakref.ref[Sentinel]] = []
-        scope = {"type": "http", "method": "POST", "path": "/", "http_version": "1.1",
-                 "headers": [cl(10)], "query_string": b"", "root_path": ""}
-        task = loop.create_task(MemGuardMiddleware(app)(scope, server_receive, send))
+        task = loop.create_task(exchange(MemGuardMiddleware(app), headers=[cl(10)],
+                                         receive=server_receive))
         for _ in range(5):
             await asyncio.sleep(0)
         assert calls == 2 and not task.done()  # waiting in the second receive()
