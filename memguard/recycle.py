@@ -28,6 +28,7 @@ __all__ = [
     "UvicornWorkerRecycler",
     "get_recycler",
     "gunicorn_recycler",
+    "is_uvicorn_worker_class",
     "request_recycle",
     "set_recycler",
     "stop_accepting",
@@ -229,6 +230,12 @@ def stop_accepting(worker: Any) -> None:
             pass
 
 
+def is_uvicorn_worker_class(cls: type) -> bool:
+    """``uvicorn-worker``'s worker (or uvicorn's old ``uvicorn.workers``), or a subclass."""
+    return any(k.__module__.startswith(("uvicorn_worker", "uvicorn.workers"))
+               for k in cls.__mro__)
+
+
 def gunicorn_recycler(worker: Any) -> Recycler:
     """The recycler that works for this gunicorn ``worker``'s class.
 
@@ -236,9 +243,9 @@ def gunicorn_recycler(worker: Any) -> Recycler:
     to itself is its graceful stop. gunicorn's native ``asgi`` worker and the others
     honour ``alive``.
     """
-    names = {f"{k.__module__}.{k.__qualname__}" for k in type(worker).__mro__}
-    if any(n.startswith("uvicorn_worker.") or n.startswith("uvicorn.workers.") for n in names):
+    if is_uvicorn_worker_class(type(worker)):
         return UvicornWorkerRecycler(worker)
+    names = {f"{k.__module__}.{k.__qualname__}" for k in type(worker).__mro__}
     if "gunicorn.workers.gasgi.ASGIWorker" in names:
         return AsgiWorkerRecycler(worker)
     return AliveFlagRecycler(worker)

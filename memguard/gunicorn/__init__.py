@@ -42,12 +42,7 @@ HOOKS = ("on_starting", "when_ready", "pre_fork", "post_fork", "post_worker_init
 
 
 def is_uvicorn_worker(worker: Any) -> bool:
-    return _is_uvicorn_worker_class(type(worker))
-
-
-def _is_uvicorn_worker_class(cls: type) -> bool:
-    return any(k.__module__.startswith(("uvicorn_worker", "uvicorn.workers"))
-               for k in cls.__mro__)
+    return recycle.is_uvicorn_worker_class(type(worker))
 
 
 # What a uvicorn-worker imports in each worker after the fork (its protocol, lifespan
@@ -59,7 +54,7 @@ _UVICORN_WORKER_MODULES = ("uvicorn.protocols.http.auto", "uvicorn.protocols.web
 
 
 def _import_worker_modules(worker_class: Any) -> None:
-    if not isinstance(worker_class, type) or not _is_uvicorn_worker_class(worker_class):
+    if not isinstance(worker_class, type) or not recycle.is_uvicorn_worker_class(worker_class):
         return
     for name in _UVICORN_WORKER_MODULES:
         try:
