@@ -24,6 +24,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <string.h>
 #include <time.h>
 
 static PyObject *str_type, *str_body, *str_more_body, *str_http_request;
@@ -55,6 +56,15 @@ typedef struct {
 } Pending;
 
 static PyTypeObject PendingType;
+
+/* Finished Pendings kept for reuse, as asyncio's C module keeps its future iterators
+ * (fi_freelist in Modules/_asynciomodule.c): one receive() per chunk would otherwise be
+ * a GC allocation and free per chunk, and each GC allocation also brings the next
+ * young-generation collection closer. One body reads one chunk at a time, so a few
+ * entries cover every body a loop reads at once. */
+#define PENDING_FREE_MAX 16
+static Pending *pending_free[PENDING_FREE_MAX];
+static int pending_free_count;
 
 static double
 monotonic_seconds(void)
@@ -112,7 +122,7 @@ counter_call(BodyCounter *self, PyObject *args, PyObject *kwds)
     if (!self->fast || self->inner == NULL) {
         return PyObject_CallMethodNoArgs((PyObject *)self, str_receive_plain);
     }
-    PyObject *awaitable = PyObject_CallNoArgs(self->inner);
+    PyObject *awaitable = PyObject_Vectorcall(self->inner, NULL, 0, NULL);
     if (awaitable == NULL) {
         return NULL;
     }
@@ -165,11 +175,18 @@ counter_call(BodyCounter *self, PyObject *args, PyObject *kwds)
     /* Tracked by the cycle collector: while it is awaited, the awaiting task's frame
      * holds it, and it holds this body, which holds that task (for the slow-body
      * timer). A task dropped while suspended must still be collectable. */
-    Pending *pending = PyObject_GC_New(Pending, &PendingType);
-    if (pending == NULL) {
-        Py_DECREF(iter);
-        self->waiting = 0;
-        return NULL;
+    Pending *pending;
+    if (pending_free_count > 0) {
+        pending = pending_free[--pending_free_count];
+        _Py_NewReference((PyObject *)pending);
+    }
+    else {
+        pending = PyObject_GC_New(Pending, &PendingType);
+        if (pending == NULL) {
+            Py_DECREF(iter);
+            self->waiting = 0;
+            return NULL;
+        }
     }
     Py_INCREF(self);
     pending->owner = self;
@@ -231,7 +248,44 @@ pending_dealloc(Pending *self)
 {
     PyObject_GC_UnTrack(self);
     pending_clear(self);
+    if (pending_free_count < PENDING_FREE_MAX) {
+        pending_free[pending_free_count++] = self;
+        return;
+    }
     PyObject_GC_Del(self);
+}
+
+/* Servers build each chunk's message as the literal {"type": ..., "body": ...,
+ * "more_body": ...}, whose keys are the interned strings this module holds too: walking
+ * its three entries and comparing pointers costs less than three hashed lookups. Any
+ * other shape (more keys, keys that are equal but not the same object) returns 0 and
+ * the caller looks the keys up. Borrowed references. */
+static int
+scan_request_message(PyObject *message, PyObject **type, PyObject **body, PyObject **more)
+{
+    if (PyDict_GET_SIZE(message) != 3) {
+        return 0;
+    }
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    for (int i = 0; i < 3; i++) {
+        if (!PyDict_Next(message, &pos, &key, &value)) {
+            return 0;
+        }
+        if (key == str_type) {
+            *type = value;
+        }
+        else if (key == str_body) {
+            *body = value;
+        }
+        else if (key == str_more_body) {
+            *more = value;
+        }
+        else {
+            return 0;
+        }
+    }
+    return *type != NULL && *body != NULL && *more != NULL;
 }
 
 /* The server's receive() returned ``message``: count it here or hand it to Python.
@@ -242,26 +296,30 @@ pending_returned(Pending *self, PyObject *message)
     BodyCounter *owner = self->owner;
     owner->waiting = 0;
     if (PyDict_CheckExact(message)) {
-        PyObject *type = PyDict_GetItemWithError(message, str_type);
-        PyObject *body = type != NULL ? PyDict_GetItemWithError(message, str_body) : NULL;
-        PyObject *more = body != NULL ? PyDict_GetItemWithError(message, str_more_body) : NULL;
-        int is_request = type == str_http_request || type == known_request_type;
-        if (!is_request && type != NULL && PyUnicode_CheckExact(type)
-                && PyUnicode_Compare(type, str_http_request) == 0) {
-            Py_INCREF(type);
-            Py_XSETREF(known_request_type, type);
-            is_request = 1;
+        PyObject *type = NULL, *body = NULL, *more = NULL;
+        if (!scan_request_message(message, &type, &body, &more)) {
+            type = PyDict_GetItemWithError(message, str_type);
+            body = type != NULL ? PyDict_GetItemWithError(message, str_body) : NULL;
+            more = body != NULL ? PyDict_GetItemWithError(message, str_more_body) : NULL;
+            if (PyErr_Occurred()) {
+                Py_DECREF(message);
+                return NULL;
+            }
         }
-        if (more == Py_True && is_request && PyBytes_CheckExact(body)) {
+        /* Cheapest test first: a middle chunk says more_body=True. */
+        if (more == Py_True && PyBytes_CheckExact(body)) {
+            int is_request = type == known_request_type || type == str_http_request;
+            if (!is_request && PyUnicode_CheckExact(type)
+                    && PyUnicode_Compare(type, str_http_request) == 0) {
+                Py_INCREF(type);
+                Py_XSETREF(known_request_type, type);
+                is_request = 1;
+            }
             Py_ssize_t received = owner->received + PyBytes_GET_SIZE(body);
-            if (received < owner->threshold) {
+            if (is_request && received < owner->threshold) {
                 owner->received = received;
                 return message;
             }
-        }
-        if (PyErr_Occurred()) {
-            Py_DECREF(message);
-            return NULL;
         }
     }
     PyObject *result = PyObject_CallMethodOneArg((PyObject *)owner, str_finish, message);
@@ -470,6 +528,53 @@ static PyTypeObject PendingType = {
     .tp_methods = pending_methods,
 };
 
+/* ---- the bodyless request test ---------------------------------------------------- */
+
+/* Whether an ASGI header list frames a body (a content-length or transfer-encoding
+ * header). The middleware asks this of every request, and most have no body: in
+ * Python the loop over a request's headers costs more than everything else the
+ * middleware does for it. Names are compared as ASGI gives them, lower-case bytes. */
+static PyObject *
+has_body_framing(PyObject *module, PyObject *headers)
+{
+    PyObject *seq = PySequence_Fast(headers, "ASGI headers must be iterable");
+    if (seq == NULL) {
+        return NULL;
+    }
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    int found = 0;
+    for (Py_ssize_t i = 0; i < count && !found; i++) {
+        PyObject *item = items[i];
+        PyObject *name;
+        if (PyTuple_CheckExact(item) && PyTuple_GET_SIZE(item) > 0) {
+            name = Py_NewRef(PyTuple_GET_ITEM(item, 0));
+        }
+        else if (PyList_CheckExact(item) && PyList_GET_SIZE(item) > 0) {
+            name = Py_NewRef(PyList_GET_ITEM(item, 0));
+        }
+        else if ((name = PySequence_GetItem(item, 0)) == NULL) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        if (PyBytes_Check(name)) {
+            Py_ssize_t size = PyBytes_GET_SIZE(name);
+            const char *text = PyBytes_AS_STRING(name);
+            found = (size == 14 && memcmp(text, "content-length", 14) == 0)
+                || (size == 17 && memcmp(text, "transfer-encoding", 17) == 0);
+        }
+        Py_DECREF(name);
+    }
+    Py_DECREF(seq);
+    return PyBool_FromLong(found);
+}
+
+static PyMethodDef speedups_functions[] = {
+    {"has_body_framing", (PyCFunction)has_body_framing, METH_O,
+     "has_body_framing(headers): a content-length or transfer-encoding header is there."},
+    {NULL}
+};
+
 /* ---- module ------------------------------------------------------------------------ */
 
 static struct PyModuleDef speedups_module = {
@@ -477,6 +582,7 @@ static struct PyModuleDef speedups_module = {
     .m_name = "memguard._speedups",
     .m_doc = "The per-chunk path of memguard's ASGI body guard, in C.",
     .m_size = -1,
+    .m_methods = speedups_functions,
 };
 
 PyMODINIT_FUNC

@@ -1,4 +1,4 @@
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 class BodyCounter:
@@ -14,3 +14,5 @@ class BodyCounter:
     _timed: bool
     _waiting: bool
     def __call__(self) -> Any: ...
+
+def has_body_framing(headers: Iterable[Sequence[bytes]], /) -> bool: ...

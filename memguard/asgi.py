@@ -5,7 +5,8 @@ app = MemGuardMiddleware(app, max_body_size="16MiB")
 app.add_middleware(MemGuardMiddleware, max_body_size="16MiB")   # Starlette, FastAPI
 ```
 
-A request goes through these phases (each one a few lines in :class:`_Responder`):
+A request goes through these phases (:meth:`MemGuardMiddleware.__call__`, with
+:class:`_Responder` holding the state of a request with a body):
 
 1. **admit**: the cached memory pressure (:mod:`memguard.admission`); under critical
    pressure the request is shed with 503 and ``Retry-After`` before the app sees it.
@@ -35,16 +36,20 @@ the connection (the client sees a truncated response, never a wrong complete one
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Sequence
 from time import monotonic_ns
 from typing import Any
 
 from memguard.admission import CRITICAL
-from memguard.body import ASGIBody, BodyPolicy, record, refusal_response
+from memguard.body import SPEEDUPS, ASGIBody, BodyPolicy, record, refusal_response
 from memguard.config import resolve
 from memguard.errors import RequestRejected
 from memguard.memory import MemoryLayer
-from memguard.tracking import Sample, asgi_route
+from memguard.tracking import asgi_route
 from memguard.types import ASGIApp, Message, Receive, Scope, Send
+
+if SPEEDUPS:
+    from memguard._speedups import has_body_framing as _speedups_has_body_framing
 
 __all__ = ["MemGuardMiddleware"]
 
@@ -54,6 +59,20 @@ _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _HTTP1 = frozenset({"1.1", "1.0"})
 _BODY_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"content-type",
                            b"content-encoding", b"accept"})
+
+
+def _has_body_framing_python(headers: Iterable[Sequence[bytes]]) -> bool:
+    """Whether the headers frame a body (Content-Length or Transfer-Encoding)."""
+    for name, _ in headers:
+        if name in _FRAMING:
+            return True
+    return False
+
+
+# Asked of every request, and most have no body: with the C module, the loop over the
+# headers costs about a tenth of the Python one (benchmarks/instructions.py, hello).
+_has_body_framing: Callable[[Iterable[Sequence[bytes]]], bool] = (
+    _speedups_has_body_framing if SPEEDUPS else _has_body_framing_python)
 
 
 class MemGuardMiddleware:
@@ -91,21 +110,44 @@ class MemGuardMiddleware:
                 return
         sample = memory.begin(now)
         # 2. frame: no Content-Length and no Transfer-Encoding over HTTP/1 is no body.
-        for name, _ in scope["headers"]:
-            if name in _FRAMING:
-                break
-        else:
-            if scope.get("http_version", "1.1") in _HTTP1:
-                # No body: the hot path. Only a refusal raised by the app needs us.
-                root = scope.get("root_path", "")
-                try:
-                    await self.app(scope, receive, send)
-                except RequestRejected as exc:
-                    await _Responder(self, scope, receive, send).refuse_late(exc)
-                finally:
-                    memory.end(sample, asgi_route(scope, root), scope["path"], monotonic_ns())
+        if (not _has_body_framing(scope["headers"])
+                and scope.get("http_version", "1.1") in _HTTP1):
+            # No body: the hot path. Only a refusal raised by the app needs us.
+            root = scope.get("root_path", "")
+            try:
+                await self.app(scope, receive, send)
+            except RequestRejected as exc:
+                await _Responder(self, scope, receive, send).refuse_late(exc)
+            finally:
+                memory.end(sample, asgi_route(scope, root), scope["path"], monotonic_ns())
+            return
+        # A body: awaited from this frame, not from a helper coroutine. Every coroutine
+        # frame between the server and the app is resumed at each suspension of the
+        # app's task, which is once per body chunk: two more frames here cost more per
+        # 64 KiB chunk than counting it does (benchmarks/instructions.py).
+        root = scope.get("root_path", "")
+        responder = _Responder(self, scope, receive, send)
+        try:
+            prepared = responder.frame(now)
+            if isinstance(prepared, RequestRejected):
+                await responder.send_refusal(prepared)
                 return
-        await _Responder(self, scope, receive, send).run(sample, now)
+            # 4. call app
+            try:
+                await self.app(responder.app_scope, prepared.app_receive, responder.send)
+            except Exception as exc:
+                if not responder.explains(exc):
+                    raise
+                await responder.finish_refusal()
+            else:
+                if responder.rejection is not None:
+                    await responder.finish_refusal()
+            finally:
+                prepared.close()
+        finally:
+            # 5. after response: account the request under the route the app found.
+            memory.end(sample, asgi_route(responder.app_scope, root), scope["path"],
+                       monotonic_ns())
 
 
 class _Responder:
@@ -127,19 +169,11 @@ class _Responder:
         self.replaced = False         # our refusal went out in place of the app's response
         self.accept: bytes | None = None
 
-    async def run(self, sample: Sample | None, now: int) -> None:
-        root = self.scope.get("root_path", "")
-        try:
-            await self._run(now)
-        finally:
-            # 5. after response: account the request under the route the app found.
-            self.mw.memory.end(sample, asgi_route(self.app_scope, root), self.scope["path"],
-                               monotonic_ns())
-
-    async def _run(self, now: int) -> None:
+    def frame(self, now: int) -> ASGIBody | RequestRejected:
+        """2. frame and 3. wrap receive: the body wrapper the app reads through, or the
+        refusal to send instead of calling the app (admission ran in ``__call__``)."""
         policy = self.mw.policy
         scope = self.scope
-        # 2. frame (admission ran in MemGuardMiddleware.__call__)
         lengths: list[bytes] = []
         codings: list[bytes] = []
         content_type = encoding = None
@@ -165,31 +199,22 @@ class _Responder:
         except RequestRejected as exc:
             self.note(exc, policy.report_only)
             if not policy.report_only:
-                await self.send_refusal(exc)
-                return
+                return exc
             reader_limit, decoder = None, None  # reported once is enough
         scope = self.app_scope = _with_extension(scope, limit, self.refused_by_app)
         if decoder is not None:
             scope["headers"] = [(k, v) for k, v in scope["headers"]
                                 if k not in (b"content-encoding", b"content-length")]
-        # 3. wrap receive
-        body = ASGIBody(self.receive, reader_limit, policy, self.reject, decoder,
+        return ASGIBody(self.receive, reader_limit, policy, self.reject, decoder,
                         self.mw.disconnect_on_refusal, self.mw.memory.body_guard(declared, now))
-        # 4. call app
-        try:
-            await self.mw.app(scope, body.app_receive, self.send)
-        except Exception as exc:
-            if isinstance(exc, RequestRejected) and self.rejection is None:
-                self.refused_by_app(exc)
-            if self.rejection is None:
-                raise
-            await self.finish_refusal()
-        else:
-            if self.rejection is not None:
-                await self.finish_refusal()
-        finally:
-            # 5. after response
-            body.close()
+
+    def explains(self, exc: Exception) -> bool:
+        """The app raised ``exc``: True when a refusal is the answer to send (the app
+        raised one, or one was pending and the app failed because of it), False when
+        ``exc`` is the app's own error to re-raise."""
+        if isinstance(exc, RequestRejected) and self.rejection is None:
+            self.refused_by_app(exc)
+        return self.rejection is not None
 
     # ---- refusals ------------------------------------------------------------------
 

@@ -72,6 +72,8 @@ class MemoryLayer:
                 )
             self.leak_admin = LeakAdmin(opts["leak_admin_path"], opts["leak_admin_token"])
         self.endpoints = endpoints
+        # Read per request: a plain attribute, not a property (a Python call each time).
+        self.has_endpoints = bool(endpoints) or self.leak_admin is not None
         # Bound once: the middleware calls these per request.
         self.begin = self.tracker.begin if self.tracker is not None else self._no_sample
         self._track_end = self.tracker.end if self.tracker is not None else None
@@ -89,10 +91,6 @@ class MemoryLayer:
         if handler is None and self.leak_admin is not None and self.leak_admin.matches(path):
             return self.leak_admin
         return handler
-
-    @property
-    def has_endpoints(self) -> bool:
-        return bool(self.endpoints) or self.leak_admin is not None
 
     # ---- the phases ---------------------------------------------------------------------
 
