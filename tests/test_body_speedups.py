@@ -235,3 +235,37 @@ def test_a_task_dropped_while_it_waits_is_collected(caplog: pytest.LogCaptureFix
     ref = asyncio.run(main())
     gc.collect()
     assert ref() is None
+
+
+class _Name(bytes):
+    """A bytes subclass: equal to the plain name, so it frames a body too."""
+
+
+FRAMING_CASES = [
+    ([], False),
+    ([(b"host", b"x"), (b"accept", b"*/*")], False),
+    ([(b"host", b"x"), (b"content-length", b"5")], True),
+    ([(b"transfer-encoding", b"chunked")], True),
+    ([[b"content-length", b"5"]], True),                      # lists, not tuples
+    (((b"host", b"x"), (b"content-length", b"5")), True),     # a tuple of headers
+    ([(_Name(b"content-length"), b"5")], True),
+    ([(b"Content-Length", b"5")], False),   # ASGI names are lower-case: not a match
+    ([(b"content-length-x", b"5"), (b"content-lengt", b"5")], False),
+    ([("content-length", "5")], False),     # str names are not ASGI's bytes
+]
+
+
+@pytest.mark.parametrize(("headers", "framed"), FRAMING_CASES)
+def test_the_bodyless_request_test_agrees_in_c_and_python(headers: Any, framed: bool) -> None:
+    from memguard import asgi
+
+    assert asgi._has_body_framing_python(headers) is framed
+    assert asgi._has_body_framing(headers) is framed
+    assert asgi._has_body_framing(iter(headers)) is framed  # any iterable, as ASGI allows
+
+
+def test_the_bodyless_request_test_raises_on_headers_that_are_not_iterable() -> None:
+    from memguard import asgi
+
+    with pytest.raises(TypeError):
+        asgi._has_body_framing(5)  # type: ignore[arg-type]
