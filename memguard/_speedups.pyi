@@ -9,7 +9,7 @@ class BodyCounter:
     _loop: Any
     received: int
     _threshold: int
-    _t_enter: float
+    _calls: int
     _fast: bool
     _timed: bool
     _waiting: bool

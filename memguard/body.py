@@ -62,7 +62,7 @@ _monotonic = time.monotonic
 # gets. Without it (another interpreter, no compiler at install), the same class runs in
 # Python. MEMGUARD_PURE_PYTHON=1 forces the Python path (tests run both).
 _COUNTER_FIELDS = ("_receive", "_current_task", "_task", "_tasks", "_loop", "received",
-                   "_threshold", "_t_enter", "_fast", "_timed", "_waiting")
+                   "_threshold", "_calls", "_fast", "_timed", "_waiting")
 _CounterBase: type
 try:
     if os.environ.get("MEMGUARD_PURE_PYTHON"):
@@ -161,8 +161,10 @@ class BodyPolicy:
         self.max_ratio: float = options["max_decompression_ratio"]
         self.report_only: bool = options["report_only"]
         self.timed = bool(self.idle_timeout or self.min_rate)
-        # How often the sweeper looks: a quarter of the idle timeout, within 20-500 ms.
-        self.sweep_period = min(0.5, max(0.02, (self.idle_timeout or 2.0) / 4))
+        # How often the sweeper looks: an eighth of the idle timeout, within 20-500 ms. A
+        # wait is timed from the first look that finds it, so a timeout comes two periods
+        # late at most: a quarter of the idle timeout (and one second).
+        self.sweep_period = min(0.5, max(0.02, (self.idle_timeout or 4.0) / 8))
         self.type_caps = _TypeCaps(options["content_types"])
         self._exact: dict[str, tuple[int | None, _TypeCaps]] = {}
         self._prefixes: list[tuple[str, int | None, _TypeCaps]] = []
@@ -389,14 +391,18 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
     (the middleware's responder), which remembers it so that whatever the app or its
     framework does with the exception, the client gets the refusal.
 
-    Idle timeout and minimum rate cost one ``monotonic()`` per chunk and no timer per
-    request: a body that is being read registers with its event loop's
+    Idle timeout and minimum rate cost a counter step per chunk, no clock read and no
+    timer per request: a body that is being read registers with its event loop's
     :class:`_Sweeper`, one callback per loop that looks at the bodies in flight a few
-    times a second and cancels the wait of one that is over a limit.
+    times a second and cancels the wait of one that is over a limit. A wait is timed
+    from the first look that finds it, so an idle timeout fires between
+    ``body_idle_timeout`` and that plus two sweep periods (a quarter of it at most, and
+    at most one second), never early.
     """
 
     __slots__ = ("limit", "done", "error", "on_reject", "policy", "decoder", "_sweeper",
                  "_start", "_timeout", "receive", "disconnect", "memory", "_memory_at",
+                 "_t_enter", "_seen_calls",
                  *(() if SPEEDUPS else _COUNTER_FIELDS))
 
     def __init__(self, receive: Receive, limit: int | None, policy: BodyPolicy,
@@ -422,6 +428,8 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
         self._sweeper: _Sweeper | None = None
         self._start = 0.0
         self._timeout: RequestTimeout | None = None
+        self._t_enter = 0.0   # when the sweeper first found the current wait
+        self._seen_calls = 0  # the _calls count it found it at
         if not SPEEDUPS:
             # The C base starts zeroed, which reads the same (and each of its fields
             # costs a generic setattr from Python): nothing received, no task, not
@@ -430,7 +438,7 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
             self.received = 0
             self._task: asyncio.Task[Any] | None = None
             self._waiting = False
-            self._t_enter = 0.0
+            self._calls = 0
             self._fast = False
             self._threshold = _NEVER
             self._current_task: Callable[[], asyncio.Task[Any] | None] = asyncio.current_task
@@ -474,7 +482,7 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
             self._arm()
             if not self._timed:  # no asyncio loop (trio): counting only
                 return await self._receive()
-        self._t_enter = _monotonic()
+        self._calls += 1
         self._task = self._current_task()
         self._waiting = True
         try:
@@ -506,7 +514,7 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
         if self._timed and self._sweeper is None:
             self._arm()  # no asyncio loop (trio): _timed is now False, counting only
         if self._timed:
-            self._t_enter = _monotonic()
+            self._calls += 1
             self._task = self._current_task()
             self._waiting = True
             try:
@@ -623,6 +631,11 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
             return False
         if not self._waiting:
             return True
+        if self._calls != self._seen_calls:
+            # A wait no look has found yet: it began since the last one. Timed from now,
+            # it can end a period late, never early (no clock read per chunk for it).
+            self._seen_calls = self._calls
+            self._t_enter = now
         policy = self.policy
         exc: RequestTimeout | None = None
         if policy.idle_timeout and now - self._t_enter >= policy.idle_timeout:

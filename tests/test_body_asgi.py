@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import json
 import logging
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -351,6 +352,33 @@ def test_idle_body_gets_408() -> None:
     ex = asyncio.run(main())
     assert ex.status == 408 and ex.headers[b"connection"] == b"close"
     assert counters.get("body", "body_idle_timeout") == 1
+
+
+def test_idle_timeout_is_never_early_and_at_most_two_sweeps_late() -> None:
+    """No clock is read per chunk: the sweeper times a wait from the first look that
+    finds it. Three chunks arrive (the later ones on the C path, where it is built),
+    then the client goes silent."""
+    idle = 0.4
+    app = MemGuardMiddleware(asgi_echo, body_idle_timeout=idle)
+    period = app.policy.sweep_period
+    calls: list[float] = []
+
+    async def main() -> tuple[Any, float]:
+        async def receive() -> Message:
+            calls.append(time.monotonic())
+            if len(calls) > 3:
+                await asyncio.sleep(3600)  # the client stalls
+            return {"type": "http.request", "body": b"x" * 10, "more_body": True}
+
+        ex = await asyncio.wait_for(exchange(app, headers=[TE], receive=receive), 10)
+        return ex, time.monotonic()
+
+    ex, ended = asyncio.run(main())
+    assert ex.status == 408
+    assert counters.get("body", "body_idle_timeout") == 1
+    waited = ended - calls[3]
+    assert period == idle / 8
+    assert idle <= waited < idle + 2 * period + 0.3  # 0.3 s of slack for a loaded machine
 
 
 def test_drip_below_min_rate_gets_408_after_the_grace() -> None:
