@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -206,11 +207,15 @@ def _real_uvicorn(rounds: int) -> dict[str, list[float]]:
 
 
 def _interleaved(variants: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
-    """Each round runs every variant once, in turn, each in a fresh event loop."""
+    """Each round runs every variant once, each in a fresh event loop, in an order
+    shuffled per round (seeded), so that no variant always follows the same one."""
     times: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
+    shuffle = random.Random(0).shuffle
     for _ in range(rounds):
-        for name, make in variants.items():
-            times[name].append(asyncio.run(make()))
+        shuffle(order)
+        for name in order:
+            times[name].append(asyncio.run(variants[name]()))
     return times
 
 
@@ -232,7 +237,8 @@ def run(quick: bool) -> Result:
     raw_guarded = MemGuardMiddleware(raw_hello)
     count = 2000 if quick else 5000
     rounds = 9 if quick else 41
-    up_rounds = 5 if quick else 21
+    # An upload round is a few ms: many rounds are cheap and steady the median.
+    up_rounds = 5 if quick else 101
 
     hello_t = _interleaved({"bare": lambda: _requests(app, count),
                             "wrapped": lambda: _requests(guarded, count),
