@@ -147,6 +147,27 @@ def test_starlette_route_templates_with_mounts() -> None:
     assert asgi_route(_call(app, "/missing")) is None
 
 
+class _Route:
+    def __init__(self, path_format: str | None) -> None:
+        self.path_format = path_format
+
+
+@pytest.mark.parametrize(("scope", "root", "template"), [
+    ({}, "", None),
+    ({"route": None, "memguard.route": "/named"}, "", "/named"),
+    ({"memguard.route": 7}, "", "7"),
+    ({"route": object(), "memguard.route": "/named"}, "", None),  # a route, no template
+    ({"route": _Route(None)}, "", None),
+    ({"route": _Route("/{id}")}, "/app", "/{id}"),                 # no root_path key
+    ({"route": _Route("/{id}"), "root_path": "/app/api"}, "/app", "/api/{id}"),
+    ({"route": _Route("/{id}"), "root_path": "/app"}, "/app", "/{id}"),
+    ({"route": _Route("/{id}"), "root_path": "/other"}, "/app", "/{id}"),
+])
+def test_route_template_edge_cases(scope: dict[str, Any], root: str,
+                                   template: str | None) -> None:
+    assert asgi_route(scope, root) == template
+
+
 def test_middleware_counts_templates_not_paths() -> None:
     inner = Starlette(routes=[Route("/items/{item_id:int}", _ok)])
     app = MemGuardMiddleware(inner, memory_sample_interval=0)
