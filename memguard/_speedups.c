@@ -19,7 +19,7 @@
  *
  * Slow-body timing: when ``timed``, each call counts itself in ``calls`` and records the
  * running task and a waiting flag, which the Python sweeper reads. No clock is read per
- * chunk (on this project's VM that read was 2% of a 64 KiB chunk): the sweeper times a
+ * chunk (on this project's VM that read was 1-2% of a 64 KiB chunk): the sweeper times a
  * wait from the first look that finds it.
  */
 #define PY_SSIZE_T_CLEAN
