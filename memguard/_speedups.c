@@ -25,6 +25,17 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+
+/* Per 64 KiB chunk the interpreter's own code already overflows the instruction cache,
+ * so each cache line of code the C path runs is a miss (cachegrind): the per-chunk
+ * functions keep their rare branches in separate cold functions, out of the way. */
+#if defined(__GNUC__) || defined(__clang__)
+#define COLD __attribute__((cold, noinline))
+#define UNLIKELY(x) __builtin_expect(!!(x), 0)
+#else
+#define COLD
+#define UNLIKELY(x) (x)
+#endif
 #include <string.h>
 
 static PyObject *str_type, *str_body, *str_more_body, *str_http_request;
@@ -108,61 +119,99 @@ counter_init(BodyCounter *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
+/* Not on the C path yet (the first chunk, a finished or refused body): Python. */
+COLD static PyObject *
+counter_call_python(BodyCounter *self)
+{
+    return PyObject_CallMethodNoArgs((PyObject *)self, str_receive_plain);
+}
+
+/* The iterator of an awaitable that is not a coroutine (a Future, say). Steals the
+ * reference to ``awaitable``. */
+COLD static PyObject *
+awaitable_iter(PyObject *awaitable)
+{
+    unaryfunc getter = Py_TYPE(awaitable)->tp_as_async != NULL
+        ? Py_TYPE(awaitable)->tp_as_async->am_await : NULL;
+    if (getter == NULL) {
+        PyErr_Format(PyExc_TypeError, "receive() returned a non-awaitable %.100s",
+                     Py_TYPE(awaitable)->tp_name);
+        Py_DECREF(awaitable);
+        return NULL;
+    }
+    PyObject *iter = getter(awaitable);
+    Py_DECREF(awaitable);
+    return iter;
+}
+
+/* The running task, where asyncio keeps no {loop: task} dict this can read. */
+COLD static PyObject *
+current_task_by_call(BodyCounter *self)
+{
+    if (self->task_getter == NULL) {
+        Py_RETURN_NONE;
+    }
+    return PyObject_CallNoArgs(self->task_getter);
+}
+
+/* A wait begins: count it and note the task that waits, for the sweeper. */
+static int
+note_wait(BodyCounter *self)
+{
+    self->calls++;
+    PyObject *task;
+    if (self->tasks != NULL && self->loop != NULL && PyDict_CheckExact(self->tasks)) {
+        /* What asyncio.current_task() reads on 3.11, without its Python frame. */
+        task = PyDict_GetItemWithError(self->tasks, self->loop);
+        if (UNLIKELY(task == NULL && PyErr_Occurred())) {
+            return -1;
+        }
+        if (task == NULL) {
+            task = Py_None;
+        }
+        Py_INCREF(task);
+    }
+    else if ((task = current_task_by_call(self)) == NULL) {
+        return -1;
+    }
+    if (task == Py_None) {
+        Py_DECREF(task);
+        task = NULL;
+    }
+    if (task != self->task) {
+        Py_XSETREF(self->task, task);
+    }
+    else {
+        Py_XDECREF(task);
+    }
+    self->waiting = 1;
+    return 0;
+}
+
+COLD static Pending *
+pending_alloc(void)
+{
+    return PyObject_GC_New(Pending, &PendingType);
+}
+
 static PyObject *
 counter_call(BodyCounter *self, PyObject *args, PyObject *kwds)
 {
-    if (!self->fast || self->inner == NULL) {
-        return PyObject_CallMethodNoArgs((PyObject *)self, str_receive_plain);
+    if (UNLIKELY(!self->fast || self->inner == NULL)) {
+        return counter_call_python(self);
     }
-    PyObject *awaitable = PyObject_Vectorcall(self->inner, NULL, 0, NULL);
-    if (awaitable == NULL) {
+    PyObject *iter = PyObject_Vectorcall(self->inner, NULL, 0, NULL);
+    if (UNLIKELY(iter == NULL)) {
         return NULL;
     }
-    PyObject *iter;
-    if (PyCoro_CheckExact(awaitable)) {
-        iter = awaitable;  /* a coroutine drives itself (am_send) */
-    }
-    else {
-        unaryfunc getter = Py_TYPE(awaitable)->tp_as_async != NULL
-            ? Py_TYPE(awaitable)->tp_as_async->am_await : NULL;
-        if (getter == NULL) {
-            PyErr_Format(PyExc_TypeError, "receive() returned a non-awaitable %.100s",
-                         Py_TYPE(awaitable)->tp_name);
-            Py_DECREF(awaitable);
-            return NULL;
-        }
-        iter = getter(awaitable);
-        Py_DECREF(awaitable);
-        if (iter == NULL) {
+    if (UNLIKELY(!PyCoro_CheckExact(iter))) {  /* a coroutine drives itself (am_send) */
+        if ((iter = awaitable_iter(iter)) == NULL) {
             return NULL;
         }
     }
-    if (self->timed) {
-        self->calls++;
-        PyObject *task = NULL;
-        if (self->tasks != NULL && self->loop != NULL && PyDict_CheckExact(self->tasks)) {
-            /* What asyncio.current_task() reads on 3.11, without its Python frame. */
-            task = PyDict_GetItemWithError(self->tasks, self->loop);
-            if (task == NULL && PyErr_Occurred()) {
-                Py_DECREF(iter);
-                return NULL;
-            }
-            Py_XINCREF(task);
-        }
-        else if (self->task_getter != NULL) {
-            task = PyObject_CallNoArgs(self->task_getter);
-            if (task == NULL) {
-                Py_DECREF(iter);
-                return NULL;
-            }
-        }
-        if (task != self->task) {
-            Py_XSETREF(self->task, task);
-        }
-        else {
-            Py_XDECREF(task);
-        }
-        self->waiting = 1;
+    if (self->timed && UNLIKELY(note_wait(self) < 0)) {
+        Py_DECREF(iter);
+        return NULL;
     }
     /* Tracked by the cycle collector: while it is awaited, the awaiting task's frame
      * holds it, and it holds this body, which holds that task (for the slow-body
@@ -172,13 +221,10 @@ counter_call(BodyCounter *self, PyObject *args, PyObject *kwds)
         pending = pending_free[--pending_free_count];
         _Py_NewReference((PyObject *)pending);
     }
-    else {
-        pending = PyObject_GC_New(Pending, &PendingType);
-        if (pending == NULL) {
-            Py_DECREF(iter);
-            self->waiting = 0;
-            return NULL;
-        }
+    else if (UNLIKELY((pending = pending_alloc()) == NULL)) {
+        Py_DECREF(iter);
+        self->waiting = 0;
+        return NULL;
     }
     Py_INCREF(self);
     pending->owner = self;
@@ -247,81 +293,65 @@ pending_dealloc(Pending *self)
     PyObject_GC_Del(self);
 }
 
-/* Servers build each chunk's message as the literal {"type": ..., "body": ...,
- * "more_body": ...}, whose keys are the interned strings this module holds too: walking
- * its three entries and comparing pointers costs less than three hashed lookups. Any
- * other shape (more keys, keys that are equal but not the same object) returns 0 and
- * the caller looks the keys up. Borrowed references. */
-static int
-scan_request_message(PyObject *message, PyObject **type, PyObject **body, PyObject **more)
+/* Every message the C path does not count goes to ASGIBody._finish(message), and an
+ * error a dict lookup raised (a key whose __eq__ raises) is raised. Steals the
+ * reference to ``message``. */
+COLD static PyObject *
+pending_returned_python(BodyCounter *owner, PyObject *message)
 {
-    if (PyDict_GET_SIZE(message) != 3) {
-        return 0;
-    }
-    Py_ssize_t pos = 0;
-    PyObject *key, *value;
-    for (int i = 0; i < 3; i++) {
-        if (!PyDict_Next(message, &pos, &key, &value)) {
-            return 0;
-        }
-        if (key == str_type) {
-            *type = value;
-        }
-        else if (key == str_body) {
-            *body = value;
-        }
-        else if (key == str_more_body) {
-            *more = value;
-        }
-        else {
-            return 0;
-        }
-    }
-    return *type != NULL && *body != NULL && *more != NULL;
-}
-
-/* The server's receive() returned ``message``: count it here or hand it to Python.
- * Steals the reference to ``message``; returns a new reference or NULL. */
-static PyObject *
-pending_returned(Pending *self, PyObject *message)
-{
-    BodyCounter *owner = self->owner;
-    owner->waiting = 0;
-    if (PyDict_CheckExact(message)) {
-        PyObject *type = NULL, *body = NULL, *more = NULL;
-        if (!scan_request_message(message, &type, &body, &more)) {
-            type = PyDict_GetItemWithError(message, str_type);
-            body = type != NULL ? PyDict_GetItemWithError(message, str_body) : NULL;
-            more = body != NULL ? PyDict_GetItemWithError(message, str_more_body) : NULL;
-            if (PyErr_Occurred()) {
-                Py_DECREF(message);
-                return NULL;
-            }
-        }
-        /* Cheapest test first: a middle chunk says more_body=True. */
-        if (more == Py_True && PyBytes_CheckExact(body)) {
-            int is_request = type == known_request_type || type == str_http_request;
-            if (!is_request && PyUnicode_CheckExact(type)
-                    && PyUnicode_Compare(type, str_http_request) == 0) {
-                Py_INCREF(type);
-                Py_XSETREF(known_request_type, type);
-                is_request = 1;
-            }
-            Py_ssize_t received = owner->received + PyBytes_GET_SIZE(body);
-            if (is_request && received < owner->threshold) {
-                owner->received = received;
-                return message;
-            }
-        }
+    if (PyErr_Occurred()) {
+        Py_DECREF(message);
+        return NULL;
     }
     PyObject *result = PyObject_CallMethodOneArg((PyObject *)owner, str_finish, message);
     Py_DECREF(message);
     return result;
 }
 
+/* A ``type`` that is not the str this module or the server used last: equal to
+ * "http.request"? If so it is kept, as servers hand out the same constant each time. */
+COLD static int
+is_request_type(PyObject *type)
+{
+    if (type == NULL || !PyUnicode_CheckExact(type)
+            || PyUnicode_Compare(type, str_http_request) != 0) {
+        return 0;
+    }
+    Py_INCREF(type);
+    Py_XSETREF(known_request_type, type);
+    return 1;
+}
+
+/* The server's receive() returned ``message``: count it here or hand it to Python.
+ * Steals the reference to ``message``; returns a new reference or NULL. Looked up in
+ * the order that rules out the last chunk and other messages soonest. */
+static PyObject *
+pending_returned(Pending *self, PyObject *message)
+{
+    BodyCounter *owner = self->owner;
+    owner->waiting = 0;
+    if (PyDict_CheckExact(message)) {
+        PyObject *more = PyDict_GetItemWithError(message, str_more_body);
+        PyObject *body = more == Py_True
+            ? PyDict_GetItemWithError(message, str_body) : NULL;
+        if (body != NULL && PyBytes_CheckExact(body)) {
+            PyObject *type = PyDict_GetItemWithError(message, str_type);
+            if (type == known_request_type || type == str_http_request
+                    || is_request_type(type)) {
+                Py_ssize_t received = owner->received + PyBytes_GET_SIZE(body);
+                if (received < owner->threshold) {
+                    owner->received = received;
+                    return message;
+                }
+            }
+        }
+    }
+    return pending_returned_python(owner, message);
+}
+
 /* The server's receive() raised (the error is set): ASGIBody._failed(exc) re-raises it
  * or answers with a message (a slow-body timeout turned into a 408). */
-static PyObject *
+COLD static PyObject *
 pending_raised(Pending *self)
 {
     self->owner->waiting = 0;
@@ -344,13 +374,19 @@ pending_raised(Pending *self)
     return result;
 }
 
+COLD static PySendResult
+pending_reused(PyObject **presult)
+{
+    PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited receive()");
+    *presult = NULL;
+    return PYGEN_ERROR;
+}
+
 static PySendResult
 pending_am_send(Pending *self, PyObject *arg, PyObject **presult)
 {
-    if (self->iter == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited receive()");
-        *presult = NULL;
-        return PYGEN_ERROR;
+    if (UNLIKELY(self->iter == NULL)) {
+        return pending_reused(presult);
     }
     PyObject *res = NULL;
     PySendResult status = PyIter_Send(self->iter, arg, &res);
@@ -365,7 +401,7 @@ pending_am_send(Pending *self, PyObject *arg, PyObject **presult)
 }
 
 /* StopIteration(value) as the error, whatever value is (a tuple would be unpacked). */
-static void
+COLD static void
 set_stop_iteration(PyObject *value)
 {
     PyObject *exc = PyObject_CallOneArg(PyExc_StopIteration, value);
@@ -404,7 +440,7 @@ pending_send(Pending *self, PyObject *value)
     return pending_finish_send(status, result);
 }
 
-static PyObject *
+COLD static PyObject *
 pending_throw(Pending *self, PyObject *args)
 {
     if (self->iter == NULL) {
@@ -464,7 +500,7 @@ pending_throw(Pending *self, PyObject *args)
     return NULL;
 }
 
-static PyObject *
+COLD static PyObject *
 pending_close(Pending *self, PyObject *Py_UNUSED(ignored))
 {
     if (self->iter != NULL) {
