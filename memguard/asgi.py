@@ -119,7 +119,11 @@ class MemGuardMiddleware:
             except RequestRejected as exc:
                 await _Responder(self, scope, receive, send).refuse_late(exc)
             finally:
-                memory.end(sample, asgi_route(scope, root), scope["path"], monotonic_ns())
+                # memory.end(), its two steps inline: one Python call less per request.
+                now = monotonic_ns()
+                memory.track_end(sample, asgi_route(scope, root), scope["path"], now)
+                if admission.level or now >= memory.next_tick:
+                    memory.after_response(now)
             return
         # A body: awaited from this frame, not from a helper coroutine. Every coroutine
         # frame between the server and the app is resumed at each suspension of the

@@ -76,8 +76,9 @@ class MemoryLayer:
         self.has_endpoints = bool(endpoints) or self.leak_admin is not None
         # Bound once: the middleware calls these per request.
         self.begin = self.tracker.begin if self.tracker is not None else self._no_sample
-        self._track_end = self.tracker.end if self.tracker is not None else None
-        self._next_tick = time.monotonic_ns() + _SLOW_TICK_NS
+        self.track_end = self.tracker.end if self.tracker is not None else self._no_track
+        # When after_response() is next due whatever the pressure level (the slow tick).
+        self.next_tick = time.monotonic_ns() + _SLOW_TICK_NS
         a = self.admission
         log.info("memory: soft limit %s, hard limit %s, container limit %s, tracking %s",
                  a.soft_limit, a.hard_limit, a.container_limit,
@@ -109,17 +110,28 @@ class MemoryLayer:
     def _no_sample(now: int) -> Sample | None:
         return None
 
+    @staticmethod
+    def _no_track(sample: Sample | None, template: str | None, path: str, now: int) -> None:
+        return None
+
     def end(self, sample: Sample | None, template: str | None, path: str, now: int) -> None:
-        """The request is over: count it under its route, check the soft limit."""
-        if self._track_end is not None:
-            self._track_end(sample, template, path, now)
+        """The request is over: count it under its route (:attr:`track_end`), then, when
+        it is due, :meth:`after_response`. The ASGI middleware's bodyless path makes the
+        same two steps itself, to save a Python call on every request."""
+        self.track_end(sample, template, path, now)
+        if self.admission.level or now >= self.next_tick:
+            self.after_response(now)
+
+    def after_response(self, now: int) -> None:
+        """Due when the pressure level is not OK (the soft-limit check that asks for a
+        recycle) or once a second (:attr:`next_tick`: the slow work)."""
         if self.admission.level:
             self.admission.after_response(now)
-        if now >= self._next_tick:
+        if now >= self.next_tick:
             self._slow_tick(now)
 
     def _slow_tick(self, now: int) -> None:
-        self._next_tick = now + _SLOW_TICK_NS
+        self.next_tick = now + _SLOW_TICK_NS
         if self.metrics is not None:
             try:
                 self.metrics.sync()
