@@ -120,9 +120,13 @@ class MemGuardMiddleware:
                 await _Responder(self, scope, receive, send).refuse_late(exc)
             finally:
                 # memory.end(), its two steps inline: one Python call less per request.
-                now = monotonic_ns()
+                # The start time serves the request count and the once-a-second tick
+                # (late by this request at most); the clock is read again only for the
+                # soft-limit check, which runs only when the pressure level is not OK.
                 memory.track_end(sample, asgi_route(scope, root), scope["path"], now)
-                if admission.level or now >= memory.next_tick:
+                if admission.level:
+                    memory.after_response(monotonic_ns())
+                elif now >= memory.next_tick:
                     memory.after_response(now)
             return
         # A body: awaited from this frame, not from a helper coroutine. Every coroutine
