@@ -31,9 +31,11 @@
  * functions keep their rare branches in separate cold functions, out of the way. */
 #if defined(__GNUC__) || defined(__clang__)
 #define COLD __attribute__((cold, noinline))
+#define HOT __attribute__((hot))
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
 #else
 #define COLD
+#define HOT
 #define UNLIKELY(x) (x)
 #endif
 #include <string.h>
@@ -155,7 +157,7 @@ current_task_by_call(BodyCounter *self)
 }
 
 /* A wait begins: count it and note the task that waits, for the sweeper. */
-static int
+HOT static int
 note_wait(BodyCounter *self)
 {
     self->calls++;
@@ -194,7 +196,7 @@ pending_alloc(void)
     return PyObject_GC_New(Pending, &PendingType);
 }
 
-static PyObject *
+HOT static PyObject *
 counter_call(BodyCounter *self, PyObject *args, PyObject *kwds)
 {
     if (UNLIKELY(!self->fast || self->inner == NULL)) {
@@ -281,7 +283,7 @@ pending_clear(Pending *self)
     return 0;
 }
 
-static void
+HOT static void
 pending_dealloc(Pending *self)
 {
     PyObject_GC_UnTrack(self);
@@ -325,7 +327,7 @@ is_request_type(PyObject *type)
 /* The server's receive() returned ``message``: count it here or hand it to Python.
  * Steals the reference to ``message``; returns a new reference or NULL. Looked up in
  * the order that rules out the last chunk and other messages soonest. */
-static PyObject *
+HOT static PyObject *
 pending_returned(Pending *self, PyObject *message)
 {
     BodyCounter *owner = self->owner;
@@ -382,7 +384,7 @@ pending_reused(PyObject **presult)
     return PYGEN_ERROR;
 }
 
-static PySendResult
+HOT static PySendResult
 pending_am_send(Pending *self, PyObject *arg, PyObject **presult)
 {
     if (UNLIKELY(self->iter == NULL)) {
@@ -522,7 +524,7 @@ pending_close(Pending *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
-static PyObject *
+HOT static PyObject *
 pending_await(Pending *self)
 {
     Py_INCREF(self);
