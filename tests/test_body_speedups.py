@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -117,6 +118,20 @@ def test_cancelling_the_apps_own_wait_is_not_a_timeout() -> None:
     assert ex.status == 200
 
 
+class _OneChunkThen:
+    """A server's receive(): one middle chunk, then every later call awaits ``wait()``."""
+
+    def __init__(self, wait: Callable[[], Awaitable[Message]]) -> None:
+        self.wait = wait
+        self.calls = 0
+
+    async def __call__(self) -> Message:
+        self.calls += 1
+        if self.calls == 1:
+            return {"type": "http.request", "body": b"x", "more_body": True}
+        return await self.wait()
+
+
 def test_task_cancelled_while_waiting_propagates() -> None:
     started = asyncio.Event()
 
@@ -125,18 +140,9 @@ def test_task_cancelled_while_waiting_propagates() -> None:
         await asyncio.sleep(3600)
         raise AssertionError("unreachable")
 
-    calls = 0
-
-    async def server_receive() -> Message:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            return {"type": "http.request", "body": b"x", "more_body": True}
-        return await stalled()
-
     async def main() -> None:
         task = asyncio.ensure_future(exchange(MemGuardMiddleware(_reader), headers=[cl(10)],
-                                              receive=server_receive))
+                                              receive=_OneChunkThen(stalled)))
         await started.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -206,14 +212,7 @@ def test_a_task_dropped_while_it_waits_is_collected(caplog: pytest.LogCaptureFix
     async def main() -> Any:
         loop = asyncio.get_running_loop()
         never: list[asyncio.Future[Message]] = [loop.create_future()]
-        calls = 0
-
-        async def server_receive() -> Message:
-            nonlocal calls
-            calls += 1
-            if calls == 1:
-                return {"type": "http.request", "body": b"x", "more_body": True}
-            return await never[0]
+        server_receive = _OneChunkThen(lambda: never[0])
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
             sentinel = Sentinel()
@@ -226,7 +225,7 @@ def test_a_task_dropped_while_it_waits_is_collected(caplog: pytest.LogCaptureFix
                                          receive=server_receive))
         for _ in range(5):
             await asyncio.sleep(0)
-        assert calls == 2 and not task.done()  # waiting in the second receive()
+        assert server_receive.calls == 2 and not task.done()  # in the second receive()
         del task
         never.clear()
         gc.collect()
