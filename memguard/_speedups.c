@@ -25,6 +25,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <string.h>
 
 /* Per 64 KiB chunk the interpreter's own code already overflows the instruction cache,
  * so each cache line of code the C path runs is a miss (cachegrind): the per-chunk
@@ -38,7 +39,6 @@
 #define HOT
 #define UNLIKELY(x) (x)
 #endif
-#include <string.h>
 
 static PyObject *str_type, *str_body, *str_more_body, *str_http_request;
 static PyObject *str_receive_plain, *str_finish, *str_failed, *str_throw, *str_close;
@@ -146,14 +146,24 @@ awaitable_iter(PyObject *awaitable)
     return iter;
 }
 
-/* The running task, where asyncio keeps no {loop: task} dict this can read. */
-COLD static PyObject *
-current_task_by_call(BodyCounter *self)
+/* The running task, where asyncio keeps no {loop: task} dict this can read: a new
+ * reference in ``*task``, NULL for none. -1 when the getter raised. */
+COLD static int
+current_task_by_call(BodyCounter *self, PyObject **task)
 {
     if (self->task_getter == NULL) {
-        Py_RETURN_NONE;
+        return 0;
     }
-    return PyObject_CallNoArgs(self->task_getter);
+    PyObject *found = PyObject_CallNoArgs(self->task_getter);
+    if (found == NULL) {
+        return -1;
+    }
+    if (found == Py_None) {
+        Py_DECREF(found);
+        return 0;
+    }
+    *task = found;
+    return 0;
 }
 
 /* A wait begins: count it and note the task that waits, for the sweeper. */
@@ -161,24 +171,17 @@ HOT static int
 note_wait(BodyCounter *self)
 {
     self->calls++;
-    PyObject *task;
+    PyObject *task = NULL;
     if (self->tasks != NULL && self->loop != NULL && PyDict_CheckExact(self->tasks)) {
         /* What asyncio.current_task() reads on 3.11, without its Python frame. */
         task = PyDict_GetItemWithError(self->tasks, self->loop);
         if (UNLIKELY(task == NULL && PyErr_Occurred())) {
             return -1;
         }
-        if (task == NULL) {
-            task = Py_None;
-        }
-        Py_INCREF(task);
+        Py_XINCREF(task);
     }
-    else if ((task = current_task_by_call(self)) == NULL) {
+    else if (current_task_by_call(self, &task) < 0) {
         return -1;
-    }
-    if (task == Py_None) {
-        Py_DECREF(task);
-        task = NULL;
     }
     if (task != self->task) {
         Py_XSETREF(self->task, task);
