@@ -17,10 +17,11 @@
  *   message goes to ASGIBody._finish(message), any exception to ASGIBody._failed(exc):
  *   the rules live in Python, once.
  *
- * Slow-body timing: when ``timed``, each call counts itself in ``calls`` and records the
- * running task and a waiting flag, which the Python sweeper reads. No clock is read per
- * chunk (on this project's VM that read was 1-2% of a 64 KiB chunk): the sweeper times a
- * wait from the first look that finds it.
+ * Slow-body timing: when ``timed``, each call counts itself in ``calls`` and sets a
+ * waiting flag, which the Python sweeper reads. No clock is read and no task looked up
+ * per chunk (on this project's VM the read was 1-2% of a 64 KiB chunk, the lookup of the
+ * running task about 200 instructions): the sweeper times a wait from the first look that
+ * finds it, and cancels the task that read the first chunk (ASGIBody.check).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -40,25 +41,18 @@
 #define UNLIKELY(x) (x)
 #endif
 
-static PyObject *str_type, *str_body, *str_more_body, *str_http_request;
+static PyObject *str_body, *str_more_body;
 static PyObject *str_receive_plain, *str_finish, *str_failed, *str_throw, *str_close;
 static PyObject *CancelledError;
-/* A str equal to "http.request" seen before, kept: servers hand out the same constant
- * every time, and a pointer compare is cheaper than PyUnicode_Compare per chunk. */
-static PyObject *known_request_type;
 
 typedef struct {
     PyObject_HEAD
     PyObject *inner;        /* the server's receive */
-    PyObject *task_getter;  /* () -> the running task (set by Python with timing on) */
-    PyObject *task;         /* the task that waits, while timed */
-    PyObject *tasks;        /* asyncio's {loop: running task} dict, where it is one (3.11) */
-    PyObject *loop;         /* the loop this body is read on */
     Py_ssize_t received;    /* body bytes counted so far */
     Py_ssize_t threshold;   /* the first count Python must see */
     Py_ssize_t calls;       /* receive() calls while timed: tells one wait from the next */
     char fast;              /* the C path may take the next chunk */
-    char timed;             /* record calls, task and waiting */
+    char timed;             /* count calls and note waits, for the sweeper */
     char waiting;           /* a receive() is in progress */
 } BodyCounter;
 
@@ -86,10 +80,6 @@ counter_traverse(BodyCounter *self, visitproc visit, void *arg)
 {
     /* The heap subclass's traverse (ASGIBody) visits the type. */
     Py_VISIT(self->inner);
-    Py_VISIT(self->task_getter);
-    Py_VISIT(self->task);
-    Py_VISIT(self->tasks);
-    Py_VISIT(self->loop);
     return 0;
 }
 
@@ -97,10 +87,6 @@ static int
 counter_clear(BodyCounter *self)
 {
     Py_CLEAR(self->inner);
-    Py_CLEAR(self->task_getter);
-    Py_CLEAR(self->task);
-    Py_CLEAR(self->tasks);
-    Py_CLEAR(self->loop);
     return 0;
 }
 
@@ -146,77 +132,25 @@ awaitable_iter(PyObject *awaitable)
     return iter;
 }
 
-/* The running task, where asyncio keeps no {loop: task} dict this can read: a new
- * reference in ``*task``, NULL for none. -1 when the getter raised. */
-COLD static int
-current_task_by_call(BodyCounter *self, PyObject **task)
-{
-    if (self->task_getter == NULL) {
-        return 0;
-    }
-    PyObject *found = PyObject_CallNoArgs(self->task_getter);
-    if (found == NULL) {
-        return -1;
-    }
-    if (found == Py_None) {
-        Py_DECREF(found);
-        return 0;
-    }
-    *task = found;
-    return 0;
-}
-
-/* A wait begins: count it and note the task that waits, for the sweeper. */
-HOT static int
-note_wait(BodyCounter *self)
-{
-    self->calls++;
-    PyObject *task = NULL;
-    if (self->tasks != NULL && self->loop != NULL && PyDict_CheckExact(self->tasks)) {
-        /* What asyncio.current_task() reads on 3.11, without its Python frame. */
-        task = PyDict_GetItemWithError(self->tasks, self->loop);
-        if (UNLIKELY(task == NULL && PyErr_Occurred())) {
-            return -1;
-        }
-        Py_XINCREF(task);
-    }
-    else if (current_task_by_call(self, &task) < 0) {
-        return -1;
-    }
-    if (task != self->task) {
-        Py_XSETREF(self->task, task);
-    }
-    else {
-        Py_XDECREF(task);
-    }
-    self->waiting = 1;
-    return 0;
-}
-
 COLD static Pending *
 pending_alloc(void)
 {
     return PyObject_GC_New(Pending, &PendingType);
 }
 
+/* A Pending around ``iter`` (the server's awaitable, as an iterator; the reference is
+ * stolen). */
 HOT static PyObject *
-counter_call(BodyCounter *self, PyObject *args, PyObject *kwds)
+pending_new(BodyCounter *self, PyObject *iter)
 {
-    if (UNLIKELY(!self->fast || self->inner == NULL)) {
-        return counter_call_python(self);
-    }
-    PyObject *iter = PyObject_Vectorcall(self->inner, NULL, 0, NULL);
-    if (UNLIKELY(iter == NULL)) {
-        return NULL;
-    }
     if (UNLIKELY(!PyCoro_CheckExact(iter))) {  /* a coroutine drives itself (am_send) */
         if ((iter = awaitable_iter(iter)) == NULL) {
             return NULL;
         }
     }
-    if (self->timed && UNLIKELY(note_wait(self) < 0)) {
-        Py_DECREF(iter);
-        return NULL;
+    if (self->timed) {  /* a wait begins: for the sweeper */
+        self->calls++;
+        self->waiting = 1;
     }
     /* Tracked by the cycle collector: while it is awaited, the awaiting task's frame
      * holds it, and it holds this body, which holds that task (for the slow-body
@@ -238,12 +172,21 @@ counter_call(BodyCounter *self, PyObject *args, PyObject *kwds)
     return (PyObject *)pending;
 }
 
+HOT static PyObject *
+counter_call(BodyCounter *self, PyObject *args, PyObject *kwds)
+{
+    if (UNLIKELY(!self->fast || self->inner == NULL)) {
+        return counter_call_python(self);
+    }
+    PyObject *iter = PyObject_Vectorcall(self->inner, NULL, 0, NULL);
+    if (UNLIKELY(iter == NULL)) {
+        return NULL;
+    }
+    return pending_new(self, iter);
+}
+
 static PyMemberDef counter_members[] = {
     {"_receive", T_OBJECT, offsetof(BodyCounter, inner), 0, "the server's receive"},
-    {"_current_task", T_OBJECT, offsetof(BodyCounter, task_getter), 0, NULL},
-    {"_task", T_OBJECT, offsetof(BodyCounter, task), 0, NULL},
-    {"_tasks", T_OBJECT, offsetof(BodyCounter, tasks), 0, NULL},
-    {"_loop", T_OBJECT, offsetof(BodyCounter, loop), 0, NULL},
     {"received", T_PYSSIZET, offsetof(BodyCounter, received), 0, NULL},
     {"_threshold", T_PYSSIZET, offsetof(BodyCounter, threshold), 0, NULL},
     {"_calls", T_PYSSIZET, offsetof(BodyCounter, calls), 0, NULL},
@@ -313,41 +256,41 @@ pending_returned_python(BodyCounter *owner, PyObject *message)
     return result;
 }
 
-/* A ``type`` that is not the str this module or the server used last: equal to
- * "http.request"? If so it is kept, as servers hand out the same constant each time. */
-COLD static int
-is_request_type(PyObject *type)
+/* A message built in another key order, or with keys that are not the interned
+ * strings: looked up. ``*more`` is NULL when an error is set. */
+COLD static void
+message_lookup(PyObject *message, PyObject **body, PyObject **more)
 {
-    if (type == NULL || !PyUnicode_CheckExact(type)
-            || PyUnicode_Compare(type, str_http_request) != 0) {
-        return 0;
-    }
-    Py_INCREF(type);
-    Py_XSETREF(known_request_type, type);
-    return 1;
+    *more = PyDict_GetItemWithError(message, str_more_body);
+    *body = *more == Py_True ? PyDict_GetItemWithError(message, str_body) : NULL;
 }
 
 /* The server's receive() returned ``message``: count it here or hand it to Python.
- * Steals the reference to ``message``; returns a new reference or NULL. Looked up in
- * the order that rules out the last chunk and other messages soonest. */
+ * Steals the reference to ``message``; returns a new reference or NULL.
+ *
+ * A middle chunk is a dict whose ``more_body`` is True and whose ``body`` is bytes: only
+ * an http.request has those, and counting another message's bytes could only refuse
+ * sooner, so its ``type`` is not read. Servers build the message as a literal
+ * ``{"type": ..., "body": ..., "more_body": ...}`` (uvicorn, gunicorn's asgi worker,
+ * httpx), so its second and third entries are read in place, keys compared by identity
+ * with the interned names (two dict lookups cost 250 instructions, per chunk). */
 HOT static PyObject *
 pending_returned(Pending *self, PyObject *message)
 {
     BodyCounter *owner = self->owner;
     owner->waiting = 0;
     if (PyDict_CheckExact(message)) {
-        PyObject *more = PyDict_GetItemWithError(message, str_more_body);
-        PyObject *body = more == Py_True
-            ? PyDict_GetItemWithError(message, str_body) : NULL;
-        if (body != NULL && PyBytes_CheckExact(body)) {
-            PyObject *type = PyDict_GetItemWithError(message, str_type);
-            if (type == known_request_type || type == str_http_request
-                    || is_request_type(type)) {
-                Py_ssize_t received = owner->received + PyBytes_GET_SIZE(body);
-                if (received < owner->threshold) {
-                    owner->received = received;
-                    return message;
-                }
+        PyObject *key, *body, *more;
+        Py_ssize_t pos = 1;
+        if (!(PyDict_Next(message, &pos, &key, &body) && key == str_body
+              && PyDict_Next(message, &pos, &key, &more) && key == str_more_body)) {
+            message_lookup(message, &body, &more);
+        }
+        if (more == Py_True && body != NULL && PyBytes_CheckExact(body)) {
+            Py_ssize_t received = owner->received + PyBytes_GET_SIZE(body);
+            if (received < owner->threshold) {
+                owner->received = received;
+                return message;
             }
         }
     }
@@ -625,10 +568,8 @@ PyInit__speedups(void)
         return NULL;
     }
 #define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
-    INTERN(str_type, "type");
     INTERN(str_body, "body");
     INTERN(str_more_body, "more_body");
-    INTERN(str_http_request, "http.request");
     INTERN(str_receive_plain, "_receive_plain");
     INTERN(str_finish, "_finish");
     INTERN(str_failed, "_failed");

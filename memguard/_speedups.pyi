@@ -3,10 +3,6 @@ from typing import Any
 
 class BodyCounter:
     _receive: Callable[[], Any]
-    _current_task: Callable[[], Any] | None
-    _task: Any
-    _tasks: Any
-    _loop: Any
     received: int
     _threshold: int
     _calls: int

@@ -35,6 +35,7 @@ the connection (the client sees a truncated response, never a wrong complete one
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from time import monotonic_ns
@@ -145,6 +146,13 @@ class MemGuardMiddleware:
                 await self.app(responder.app_scope, prepared.app_receive, responder.send)
             except Exception as exc:
                 if not responder.explains(exc):
+                    raise
+                await responder.finish_refusal()
+            except asyncio.CancelledError:
+                # Our slow-body timer cancels the task that read the first chunk; when
+                # another task reads the body, the cancellation reaches the app here
+                # instead of in receive(). Any other cancellation is not ours.
+                if not prepared.cancelled_by_timeout():
                     raise
                 await responder.finish_refusal()
             else:

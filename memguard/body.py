@@ -29,7 +29,6 @@ Matching rules
 from __future__ import annotations
 
 import asyncio
-import functools
 import http
 import json
 import logging
@@ -38,7 +37,7 @@ import sys
 import time
 import weakref
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
 from memguard import counters, events
@@ -61,8 +60,8 @@ _monotonic = time.monotonic
 # then holds the counting and timing fields, and the body itself is the receive the app
 # gets. Without it (another interpreter, no compiler at install), the same class runs in
 # Python. MEMGUARD_PURE_PYTHON=1 forces the Python path (tests run both).
-_COUNTER_FIELDS = ("_receive", "_current_task", "_task", "_tasks", "_loop", "received",
-                   "_threshold", "_calls", "_fast", "_timed", "_waiting")
+_COUNTER_FIELDS = ("_receive", "received", "_threshold", "_calls", "_fast", "_timed",
+                   "_waiting")
 _CounterBase: type
 try:
     if os.environ.get("MEMGUARD_PURE_PYTHON"):
@@ -75,23 +74,6 @@ except ImportError:
 # No count reaches this: "no threshold".
 _NEVER = sys.maxsize
 
-
-def _current_tasks() -> dict[Any, Any] | None:
-    """asyncio's {loop: running task} dict where it is one (up to 3.11), else None."""
-    tasks = getattr(asyncio.tasks, "_current_tasks", None)
-    if sys.version_info < (3, 12) and isinstance(tasks, dict):
-        return tasks
-    return None
-
-
-def _task_getter(loop: asyncio.AbstractEventLoop) -> Callable[[], asyncio.Task[Any] | None]:
-    """The cheapest ``current_task()`` for ``loop``: on 3.11 the public function is
-    Python calling get_running_loop() (~0.3 us, once per chunk); the dict it reads is
-    ~0.05 us. From 3.12 ``current_task`` is C and used as is."""
-    tasks = _current_tasks()
-    if tasks is not None:
-        return functools.partial(tasks.get, loop)
-    return asyncio.current_task
 
 # Decompression: largest decoded piece handed to the app at once, and the decoded size
 # below which the expansion ratio is not judged (small JSON compresses 100x honestly).
@@ -402,7 +384,7 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
 
     __slots__ = ("limit", "done", "error", "on_reject", "policy", "decoder", "_sweeper",
                  "_start", "_timeout", "receive", "disconnect", "memory", "_memory_at",
-                 "_t_enter", "_seen_calls",
+                 "_t_enter", "_seen_calls", "_task",
                  *(() if SPEEDUPS else _COUNTER_FIELDS))
 
     def __init__(self, receive: Receive, limit: int | None, policy: BodyPolicy,
@@ -430,18 +412,18 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
         self._timeout: RequestTimeout | None = None
         self._t_enter = 0.0   # when the sweeper first found the current wait
         self._seen_calls = 0  # the _calls count it found it at
+        # The task that read the first chunk: the one a slow-body timeout cancels (found
+        # once, not per chunk: on 3.11 that lookup is a Python call, 0.3 us).
+        self._task: asyncio.Task[Any] | None = None
         if not SPEEDUPS:
             # The C base starts zeroed, which reads the same (and each of its fields
-            # costs a generic setattr from Python): nothing received, no task, not
-            # waiting, not on the C path yet (_fast is set after the first chunk, with
-            # _threshold), the task getter set by _arm() when timing starts.
+            # costs a generic setattr from Python): nothing received, not waiting, not
+            # on the C path yet (_fast is set after the first chunk, with _threshold).
             self.received = 0
-            self._task: asyncio.Task[Any] | None = None
             self._waiting = False
             self._calls = 0
             self._fast = False
             self._threshold = _NEVER
-            self._current_task: Callable[[], asyncio.Task[Any] | None] = asyncio.current_task
         self.receive = self._receive_decoded if decoder is not None else self._receive_plain
 
     @property
@@ -483,27 +465,35 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
             if not self._timed:  # no asyncio loop (trio): counting only
                 return await self._receive()
         self._calls += 1
-        self._task = self._current_task()
+        if self._task is None:
+            self._task = asyncio.current_task()
         self._waiting = True
         try:
             message = await self._receive()
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             self._waiting = False
-            if self._timeout is None:
-                raise
-            return self._timed_out()
+            return self._failed(exc)
         self._waiting = False
         return message
 
-    def _timed_out(self) -> Message:
-        """Our timer cancelled the wait: undo the cancellation, refuse with 408."""
+    def _timed_out(self) -> RequestRejected:
+        """Our timer cancelled the task: undo the cancellation, refuse with 408."""
         timeout = self._timeout
         assert timeout is not None
         if self._task is not None and hasattr(self._task, "uncancel"):
             self._task.uncancel()
         exc = self._reject(timeout)
         assert exc is not None  # report-only never cancels a wait
-        return self._signal(exc)
+        return exc
+
+    def cancelled_by_timeout(self) -> bool:
+        """A CancelledError reached the middleware: True when it is our slow-body timer's
+        and no receive() has answered it yet (the body is read in another task than the
+        one that read the first chunk and was cancelled), with the 408 now noted."""
+        if self._timeout is None or self.error is not None:
+            return False
+        self._timed_out()
+        return True
 
     async def _receive_plain(self) -> Message:
         # The per-chunk path: the wait is _wait() inlined (one coroutine frame less).
@@ -515,15 +505,14 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
             self._arm()  # no asyncio loop (trio): _timed is now False, counting only
         if self._timed:
             self._calls += 1
-            self._task = self._current_task()
+            if self._task is None:
+                self._task = asyncio.current_task()
             self._waiting = True
             try:
                 message = await self._receive()
-            except asyncio.CancelledError:
+            except asyncio.CancelledError as exc:
                 self._waiting = False
-                if self._timeout is None:
-                    raise
-                return self._timed_out()
+                return self._failed(exc)
             self._waiting = False
         else:
             message = await self._receive()
@@ -561,10 +550,11 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
         return message
 
     def _failed(self, exc: BaseException) -> Message:
-        """The C path's receive() was cancelled: our slow-body timer's doing, or not."""
-        if self._timeout is None:
+        """A receive() was cancelled: by our slow-body timer (answered once, with 408), or
+        by someone else (raised on)."""
+        if self._timeout is None or self.error is not None:
             raise exc
-        return self._timed_out()
+        return self._signal(self._timed_out())
 
     async def _receive_decoded(self) -> Message:
         decoder = self.decoder
@@ -618,12 +608,8 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
             self._timed = False
             return
         sweeper = self._sweeper = _Sweeper.of(loop)
-        self._current_task = sweeper.current_task
-        if SPEEDUPS and sweeper.tasks is not None:
-            # The C path reads asyncio's {loop: running task} dict itself.
-            self._tasks, self._loop = sweeper.tasks, loop
         self._start = _monotonic()
-        self._sweeper.add(self)
+        sweeper.add(self)
 
     def check(self, now: float) -> bool:
         """The sweeper's look at this body; False once it needs no more looks."""
@@ -680,8 +666,6 @@ class _Sweeper:
         self.bodies: set[ASGIBody] = set()
         self.handle: asyncio.TimerHandle | None = None
         self.period = 0.5
-        self.current_task = _task_getter(loop)
-        self.tasks = _current_tasks()  # found once per loop, not once per body
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> _Sweeper:

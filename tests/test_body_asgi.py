@@ -510,6 +510,48 @@ def test_idle_timeout_finds_a_reader_in_another_task_and_leaves_nothing_behind()
     assert left == set()
 
 
+def test_idle_timeout_when_another_task_reads_the_body_and_nobody_awaits_it() -> None:
+    """The timer cancels the task that read the first chunk; here that task waits on
+    something else than the body (an event its reader task sets), so the cancellation
+    reaches the middleware without passing through receive(): still a 408."""
+    outcome: dict[str, Any] = {}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()  # the first chunk, in the request's task
+        done = asyncio.Event()
+
+        async def read_rest() -> None:
+            try:
+                while (await receive()).get("more_body"):
+                    pass
+            except asyncio.CancelledError:
+                outcome["reader"] = "cancelled"
+                raise
+            finally:
+                done.set()
+
+        reader = asyncio.get_running_loop().create_task(read_rest())
+        try:
+            await done.wait()
+        finally:
+            reader.cancel()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main() -> Any:
+        ex = await exchange(MemGuardMiddleware(app, body_idle_timeout=0.1),
+                            headers=[cl(100)], chunks=[b"x" * 10, b"y" * 90], stall_after=1)
+        task = asyncio.current_task()
+        assert task is not None
+        return ex, task.cancelling()
+
+    ex, cancelling = asyncio.run(main())
+    assert ex.status == 408 and ex.headers[b"connection"] == b"close"
+    assert counters.get("body", "body_idle_timeout") == 1
+    assert cancelling == 0  # the cancellation was ours, and undone
+    assert outcome["reader"] == "cancelled"  # the app's own cancel of its reader stands
+
+
 def test_report_only_still_answers_refusals_the_app_raised() -> None:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await receive()

@@ -66,6 +66,48 @@ def test_limit_crossed_in_the_middle_of_the_c_path_is_413() -> None:
     assert ex.delivered == 26_000  # cut at the chunk that crossed
 
 
+def _shaped(shape: str, chunk: bytes, more: bool) -> Message:
+    """A body message built the ways servers might: the usual literal, another key
+    order, keys that are equal to the interned names but not them, an extra key, a
+    deleted entry before the body."""
+    if shape == "literal":
+        return {"type": "http.request", "body": chunk, "more_body": more}
+    if shape == "reordered":
+        return {"more_body": more, "body": chunk, "type": "http.request"}
+    if shape == "built_keys":
+        return {"".join(["ty", "pe"]): "http.request", "".join(["bo", "dy"]): chunk,
+                "".join(["more_", "body"]): more}
+    if shape == "extra_key":
+        return {"type": "http.request", "trailers": False, "body": chunk, "more_body": more}
+    message: Message = {"type": "http.request", "x": 1, "body": chunk, "more_body": more}
+    del message["x"]
+    return message
+
+
+@pytest.mark.parametrize("shape", ["literal", "reordered", "built_keys", "extra_key",
+                                   "deleted_entry"])
+def test_the_limit_holds_whatever_shape_the_server_gives_its_messages(shape: str) -> None:
+    """The C path reads ``body`` and ``more_body`` in place where the message is the
+    usual literal, and looks them up otherwise: either way every byte is counted."""
+    sent = 0
+
+    async def receive() -> Message:
+        nonlocal sent
+        sent += 1
+        await asyncio.sleep(0)
+        return _shaped(shape, b"x" * 1000, sent < 40)
+
+    ex = asyncio.run(exchange(MemGuardMiddleware(_reader, max_body_size=25_000),
+                              headers=[(b"transfer-encoding", b"chunked")], receive=receive))
+    assert ex.status == 413
+    assert sent == 26  # cut at the chunk that crossed
+
+    sent = 0
+    ex = asyncio.run(exchange(MemGuardMiddleware(_reader, max_body_size=40_000),
+                              headers=[(b"transfer-encoding", b"chunked")], receive=receive))
+    assert ex.status == 200 and sent == 40
+
+
 async def _reader(scope: Scope, receive: Receive, send: Send) -> None:
     while (await receive()).get("more_body"):
         pass
