@@ -504,6 +504,380 @@ static PyTypeObject PendingType = {
     .tp_methods = pending_methods,
 };
 
+/* ---- Guarded: the middleware's call of the app, without a coroutine frame ---------- */
+
+/* What the middleware's __call__ returns: an awaitable that calls
+ * ``app(scope, receive, send)`` when first driven, forwards send/throw/close to what that
+ * returned, and once it has ended (returned or raised) calls
+ * ``after(exc or None, *after_args)`` once. ``after`` raises to end with an error,
+ * returns None to end, or returns an awaitable to await before ending (a refusal to
+ * send). Every coroutine frame between the server and the app is resumed at each
+ * suspension of the request's task, once per body chunk: this object forwards in C
+ * what an ``async def __call__`` would resume in the interpreter. */
+
+#define GUARDED_MAX_ARGS 6
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *call[4];      /* app, scope, receive, send: until the app is called */
+    PyObject *iter;         /* what is awaited: the app's, then after()'s */
+    PyObject *after;        /* NULL once called */
+    PyObject *args[GUARDED_MAX_ARGS + 1];  /* [0] is the exception slot */
+    Py_ssize_t nargs;       /* extra arguments in args[1:] */
+} Guarded;
+
+static PyTypeObject GuardedType;
+
+static int
+guarded_traverse(Guarded *self, visitproc visit, void *arg)
+{
+    for (int i = 0; i < 4; i++) {
+        Py_VISIT(self->call[i]);
+    }
+    Py_VISIT(self->iter);
+    Py_VISIT(self->after);
+    for (Py_ssize_t i = 1; i <= self->nargs; i++) {
+        Py_VISIT(self->args[i]);
+    }
+    return 0;
+}
+
+static void
+guarded_clear_after(Guarded *self)
+{
+    Py_CLEAR(self->after);
+    for (Py_ssize_t i = 1; i <= self->nargs; i++) {
+        Py_CLEAR(self->args[i]);
+    }
+}
+
+static void
+guarded_clear_call(Guarded *self)
+{
+    for (int i = 0; i < 4; i++) {
+        Py_CLEAR(self->call[i]);
+    }
+}
+
+static int
+guarded_clear(Guarded *self)
+{
+    guarded_clear_call(self);
+    Py_CLEAR(self->iter);
+    guarded_clear_after(self);
+    return 0;
+}
+
+/* The exception being raised, as an instance with its traceback; the error is cleared. */
+static PyObject *
+fetch_exception(void)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL) {
+        PyException_SetTraceback(value, tb);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
+}
+
+/* The app's awaitable ended, with ``exc`` (NULL: it returned). Calls after() and
+ * returns a new reference: Py_None to end, an iterator to drive next, or NULL with
+ * the error set. */
+static PyObject *
+guarded_finish(Guarded *self, PyObject *exc)
+{
+    PyObject *after = self->after;
+    self->after = NULL;
+    self->args[0] = exc != NULL ? exc : Py_None;
+    PyObject *result = PyObject_Vectorcall(after, self->args, 1 + self->nargs, NULL);
+    self->args[0] = NULL;
+    Py_DECREF(after);
+    guarded_clear_after(self);
+    if (result == NULL || result == Py_None) {
+        return result;
+    }
+    if (PyCoro_CheckExact(result)) {
+        return result;
+    }
+    return awaitable_iter(result);
+}
+
+/* One step of the app's awaitable (or after()'s) ended with ``status``/``res``: hand on
+ * what it yielded, or end the app's part and go on with after()'s. */
+static PySendResult
+guarded_step(Guarded *self, PySendResult status, PyObject *res, PyObject **presult)
+{
+    for (;;) {
+        if (status == PYGEN_NEXT) {
+            *presult = res;
+            return PYGEN_NEXT;
+        }
+        Py_CLEAR(self->iter);
+        if (self->after == NULL) {  /* after()'s awaitable ended: so does this */
+            *presult = res;
+            return status;
+        }
+        PyObject *exc = NULL;
+        if (status == PYGEN_RETURN) {
+            Py_DECREF(res);
+        }
+        else if ((exc = fetch_exception()) == NULL) {
+            *presult = NULL;
+            return PYGEN_ERROR;
+        }
+        PyObject *next = guarded_finish(self, exc);
+        Py_XDECREF(exc);
+        if (next == NULL || next == Py_None) {
+            *presult = next;
+            return next == NULL ? PYGEN_ERROR : PYGEN_RETURN;
+        }
+        self->iter = next;
+        res = NULL;
+        status = PyIter_Send(next, Py_None, &res);
+    }
+}
+
+/* The first drive: call the app. An app that raises at the call is an app that
+ * raised: after() sees it. */
+COLD static PySendResult
+guarded_start(Guarded *self, PyObject *arg, PyObject **presult)
+{
+    PyObject *awaitable = PyObject_Vectorcall(self->call[0], self->call + 1, 3, NULL);
+    guarded_clear_call(self);
+    if (awaitable != NULL) {
+        self->iter = PyCoro_CheckExact(awaitable) ? awaitable : awaitable_iter(awaitable);
+    }
+    if (self->iter == NULL) {
+        return guarded_step(self, PYGEN_ERROR, NULL, presult);
+    }
+    PyObject *res = NULL;
+    PySendResult status = PyIter_Send(self->iter, arg, &res);
+    return guarded_step(self, status, res, presult);
+}
+
+static PySendResult
+guarded_am_send(Guarded *self, PyObject *arg, PyObject **presult)
+{
+    if (UNLIKELY(self->iter == NULL)) {
+        if (self->call[0] != NULL) {
+            return guarded_start(self, arg, presult);
+        }
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
+        *presult = NULL;
+        return PYGEN_ERROR;
+    }
+    PyObject *res = NULL;
+    PySendResult status = PyIter_Send(self->iter, arg, &res);
+    return guarded_step(self, status, res, presult);
+}
+
+static PyObject *
+guarded_iternext(Guarded *self)
+{
+    PyObject *result;
+    PySendResult ended = guarded_am_send(self, Py_None, &result);
+    return pending_finish_send(ended, result);
+}
+
+static PyObject *
+guarded_send(Guarded *self, PyObject *value)
+{
+    PyObject *result;
+    PySendResult ended = guarded_am_send(self, value, &result);
+    return pending_finish_send(ended, result);
+}
+
+static PyObject *
+guarded_throw(Guarded *self, PyObject *args)
+{
+    if (self->iter == NULL) {
+        /* Not started, or over: the exception is raised here (a coroutine that has not
+         * started raises it too, without running its body). */
+        guarded_clear_call(self);
+        PyObject *typ, *val = NULL, *tb = NULL;
+        if (!PyArg_UnpackTuple(args, "throw", 1, 3, &typ, &val, &tb)) {
+            return NULL;
+        }
+        if (PyExceptionInstance_Check(typ)) {
+            PyErr_SetObject((PyObject *)Py_TYPE(typ), typ);
+        }
+        else {
+            PyErr_SetObject(typ, val);
+        }
+        if (self->after == NULL) {
+            return NULL;
+        }
+        PyObject *result;
+        PySendResult ended = guarded_step(self, PYGEN_ERROR, NULL, &result);
+        return pending_finish_send(ended, result);
+    }
+    PySendResult status;
+    PyObject *res = NULL;
+    PyObject *throw = PyObject_GetAttr(self->iter, str_throw);
+    if (throw == NULL) {
+        return NULL;
+    }
+    res = PyObject_Call(throw, args, NULL);
+    Py_DECREF(throw);
+    if (res != NULL) {
+        status = PYGEN_NEXT;
+    }
+    else if (PyErr_ExceptionMatches(PyExc_StopIteration)) {
+        PyObject *stop = fetch_exception();
+        res = stop != NULL ? PyObject_GetAttrString(stop, "value") : NULL;
+        Py_XDECREF(stop);
+        if (res == NULL) {
+            return NULL;
+        }
+        status = PYGEN_RETURN;
+    }
+    else {
+        status = PYGEN_ERROR;
+    }
+    PyObject *result;
+    PySendResult ended = guarded_step(self, status, res, &result);
+    return pending_finish_send(ended, result);
+}
+
+/* close(): close what is awaited; if the app's part had not ended, after() sees a
+ * GeneratorExit (its cleanup runs, as a coroutine's finally blocks would), and an
+ * awaitable it returns is closed unawaited. */
+static PyObject *
+guarded_close(Guarded *self, PyObject *Py_UNUSED(ignored))
+{
+    guarded_clear_call(self);
+    if (self->iter != NULL) {
+        PyObject *close = PyObject_GetAttr(self->iter, str_close);
+        if (close == NULL) {
+            PyErr_Clear();
+        }
+        else {
+            PyObject *res = PyObject_CallNoArgs(close);
+            Py_DECREF(close);
+            if (res == NULL) {
+                return NULL;
+            }
+            Py_DECREF(res);
+        }
+        Py_CLEAR(self->iter);
+    }
+    if (self->after != NULL) {
+        PyObject *exit = PyObject_CallNoArgs(PyExc_GeneratorExit);
+        if (exit == NULL) {
+            return NULL;
+        }
+        PyObject *next = guarded_finish(self, exit);
+        Py_DECREF(exit);
+        if (next == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_GeneratorExit)) {
+                return NULL;
+            }
+            PyErr_Clear();
+        }
+        else if (next != Py_None) {
+            PyObject *res = PyObject_CallMethodNoArgs(next, str_close);
+            Py_DECREF(next);
+            if (res == NULL) {
+                return NULL;
+            }
+            Py_DECREF(res);
+        }
+        else {
+            Py_DECREF(next);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* Dropped before it ended (a task destroyed while suspended, or never awaited): closed,
+ * as a coroutine is, so that the middleware's accounting of the request still ends. */
+static void
+guarded_finalize(Guarded *self)
+{
+    if (self->after == NULL) {
+        return;
+    }
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *res = guarded_close(self, NULL);
+    if (res == NULL) {
+        PyErr_WriteUnraisable((PyObject *)self);
+    }
+    else {
+        Py_DECREF(res);
+    }
+    PyErr_Restore(type, value, tb);
+}
+
+static void
+guarded_dealloc(Guarded *self)
+{
+    if (PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0) {
+        return;  /* resurrected */
+    }
+    PyObject_GC_UnTrack(self);
+    guarded_clear(self);
+    PyObject_GC_Del(self);
+}
+
+static PyAsyncMethods guarded_as_async = {
+    .am_await = (unaryfunc)pending_await,
+    .am_send = (sendfunc)guarded_am_send,
+};
+
+static PyMethodDef guarded_methods[] = {
+    {"send", (PyCFunction)guarded_send, METH_O, NULL},
+    {"throw", (PyCFunction)guarded_throw, METH_VARARGS, NULL},
+    {"close", (PyCFunction)guarded_close, METH_NOARGS, NULL},
+    {NULL}
+};
+
+static PyTypeObject GuardedType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "memguard._speedups.Guarded",
+    .tp_basicsize = sizeof(Guarded),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "One call of the app by the middleware, awaited without a coroutine frame.",
+    .tp_traverse = (traverseproc)guarded_traverse,
+    .tp_clear = (inquiry)guarded_clear,
+    .tp_dealloc = (destructor)guarded_dealloc,
+    .tp_finalize = (destructor)guarded_finalize,
+    .tp_as_async = &guarded_as_async,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)guarded_iternext,
+    .tp_methods = guarded_methods,
+};
+
+/* guard(app, scope, receive, send, after, *after_args): see Guarded. */
+static PyObject *
+guard(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 5 || nargs > 5 + GUARDED_MAX_ARGS) {
+        PyErr_Format(PyExc_TypeError, "guard() takes 5 to %d arguments",
+                     5 + GUARDED_MAX_ARGS);
+        return NULL;
+    }
+    Guarded *self = PyObject_GC_New(Guarded, &GuardedType);
+    if (self == NULL) {
+        return NULL;
+    }
+    for (int i = 0; i < 4; i++) {
+        self->call[i] = Py_NewRef(args[i]);
+    }
+    self->iter = NULL;
+    self->after = Py_NewRef(args[4]);
+    self->args[0] = NULL;
+    self->nargs = nargs - 5;
+    for (Py_ssize_t i = 0; i < self->nargs; i++) {
+        self->args[i + 1] = Py_NewRef(args[5 + i]);
+    }
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
 /* ---- the bodyless request test ---------------------------------------------------- */
 
 /* Whether an ASGI header list frames a body (a content-length or transfer-encoding
@@ -546,6 +920,8 @@ has_body_framing(PyObject *module, PyObject *headers)
 }
 
 static PyMethodDef speedups_functions[] = {
+    {"guard", (PyCFunction)(void(*)(void))guard, METH_FASTCALL,
+     "guard(app, scope, receive, send, after, *after_args): the app's call, frame-less."},
     {"has_body_framing", (PyCFunction)has_body_framing, METH_O,
      "has_body_framing(headers): a content-length or transfer-encoding header is there."},
     {NULL}
@@ -564,7 +940,8 @@ static struct PyModuleDef speedups_module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    if (PyType_Ready(&BodyCounterType) < 0 || PyType_Ready(&PendingType) < 0) {
+    if (PyType_Ready(&BodyCounterType) < 0 || PyType_Ready(&PendingType) < 0
+            || PyType_Ready(&GuardedType) < 0) {
         return NULL;
     }
 #define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
@@ -592,6 +969,12 @@ PyInit__speedups(void)
     Py_INCREF(&BodyCounterType);
     if (PyModule_AddObject(module, "BodyCounter", (PyObject *)&BodyCounterType) < 0) {
         Py_DECREF(&BodyCounterType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&GuardedType);
+    if (PyModule_AddObject(module, "Guarded", (PyObject *)&GuardedType) < 0) {
+        Py_DECREF(&GuardedType);
         Py_DECREF(module);
         return NULL;
     }

@@ -36,8 +36,9 @@ the connection (the client sees a truncated response, never a wrong complete one
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from time import monotonic_ns
 from typing import Any
 
@@ -50,7 +51,13 @@ from memguard.tracking import asgi_route
 from memguard.types import ASGIApp, Message, Receive, Scope, Send
 
 if SPEEDUPS:
+    from memguard._speedups import Guarded
+    from memguard._speedups import guard as _guard
     from memguard._speedups import has_body_framing as _speedups_has_body_framing
+
+    # What __call__ returns is a coroutine to asyncio (iscoroutine, create_task) as an
+    # ``async def __call__``'s result would be: it has send, throw, close and __await__.
+    collections.abc.Coroutine.register(Guarded)
 
 __all__ = ["MemGuardMiddleware"]
 
@@ -88,8 +95,45 @@ class MemGuardMiddleware:
         # Django's ASGI handler spools the body to a file before any view runs and
         # closes that file only on http.disconnect: refusals reach it as a disconnect.
         self.disconnect_on_refusal = type(app).__module__.startswith("django.")
+        # Servers tell an ASGI 3 app from an ASGI 2 one by
+        # ``iscoroutinefunction(app.__call__)`` (uvicorn, hypercorn, Starlette): the
+        # instance's ``__call__`` attribute is the coroutine implementation, while
+        # calling the instance goes through the class's ``__call__``, which returns the
+        # frame-less awaitable. Both run the same phases.
+        vars(self)["__call__"] = self.handle
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """The request, as an awaitable. With the C extension, an ``http`` request is
+        awaited through :func:`memguard._speedups.guard`: no coroutine frame of ours
+        sits between the server and the app (each frame there is resumed at every
+        suspension of the request's task, once per body chunk). Everything else, and
+        every request without the extension, is :meth:`handle`."""
+        if not SPEEDUPS or scope["type"] != "http" or self.memory.has_endpoints:
+            return self.handle(scope, receive, send)
+        memory = self.memory
+        now = monotonic_ns()
+        admission = memory.admission
+        if now - admission._checked_ns >= admission.refresh_ns:
+            admission.refresh(now)
+        if admission.level >= CRITICAL:
+            return self.handle(scope, receive, send)  # admission decides there
+        sample = memory.begin(now)
+        root = scope.get("root_path", "")
+        if (not _has_body_framing(scope["headers"])
+                and scope.get("http_version", "1.1") in _HTTP1):
+            return _guard(self.app, scope, receive, send, _after_bodyless,
+                          self, scope, send, sample, root, now)
+        responder = _Responder(self, scope, receive, send)
+        prepared = responder.prepare(now, sample, root)
+        if isinstance(prepared, RequestRejected):
+            return responder.refuse_framing(prepared, sample, root)
+        return _guard(self.app, responder.app_scope, prepared.app_receive, responder.send,
+                      _after_body, responder, prepared, sample, root)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The request as a coroutine: the same phases as :meth:`__call__`, awaited from
+        this frame (the pure-Python path, non-``http`` scopes, answered paths, and what
+        ``iscoroutinefunction(app.__call__)`` looks at: see ``__init__``)."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -110,60 +154,88 @@ class MemGuardMiddleware:
                                                         send).refuse_now(refusal):
                 return
         sample = memory.begin(now)
+        root = scope.get("root_path", "")
         # 2. frame: no Content-Length and no Transfer-Encoding over HTTP/1 is no body.
         if (not _has_body_framing(scope["headers"])
                 and scope.get("http_version", "1.1") in _HTTP1):
             # No body: the hot path. Only a refusal raised by the app needs us.
-            root = scope.get("root_path", "")
             try:
                 await self.app(scope, receive, send)
-            except RequestRejected as exc:
-                await _Responder(self, scope, receive, send).refuse_late(exc)
-            finally:
-                # memory.end(), its two steps inline: one Python call less per request.
-                # The start time serves the request count and the once-a-second tick
-                # (late by this request at most); the clock is read again only for the
-                # soft-limit check, which runs only when the pressure level is not OK.
-                memory.track_end(sample, asgi_route(scope, root), scope["path"], now)
-                if admission.level:
-                    memory.after_response(monotonic_ns())
-                elif now >= memory.next_tick:
-                    memory.after_response(now)
-            return
-        # A body: awaited from this frame, not from a helper coroutine. Every coroutine
-        # frame between the server and the app is resumed at each suspension of the
-        # app's task, which is once per body chunk: two more frames here cost more per
-        # 64 KiB chunk than counting it does (benchmarks/instructions.py).
-        root = scope.get("root_path", "")
-        responder = _Responder(self, scope, receive, send)
-        try:
-            prepared = responder.frame(now)
-            if isinstance(prepared, RequestRejected):
-                await responder.send_refusal(prepared)
-                return
-            # 4. call app
-            try:
-                await self.app(responder.app_scope, prepared.app_receive, responder.send)
-            except Exception as exc:
-                if not responder.explains(exc):
-                    raise
-                await responder.finish_refusal()
-            except asyncio.CancelledError:
-                # Our slow-body timer cancels the task that read the first chunk; when
-                # another task reads the body, the cancellation reaches the app here
-                # instead of in receive(). Any other cancellation is not ours.
-                if not prepared.cancelled_by_timeout():
-                    raise
-                await responder.finish_refusal()
+            except BaseException as exc:
+                tail = _after_bodyless(exc, self, scope, send, sample, root, now)
             else:
-                if responder.rejection is not None:
-                    await responder.finish_refusal()
-            finally:
-                prepared.close()
-        finally:
-            # 5. after response: account the request under the route the app found.
-            memory.end(sample, asgi_route(responder.app_scope, root), scope["path"],
-                       monotonic_ns())
+                tail = _after_bodyless(None, self, scope, send, sample, root, now)
+            if tail is not None:
+                await tail
+            return
+        # A body: awaited from this frame, not from a helper coroutine (one frame less
+        # to resume at every chunk).
+        responder = _Responder(self, scope, receive, send)
+        prepared = responder.prepare(now, sample, root)
+        if isinstance(prepared, RequestRejected):
+            await responder.refuse_framing(prepared, sample, root)
+            return
+        # 4. call app
+        try:
+            await self.app(responder.app_scope, prepared.app_receive, responder.send)
+        except BaseException as exc:
+            tail = _after_body(exc, responder, prepared, sample, root)
+        else:
+            tail = _after_body(None, responder, prepared, sample, root)
+        if tail is not None:
+            await tail
+
+
+def _after_bodyless(exc: BaseException | None, mw: MemGuardMiddleware, scope: Scope,
+                    send: Send, sample: Any, root: str,
+                    now: int) -> Awaitable[None] | None:
+    """5. after response, for a request without a body: account it, then answer a
+    refusal the app raised (the awaitable returned), or raise on what it raised."""
+    memory = mw.memory
+    # memory.end(), its two steps inline: one Python call less per request. The start
+    # time serves the request count and the once-a-second tick (late by this request at
+    # most); the clock is read again only for the soft-limit check, which runs only when
+    # the pressure level is not OK.
+    memory.track_end(sample, asgi_route(scope, root), scope["path"], now)
+    if memory.admission.level:
+        memory.after_response(monotonic_ns())
+    elif now >= memory.next_tick:
+        memory.after_response(now)
+    if exc is None:
+        return None
+    if isinstance(exc, RequestRejected):
+        return _Responder(mw, scope, _no_receive, send).refuse_late(exc)
+    raise exc
+
+
+def _after_body(exc: BaseException | None, responder: _Responder, prepared: ASGIBody,
+                sample: Any, root: str) -> Awaitable[None] | None:
+    """5. after response, for a request with a body: the refusal to send (an awaitable
+    that ends the request after sending it), or the app's own error raised on."""
+    try:
+        if exc is None:
+            refuse = responder.rejection is not None
+        elif isinstance(exc, Exception):
+            refuse = responder.explains(exc)
+        else:
+            # Our slow-body timer cancels the task that read the first chunk; when
+            # another task reads the body, the cancellation reaches the app elsewhere
+            # than in receive(). Any other cancellation is not ours.
+            refuse = (isinstance(exc, asyncio.CancelledError)
+                      and prepared.cancelled_by_timeout())
+    except BaseException:
+        responder.end(prepared, sample, root)
+        raise
+    if refuse:
+        return responder.finish_then_end(prepared, sample, root)
+    responder.end(prepared, sample, root)
+    if exc is not None:
+        raise exc
+    return None
+
+
+async def _no_receive() -> Message:
+    raise RuntimeError("no receive() here")
 
 
 class _Responder:
@@ -184,6 +256,36 @@ class _Responder:
         self.logged: RequestRejected | None = None
         self.replaced = False         # our refusal went out in place of the app's response
         self.accept: bytes | None = None
+
+    def prepare(self, now: int, sample: Any, root: str) -> ASGIBody | RequestRejected:
+        """:meth:`frame`, with the request's accounting ended if it fails unexpectedly."""
+        try:
+            return self.frame(now)
+        except BaseException:
+            self.mw.memory.end(sample, asgi_route(self.app_scope, root), self.scope["path"],
+                               monotonic_ns())
+            raise
+
+    def end(self, prepared: ASGIBody, sample: Any, root: str) -> None:
+        """The request is over: the body's timer stops, and the request is accounted
+        under the route the app found."""
+        prepared.close()
+        self.mw.memory.end(sample, asgi_route(self.app_scope, root), self.scope["path"],
+                           monotonic_ns())
+
+    async def finish_then_end(self, prepared: ASGIBody, sample: Any, root: str) -> None:
+        try:
+            await self.finish_refusal()
+        finally:
+            self.end(prepared, sample, root)
+
+    async def refuse_framing(self, exc: RequestRejected, sample: Any, root: str) -> None:
+        """The request is refused on its headers: the app is never called."""
+        try:
+            await self.send_refusal(exc)
+        finally:
+            self.mw.memory.end(sample, asgi_route(self.scope, root), self.scope["path"],
+                               monotonic_ns())
 
     def frame(self, now: int) -> ASGIBody | RequestRejected:
         """2. frame and 3. wrap receive: the body wrapper the app reads through, or the

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import os
 import shutil
 import sys
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from memguard import MemGuardMiddleware, body
+from memguard.errors import BodyTooLarge
 from memguard.types import Message, Receive, Scope, Send
 from tests.body_helpers import Exchange, exchange
 
@@ -310,3 +312,93 @@ def test_the_bodyless_request_test_raises_on_headers_that_are_not_iterable() -> 
 
     with pytest.raises(TypeError):
         asgi._has_body_framing(5)  # type: ignore[arg-type]
+
+
+# ---- the middleware's call of the app, without a coroutine frame (Guarded) ------------
+
+async def _hello(scope: Scope, receive: Receive, send: Send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"hi"})
+
+
+GET_SCOPE: dict[str, Any] = {"type": "http", "asgi": {"version": "3.0"},
+                             "http_version": "1.1", "method": "GET", "path": "/",
+                             "raw_path": b"/", "query_string": b"", "root_path": "",
+                             "headers": []}
+
+
+def test_servers_still_see_an_asgi3_coroutine_app() -> None:
+    """uvicorn, hypercorn and Starlette tell ASGI 3 apps by
+    ``iscoroutinefunction(app.__call__)``; asyncio's tasks take what the call returns."""
+    from uvicorn.config import Config
+
+    mw = MemGuardMiddleware(_hello)
+    assert inspect.iscoroutinefunction(mw.__call__)
+    assert asyncio.iscoroutinefunction(mw.__call__)
+    config = Config(mw)
+    config.load()
+    assert config.interface == "asgi3"
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def main() -> None:
+        awaitable = mw(dict(GET_SCOPE), _never_called, send)
+        assert asyncio.iscoroutine(awaitable)
+        await asyncio.get_running_loop().create_task(awaitable)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+
+
+async def _never_called() -> Message:
+    raise AssertionError("receive() called on a bodyless request")
+
+
+def test_an_app_that_raises_when_called_is_an_app_that_raised() -> None:
+    """The app is called when the request is first awaited, as a coroutine's body runs;
+    an exception at the call is handled as one raised inside the app."""
+    def refusing(scope: Scope, receive: Receive, send: Send) -> Any:
+        raise BodyTooLarge("quota", reason="upload_quota", limit=1)
+
+    def failing(scope: Scope, receive: Receive, send: Send) -> Any:
+        raise ValueError("broken app")
+
+    ex = asyncio.run(exchange(MemGuardMiddleware(refusing), method="GET"))
+    assert ex.status == 413
+    ex = asyncio.run(exchange(MemGuardMiddleware(refusing), headers=[cl(3)], chunks=[b"abc"]))
+    assert ex.status == 413
+    with pytest.raises(ValueError, match="broken app"):
+        asyncio.run(exchange(MemGuardMiddleware(failing), method="GET"))
+
+
+@pytest.mark.parametrize("how", ["closed", "dropped"])
+def test_a_request_closed_or_dropped_before_its_end_is_still_accounted(how: str) -> None:
+    """close(), or the awaitable dropped while suspended, ends the request's accounting
+    (the tracker counts it finished), as a coroutine's finally blocks would."""
+    mw = MemGuardMiddleware(_slow_hello)
+    tracker = mw.memory.tracker
+    assert tracker is not None
+
+    async def main() -> None:
+        awaitable: Any = mw(dict(GET_SCOPE), _never_called, _discard)
+        step = awaitable.__await__()
+        next(step)  # the app waits in its sleep
+        if how == "closed":
+            step.close()
+        else:
+            del step, awaitable
+            gc.collect()
+
+    before = tracker._finished_n
+    asyncio.run(main())
+    assert tracker._finished_n == before + 1
+
+
+async def _slow_hello(scope: Scope, receive: Receive, send: Send) -> None:
+    await asyncio.sleep(3600)
+
+
+async def _discard(message: Message) -> None:
+    pass
