@@ -103,47 +103,54 @@ class MemGuardMiddleware:
         vars(self)["__call__"] = self.handle
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
-        """The request, as an awaitable. With the C extension, an ``http`` request is
-        awaited through :func:`memguard._speedups.guard`: no coroutine frame of ours
-        sits between the server and the app (each frame there is resumed at every
-        suspension of the request's task, once per body chunk). Everything else, and
-        every request without the extension, is :meth:`handle`."""
-        if not SPEEDUPS or scope["type"] != "http" or self.memory.has_endpoints:
-            return self.handle(scope, receive, send)
-        memory = self.memory
-        now = monotonic_ns()
-        admission = memory.admission
+        """The request, as an awaitable. Not a coroutine function itself, so that a
+        request with a body can be awaited without a coroutine frame of ours
+        (:meth:`_guarded_body`), and other scopes go to the app untouched."""
+        if scope["type"] != "http":
+            return self.app(scope, receive, send)
+        if self.memory.has_endpoints:
+            return self._endpoint_or_request(scope, receive, send)
+        # 2. frame: no Content-Length and no Transfer-Encoding over HTTP/1 is no body.
+        if (not _has_body_framing(scope["headers"])
+                and scope.get("http_version", "1.1") in _HTTP1):
+            return self._bodyless(scope, receive, send)
+        if SPEEDUPS:
+            return self._guarded_body(scope, receive, send)
+        return self._with_body(scope, receive, send)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The request as a coroutine function: what ``iscoroutinefunction(app.__call__)``
+        looks at (see ``__init__``), and what ``app.__call__(...)`` runs."""
+        await MemGuardMiddleware.__call__(self, scope, receive, send)
+
+    async def _endpoint_or_request(self, scope: Scope, receive: Receive,
+                                   send: Send) -> None:
+        """A path the middleware answers itself (readiness, metrics...), or the
+        request as :meth:`__call__` would run it without endpoints."""
+        handler = self.memory.endpoint(scope["path"])
+        if handler is not None:
+            await handler.asgi(scope, receive, send)
+        elif (not _has_body_framing(scope["headers"])
+                and scope.get("http_version", "1.1") in _HTTP1):
+            await self._bodyless(scope, receive, send)
+        else:
+            await self._with_body(scope, receive, send)
+
+    def _admitted(self, scope: Scope, now: int) -> RequestRejected | None:
+        """1. admit: a cached pressure level, refreshed every few ms (never per request):
+        the refusal under critical pressure, else None."""
+        admission = self.memory.admission
         if now - admission._checked_ns >= admission.refresh_ns:
             admission.refresh(now)
         if admission.level >= CRITICAL:
-            return self.handle(scope, receive, send)  # admission decides there
-        sample = memory.begin(now)
-        root = scope.get("root_path", "")
-        if (not _has_body_framing(scope["headers"])
-                and scope.get("http_version", "1.1") in _HTTP1):
-            return _guard(self.app, scope, receive, send, _after_bodyless,
-                          self, scope, send, sample, root, now)
-        responder = _Responder(self, scope, receive, send)
-        prepared = responder.prepare(now, sample, root)
-        if isinstance(prepared, RequestRejected):
-            return responder.refuse_framing(prepared, sample, root)
-        return _guard(self.app, responder.app_scope, prepared.app_receive, responder.send,
-                      _after_body, responder, prepared, sample, root)
+            return admission.admit(scope["method"], scope["path"], now)
+        return None
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The request as a coroutine: the same phases as :meth:`__call__`, awaited from
-        this frame (the pure-Python path, non-``http`` scopes, answered paths, and what
-        ``iscoroutinefunction(app.__call__)`` looks at: see ``__init__``)."""
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def _bodyless(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A request without a body: the hot path. Only a refusal raised by the app
+        needs us, and the accounting at the end. Admission is :meth:`_admitted` inline
+        (a Python call is a tenth of what the middleware adds to such a request)."""
         memory = self.memory
-        if memory.has_endpoints:
-            handler = memory.endpoint(scope["path"])
-            if handler is not None:
-                await handler.asgi(scope, receive, send)
-                return
-        # 1. admit: a cached pressure level, refreshed every few ms (never per request).
         now = monotonic_ns()
         admission = memory.admission
         if now - admission._checked_ns >= admission.refresh_ns:
@@ -155,21 +162,56 @@ class MemGuardMiddleware:
                 return
         sample = memory.begin(now)
         root = scope.get("root_path", "")
-        # 2. frame: no Content-Length and no Transfer-Encoding over HTTP/1 is no body.
-        if (not _has_body_framing(scope["headers"])
-                and scope.get("http_version", "1.1") in _HTTP1):
-            # No body: the hot path. Only a refusal raised by the app needs us.
-            try:
-                await self.app(scope, receive, send)
-            except BaseException as exc:
-                tail = _after_bodyless(exc, self, scope, send, sample, root, now)
-            else:
-                tail = _after_bodyless(None, self, scope, send, sample, root, now)
-            if tail is not None:
-                await tail
+        try:
+            await self.app(scope, receive, send)
+        except RequestRejected as exc:
+            await _Responder(self, scope, receive, send).refuse_late(exc)
+        finally:
+            # memory.end(), its two steps inline: one Python call less per request. The
+            # start time serves the request count and the once-a-second tick (late by
+            # this request at most); the clock is read again only for the soft-limit
+            # check, which runs only when the pressure level is not OK.
+            memory.track_end(sample, asgi_route(scope, root), scope["path"], now)
+            if admission.level:
+                memory.after_response(monotonic_ns())
+            elif now >= memory.next_tick:
+                memory.after_response(now)
+
+    def _guarded_body(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """A request with a body, with the C extension: awaited through
+        :func:`memguard._speedups.guard`, so that no coroutine frame of ours sits between
+        the server and the app, where it would be resumed at every suspension of the
+        request's task, once per body chunk (1% of a 64 KiB chunk in
+        benchmarks/body_guard.py). The phases are :meth:`_with_body`'s."""
+        now = monotonic_ns()
+        refusal = self._admitted(scope, now)
+        if refusal is not None:
+            return self._with_body(scope, receive, send, now, refusal)  # sent there
+        memory = self.memory
+        sample = memory.begin(now)
+        root = scope.get("root_path", "")
+        responder = _Responder(self, scope, receive, send)
+        prepared = responder.prepare(now, sample, root)
+        if isinstance(prepared, RequestRejected):
+            return responder.refuse_framing(prepared, sample, root)
+        return _guard(self.app, responder.app_scope, prepared.app_receive, responder.send,
+                      _after_body, responder, prepared, sample, root)
+
+    async def _with_body(self, scope: Scope, receive: Receive, send: Send,
+                         now: int | None = None,
+                         refusal: RequestRejected | None = None) -> None:
+        """A request with a body, as a coroutine (the pure-Python path): admitted (unless
+        the caller did: ``now`` and its ``refusal``), framed, its receive wrapped, the app
+        called, and what it did answered."""
+        if now is None:
+            now = monotonic_ns()
+            refusal = self._admitted(scope, now)
+        if refusal is not None and await _Responder(self, scope, receive,
+                                                    send).refuse_now(refusal):
             return
-        # A body: awaited from this frame, not from a helper coroutine (one frame less
-        # to resume at every chunk).
+        memory = self.memory
+        sample = memory.begin(now)
+        root = scope.get("root_path", "")
         responder = _Responder(self, scope, receive, send)
         prepared = responder.prepare(now, sample, root)
         if isinstance(prepared, RequestRejected):
@@ -184,28 +226,6 @@ class MemGuardMiddleware:
             tail = _after_body(None, responder, prepared, sample, root)
         if tail is not None:
             await tail
-
-
-def _after_bodyless(exc: BaseException | None, mw: MemGuardMiddleware, scope: Scope,
-                    send: Send, sample: Any, root: str,
-                    now: int) -> Awaitable[None] | None:
-    """5. after response, for a request without a body: account it, then answer a
-    refusal the app raised (the awaitable returned), or raise on what it raised."""
-    memory = mw.memory
-    # memory.end(), its two steps inline: one Python call less per request. The start
-    # time serves the request count and the once-a-second tick (late by this request at
-    # most); the clock is read again only for the soft-limit check, which runs only when
-    # the pressure level is not OK.
-    memory.track_end(sample, asgi_route(scope, root), scope["path"], now)
-    if memory.admission.level:
-        memory.after_response(monotonic_ns())
-    elif now >= memory.next_tick:
-        memory.after_response(now)
-    if exc is None:
-        return None
-    if isinstance(exc, RequestRejected):
-        return _Responder(mw, scope, _no_receive, send).refuse_late(exc)
-    raise exc
 
 
 def _after_body(exc: BaseException | None, responder: _Responder, prepared: ASGIBody,
@@ -232,10 +252,6 @@ def _after_body(exc: BaseException | None, responder: _Responder, prepared: ASGI
     if exc is not None:
         raise exc
     return None
-
-
-async def _no_receive() -> Message:
-    raise RuntimeError("no receive() here")
 
 
 class _Responder:

@@ -325,6 +325,8 @@ GET_SCOPE: dict[str, Any] = {"type": "http", "asgi": {"version": "3.0"},
                              "http_version": "1.1", "method": "GET", "path": "/",
                              "raw_path": b"/", "query_string": b"", "root_path": "",
                              "headers": []}
+# With a body: with the C extension, awaited through Guarded.
+POST_SCOPE: dict[str, Any] = {**GET_SCOPE, "method": "POST", "headers": [cl(2)]}
 
 
 def test_servers_still_see_an_asgi3_coroutine_app() -> None:
@@ -344,16 +346,17 @@ def test_servers_still_see_an_asgi3_coroutine_app() -> None:
         sent.append(message)
 
     async def main() -> None:
-        awaitable = mw(dict(GET_SCOPE), _never_called, send)
-        assert asyncio.iscoroutine(awaitable)
-        await asyncio.get_running_loop().create_task(awaitable)  # type: ignore[arg-type]
+        for scope in (GET_SCOPE, POST_SCOPE):
+            awaitable = mw(dict(scope), _never_called, send)
+            assert asyncio.iscoroutine(awaitable)
+            await asyncio.get_running_loop().create_task(awaitable)  # type: ignore[arg-type]
 
     asyncio.run(main())
-    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"] * 2
 
 
 async def _never_called() -> Message:
-    raise AssertionError("receive() called on a bodyless request")
+    raise AssertionError("receive() called by an app that reads no body")
 
 
 def test_an_app_that_raises_when_called_is_an_app_that_raised() -> None:
@@ -382,7 +385,7 @@ def test_a_request_closed_or_dropped_before_its_end_is_still_accounted(how: str)
     assert tracker is not None
 
     async def main() -> None:
-        awaitable: Any = mw(dict(GET_SCOPE), _never_called, _discard)
+        awaitable: Any = mw(dict(POST_SCOPE), _never_called, _discard)
         step = awaitable.__await__()
         next(step)  # the app waits in its sleep
         if how == "closed":
@@ -402,3 +405,29 @@ async def _slow_hello(scope: Scope, receive: Receive, send: Send) -> None:
 
 async def _discard(message: Message) -> None:
     pass
+
+
+@pytest.mark.parametrize("shed, expected", [("all", [503, 503]), ("heavy", [200, 503]),
+                                            ("off", [200, 200])])
+def test_critical_pressure_sheds_before_the_app_with_or_without_a_body(
+        shed: str, expected: list[int]) -> None:
+    """A worker over its hard limit: requests are shed with 503 before the app runs
+    (``heavy``: only POST, PUT, PATCH), whichever path, C or coroutine, carries them."""
+    called: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        called.append(scope["method"])
+        if scope["method"] == "POST":
+            while (await receive()).get("more_body"):
+                pass
+        await _hello(scope, receive, send)
+
+    mw = MemGuardMiddleware(app, worker_memory_hard_limit="1MiB", memory_shed=shed)
+    get = asyncio.run(exchange(mw, method="GET"))
+    post = asyncio.run(exchange(mw, headers=[cl(3)], chunks=[b"abc"]))
+    assert [get.status, post.status] == expected
+    assert called == [m for m, status in zip(["GET", "POST"], expected, strict=True)
+                      if status == 200]
+    for ex in (get, post):
+        if ex.status == 503:
+            assert b"retry-after" in ex.headers and ex.receive_calls == 0
