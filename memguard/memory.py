@@ -53,6 +53,8 @@ class MemoryLayer:
                 leak_min_growth=opts["leak_min_growth"],
                 leak_min_objects=opts["leak_min_objects"],
             )
+        if self.tracker is not None and self.tracker._rss is self.admission._rss:
+            self.tracker.shared = self.admission  # both read the same RSS
         self.metrics: MetricsExporter | None = None
         endpoints: dict[str, Any] = {}
         if opts["readiness_path"] or opts["liveness_path"]:

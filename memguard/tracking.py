@@ -192,6 +192,10 @@ class RequestTracker:
         self.leak_min_objects = leak_min_objects
         self.min_window_samples = min_window_samples
         self._rss = rss
+        # An RSS reading taken at a request's start by someone else (the middleware's
+        # admission layer: ``_checked_ns`` and ``rss``), reused by a sample starting at
+        # that same instant instead of a second read (see :meth:`_rss_at`).
+        self.shared: Any = None
         self._on_leak = on_leak
         self._starts = itertools.count()
         self._finishes = itertools.count()
@@ -238,7 +242,7 @@ class RequestTracker:
         elif now < self._next_sample_ns + self._patience_ns:
             return None  # due, but wait a little for a request that starts alone
         else:
-            rss = self._rss()
+            rss = self._rss_at(now)
         self._next_sample_ns = now + self.sample_interval_ns
         return Sample(seq, alone, rss)
 
@@ -258,6 +262,16 @@ class RequestTracker:
 
     # ---- samples and quiet points (at most one per sample_interval) ---------------------
 
+    def _rss_at(self, now: int) -> int:
+        """RSS at a request's start ``now``: the shared reading when it was taken at that
+        same instant (one /proc read fewer per sampled request; the first request after
+        both the admission refresh and the sample interval are due gets both), else a
+        read of its own."""
+        shared = self.shared
+        if shared is not None and shared._checked_ns == now:
+            return int(shared.rss)
+        return self._rss()
+
     def _measured(self, sample: Sample, stats: RouteStats) -> None:
         growth = self._rss() - sample.rss
         stats.samples += 1
@@ -276,7 +290,7 @@ class RequestTracker:
         50 us): with nothing in flight, it frees the cyclic garbage the finished
         requests left (often more blocks than a leak keeps) and promotes nothing that
         a request still uses, so both ends of every interval hold no garbage."""
-        rss = self._rss()
+        rss = self._rss_at(now)
         if now - self._anchor_ns < self.anchor_interval_ns:
             return rss
         self._anchor_ns = now

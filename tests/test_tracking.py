@@ -321,3 +321,33 @@ def test_leaking_route_flagged_under_concurrent_load(repo: Any) -> None:
             assert not routes[clean]["suspected_leak"], routes
             assert routes[clean]["count"] > 200
         assert server.log().count("suspected memory leak") == 1
+
+
+def test_a_sample_starting_when_admission_just_read_rss_reuses_that_reading() -> None:
+    """The middleware's admission layer reads RSS at a request's start every few ms; a
+    sample starting at that same instant takes its reading instead of a second read."""
+    reads: list[int] = []
+
+    def rss() -> int:
+        reads.append(1)
+        return 100 << 20
+
+    class Shared:
+        _checked_ns = 5_000_000
+        rss = 90 << 20
+
+    tracker = RequestTracker(sample_interval=0, rss=rss, leak_window=3600)
+    tracker.shared = Shared()
+    sample = tracker.begin(5_000_000)
+    assert sample is not None and sample.rss == 90 << 20 and reads == []
+    tracker.end(sample, "/a", "/a", 5_000_001)
+    assert len(reads) == 1  # the end is read, always
+    sample = tracker.begin(6_000_000)  # admission read at another instant
+    assert sample is not None and sample.rss == 100 << 20 and len(reads) == 2
+
+
+def test_the_middleware_shares_admissions_reading_with_its_tracker() -> None:
+    from memguard.memory import MemoryLayer
+
+    layer = MemoryLayer(track_memory=True)
+    assert layer.tracker is not None and layer.tracker.shared is layer.admission
