@@ -5,8 +5,9 @@ app = MemGuardMiddleware(app, max_body_size="16MiB")
 app.add_middleware(MemGuardMiddleware, max_body_size="16MiB")   # Starlette, FastAPI
 ```
 
-A request goes through these phases (:meth:`MemGuardMiddleware.__call__`, with
-:class:`_Responder` holding the state of a request with a body):
+A request goes through these phases (:meth:`MemGuardMiddleware.__call__` dispatches:
+``_bodyless``, or for a request with a body ``_guarded_body`` with the C extension and
+``_with_body`` without; :class:`_Responder` holds the state of a request with a body):
 
 1. **admit**: the cached memory pressure (:mod:`memguard.admission`); under critical
    pressure the request is shed with 503 and ``Retry-After`` before the app sees it.
@@ -24,8 +25,8 @@ A request goes through these phases (:meth:`MemGuardMiddleware.__call__`, with
    for a graceful recycle.
 
 A request with neither Content-Length nor Transfer-Encoding over HTTP/1 has no body:
-it goes to the app untouched (no wrapper, no allocation). Non-``http`` scopes pass
-straight through.
+it goes to the app untouched (no wrapper, no allocation). Non-``http`` scopes are the
+app's own call, with no frame of ours.
 
 When a refusal comes after the app has started its response, a second response cannot
 be sent: the rest of the app's messages are dropped and the middleware returns with the
@@ -305,7 +306,7 @@ class _Responder:
 
     def frame(self, now: int) -> ASGIBody | RequestRejected:
         """2. frame and 3. wrap receive: the body wrapper the app reads through, or the
-        refusal to send instead of calling the app (admission ran in ``__call__``)."""
+        refusal to send instead of calling the app (admission ran before)."""
         policy = self.mw.policy
         scope = self.scope
         lengths: list[bytes] = []

@@ -376,10 +376,10 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
     Idle timeout and minimum rate cost a counter step per chunk, no clock read and no
     timer per request: a body that is being read registers with its event loop's
     :class:`_Sweeper`, one callback per loop that looks at the bodies in flight a few
-    times a second and cancels the wait of one that is over a limit. A wait is timed
-    from the first look that finds it, so an idle timeout fires between
-    ``body_idle_timeout`` and that plus two sweep periods (a quarter of it at most, and
-    at most one second), never early.
+    times a second and cancels, for one over a limit, the task that read its first chunk
+    (found once, not per chunk). A wait is timed from the first look that finds it, so
+    an idle timeout fires between ``body_idle_timeout`` and that plus two sweep periods
+    (a quarter of it at most, and at most one second), never early.
     """
 
     __slots__ = ("limit", "done", "error", "on_reject", "policy", "decoder", "_sweeper",
