@@ -21,3 +21,8 @@ class Guarded:
 
 def guard(app: Any, scope: Any, receive: Any, send: Any, after: Callable[..., Any], /,
           *after_args: Any) -> Awaitable[None]: ...
+
+class Dispatch:
+    app: Any
+    _has_endpoints: bool
+    def __call__(self, scope: Any, receive: Any, send: Any, /) -> Awaitable[None]: ...

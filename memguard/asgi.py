@@ -52,6 +52,7 @@ from memguard.tracking import asgi_route
 from memguard.types import ASGIApp, Message, Receive, Scope, Send
 
 if SPEEDUPS:
+    from memguard import _speedups
     from memguard._speedups import Guarded
     from memguard._speedups import guard as _guard
     from memguard._speedups import has_body_framing as _speedups_has_body_framing
@@ -84,7 +85,12 @@ _has_body_framing: Callable[[Iterable[Sequence[bytes]]], bool] = (
     _speedups_has_body_framing if SPEEDUPS else _has_body_framing_python)
 
 
-class MemGuardMiddleware:
+# With the extension, calling the middleware is C (memguard._speedups.Dispatch): the
+# choice of path runs no Python frame. Without it, __call__ is _dispatch.
+_MiddlewareBase: type = _speedups.Dispatch if SPEEDUPS else object
+
+
+class MemGuardMiddleware(_MiddlewareBase):  # type: ignore[misc]
     """ASGI middleware; every keyword is a ``body`` or ``memory`` option of
     :mod:`memguard.config`."""
 
@@ -93,6 +99,7 @@ class MemGuardMiddleware:
         values = resolve(("body", "memory"), options)
         self.policy = BodyPolicy(values)
         self.memory = MemoryLayer(values)
+        self._has_endpoints = self.memory.has_endpoints
         # Django's ASGI handler spools the body to a file before any view runs and
         # closes that file only on http.disconnect: refusals reach it as a disconnect.
         self.disconnect_on_refusal = type(app).__module__.startswith("django.")
@@ -101,15 +108,16 @@ class MemGuardMiddleware:
         # instance's ``__call__`` attribute is the coroutine implementation, while
         # calling the instance goes through the class's ``__call__``, which returns the
         # frame-less awaitable. Both run the same phases.
-        vars(self)["__call__"] = self.handle
+        self.__dict__["__call__"] = self.handle
 
-    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
-        """The request, as an awaitable. Not a coroutine function itself, so that a
-        request with a body can be awaited without a coroutine frame of ours
-        (:meth:`_guarded_body`), and other scopes go to the app untouched."""
+    def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """The request, as an awaitable (``__call__``; with the extension the same
+        choice is made in C). Not a coroutine function itself, so that a request with a
+        body can be awaited without a coroutine frame of ours (:meth:`_guarded_body`),
+        and other scopes go to the app untouched."""
         if scope["type"] != "http":
             return self.app(scope, receive, send)
-        if self.memory.has_endpoints:
+        if self._has_endpoints:
             return self._endpoint_or_request(scope, receive, send)
         # 2. frame: no Content-Length and no Transfer-Encoding over HTTP/1 is no body.
         if (not _has_body_framing(scope["headers"])
@@ -119,10 +127,13 @@ class MemGuardMiddleware:
             return self._guarded_body(scope, receive, send)
         return self._with_body(scope, receive, send)
 
+    if not SPEEDUPS:
+        __call__ = _dispatch
+
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The request as a coroutine function: what ``iscoroutinefunction(app.__call__)``
         looks at (see ``__init__``), and what ``app.__call__(...)`` runs."""
-        await MemGuardMiddleware.__call__(self, scope, receive, send)
+        await self._dispatch(scope, receive, send)
 
     async def _endpoint_or_request(self, scope: Scope, receive: Receive,
                                    send: Send) -> None:

@@ -431,3 +431,38 @@ def test_critical_pressure_sheds_before_the_app_with_or_without_a_body(
     for ex in (get, post):
         if ex.status == 503:
             assert b"retry-after" in ex.headers and ex.receive_calls == 0
+
+
+def test_the_dispatch_sends_each_scope_its_way() -> None:
+    """Calling the middleware (C with the extension, Python without) picks the path:
+    other scopes get the app's own call, HTTP/2 or a framed request gets the body path
+    (its scope carries the memguard extension), a plain HTTP/1 request without framing
+    gets none, and a scope that is not a plain dict is read the same way."""
+    sentinel = object()
+    seen: list[Any] = []
+
+    class Recorder:
+        def __call__(self, scope: Any, receive: Any, send: Any) -> Any:
+            if scope["type"] != "http":
+                return sentinel
+            seen.append("memguard" in scope.get("extensions", {}))
+            return _hello(scope, receive, send)
+
+    class Scope(dict[str, Any]):
+        pass
+
+    mw = MemGuardMiddleware(Recorder())
+    assert mw({"type": "websocket"}, _never_called, _discard) is sentinel
+    assert mw({"type": "lifespan"}, _never_called, _discard) is sentinel
+
+    async def main() -> None:
+        await mw(dict(GET_SCOPE), _never_called, _discard)
+        await mw({**GET_SCOPE, "http_version": "2"}, _never_called, _discard)
+        await mw(dict(POST_SCOPE), _never_called, _discard)
+        await mw(Scope(GET_SCOPE), _never_called, _discard)
+        await mw(Scope(POST_SCOPE), _never_called, _discard)
+
+    asyncio.run(main())
+    assert seen == [False, True, True, False, True]
+    with pytest.raises(KeyError):
+        mw({"headers": []}, _never_called, _discard)
