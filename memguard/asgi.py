@@ -199,15 +199,18 @@ class MemGuardMiddleware(_MiddlewareBase):  # type: ignore[misc]
         refusal = self._admitted(scope, now)
         if refusal is not None:
             return self._with_body(scope, receive, send, now, refusal)  # sent there
-        memory = self.memory
-        sample = memory.begin(now)
-        root = scope.get("root_path", "")
-        responder = _Responder(self, scope, receive, send)
-        prepared = responder.prepare(now, sample, root)
+        responder = self._responder(scope, receive, send, now)
+        prepared = responder.prepare(now)
         if isinstance(prepared, RequestRejected):
-            return responder.refuse_framing(prepared, sample, root)
+            return responder.refuse_framing(prepared)
         return _guard(self.app, responder.app_scope, prepared.app_receive, responder.send,
-                      _after_body, responder, prepared, sample, root)
+                      _after_body, responder, prepared)
+
+    def _responder(self, scope: Scope, receive: Receive, send: Send,
+                   now: int) -> _Responder:
+        """A request with a body, admitted: its accounting begins, and its state."""
+        return _Responder(self, scope, receive, send, self.memory.begin(now),
+                          scope.get("root_path", ""))
 
     async def _with_body(self, scope: Scope, receive: Receive, send: Send,
                          now: int | None = None,
@@ -221,27 +224,24 @@ class MemGuardMiddleware(_MiddlewareBase):  # type: ignore[misc]
         if refusal is not None and await _Responder(self, scope, receive,
                                                     send).refuse_now(refusal):
             return
-        memory = self.memory
-        sample = memory.begin(now)
-        root = scope.get("root_path", "")
-        responder = _Responder(self, scope, receive, send)
-        prepared = responder.prepare(now, sample, root)
+        responder = self._responder(scope, receive, send, now)
+        prepared = responder.prepare(now)
         if isinstance(prepared, RequestRejected):
-            await responder.refuse_framing(prepared, sample, root)
+            await responder.refuse_framing(prepared)
             return
         # 4. call app
         try:
             await self.app(responder.app_scope, prepared.app_receive, responder.send)
         except BaseException as exc:
-            tail = _after_body(exc, responder, prepared, sample, root)
+            tail = _after_body(exc, responder, prepared)
         else:
-            tail = _after_body(None, responder, prepared, sample, root)
+            tail = _after_body(None, responder, prepared)
         if tail is not None:
             await tail
 
 
-def _after_body(exc: BaseException | None, responder: _Responder, prepared: ASGIBody,
-                sample: Any, root: str) -> Awaitable[None] | None:
+def _after_body(exc: BaseException | None, responder: _Responder,
+                prepared: ASGIBody) -> Awaitable[None] | None:
     """5. after response, for a request with a body: the refusal to send (an awaitable
     that ends the request after sending it), or the app's own error raised on."""
     try:
@@ -256,11 +256,11 @@ def _after_body(exc: BaseException | None, responder: _Responder, prepared: ASGI
             refuse = (isinstance(exc, asyncio.CancelledError)
                       and prepared.cancelled_by_timeout())
     except BaseException:
-        responder.end(prepared, sample, root)
+        responder.end(prepared)
         raise
     if refuse:
-        return responder.finish_then_end(prepared, sample, root)
-    responder.end(prepared, sample, root)
+        return responder.finish_then_end(prepared)
+    responder.end(prepared)
     if exc is not None:
         raise exc
     return None
@@ -270,11 +270,13 @@ class _Responder:
     """One request with a body: its state lives here, never on the middleware."""
 
     __slots__ = ("mw", "scope", "app_scope", "receive", "_send", "started", "rejection",
-                 "logged", "replaced", "accept")
+                 "logged", "replaced", "accept", "sample", "root")
 
     def __init__(self, mw: MemGuardMiddleware, scope: Scope, receive: Receive,
-                 send: Send) -> None:
+                 send: Send, sample: Any = None, root: str = "") -> None:
         self.mw = mw
+        self.sample = sample  # the accounting's (memguard.tracking), ended with the request
+        self.root = root      # root_path as the middleware saw it (asgi_route)
         self.scope = scope
         self.app_scope = scope  # the copy the app gets (the route is found in it)
         self.receive = receive
@@ -285,35 +287,36 @@ class _Responder:
         self.replaced = False         # our refusal went out in place of the app's response
         self.accept: bytes | None = None
 
-    def prepare(self, now: int, sample: Any, root: str) -> ASGIBody | RequestRejected:
+    def prepare(self, now: int) -> ASGIBody | RequestRejected:
         """:meth:`frame`, with the request's accounting ended if it fails unexpectedly."""
         try:
             return self.frame(now)
         except BaseException:
-            self.mw.memory.end(sample, asgi_route(self.app_scope, root), self.scope["path"],
+            self.mw.memory.end(self.sample, asgi_route(self.app_scope, self.root),
+                               self.scope["path"],
                                monotonic_ns())
             raise
 
-    def end(self, prepared: ASGIBody, sample: Any, root: str) -> None:
+    def end(self, prepared: ASGIBody) -> None:
         """The request is over: the body's timer stops, and the request is accounted
         under the route the app found."""
         prepared.close()
-        self.mw.memory.end(sample, asgi_route(self.app_scope, root), self.scope["path"],
-                           monotonic_ns())
+        self.mw.memory.end(self.sample, asgi_route(self.app_scope, self.root),
+                           self.scope["path"], monotonic_ns())
 
-    async def finish_then_end(self, prepared: ASGIBody, sample: Any, root: str) -> None:
+    async def finish_then_end(self, prepared: ASGIBody) -> None:
         try:
             await self.finish_refusal()
         finally:
-            self.end(prepared, sample, root)
+            self.end(prepared)
 
-    async def refuse_framing(self, exc: RequestRejected, sample: Any, root: str) -> None:
+    async def refuse_framing(self, exc: RequestRejected) -> None:
         """The request is refused on its headers: the app is never called."""
         try:
             await self.send_refusal(exc)
         finally:
-            self.mw.memory.end(sample, asgi_route(self.scope, root), self.scope["path"],
-                               monotonic_ns())
+            self.mw.memory.end(self.sample, asgi_route(self.scope, self.root),
+                               self.scope["path"], monotonic_ns())
 
     def frame(self, now: int) -> ASGIBody | RequestRejected:
         """2. frame and 3. wrap receive: the body wrapper the app reads through, or the
