@@ -466,3 +466,43 @@ def test_the_dispatch_sends_each_scope_its_way() -> None:
     assert seen == [False, True, True, False, True]
     with pytest.raises(KeyError):
         mw({"headers": []}, _never_called, _discard)
+
+
+def test_the_dispatch_and_the_body_path_leak_no_reference() -> None:
+    """What the middleware's call and the C awaitable hold is released when the request
+    ends, on every path (counted on the receive and send callables)."""
+    mw = MemGuardMiddleware(_reader_then_hello)
+    small = MemGuardMiddleware(_reader_then_hello, max_body_size=1)
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"ab", "more_body": False}
+
+    statuses: list[int] = []
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    async def main() -> None:
+        for _ in range(100):
+            await mw(dict(GET_SCOPE), receive, send)
+            await mw(dict(POST_SCOPE), receive, send)
+            await small(dict(POST_SCOPE), receive, send)  # 413 on the declared length
+            await small({**POST_SCOPE, "headers": [(b"transfer-encoding", b"chunked")]},
+                        receive, send)  # 413 on the bytes received
+            mw({"type": "lifespan"}, receive, send).close()
+
+    before = sys.getrefcount(receive), sys.getrefcount(send)
+    asyncio.run(main())
+    gc.collect()
+    assert (sys.getrefcount(receive), sys.getrefcount(send)) == before
+    assert statuses == [200, 200, 413, 413] * 100
+
+
+async def _reader_then_hello(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] == "lifespan":
+        return
+    if scope["method"] == "POST":
+        while (await receive()).get("more_body"):
+            pass
+    await _hello(scope, receive, send)
