@@ -286,6 +286,69 @@ pending_returned(Pending *self, PyObject *message)
     return pending_returned_python(owner, message);
 }
 
+/* The exception being raised, as an instance with its traceback; the error is cleared. */
+COLD static PyObject *
+fetch_exception(void)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL) {
+        PyException_SetTraceback(value, tb);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
+}
+
+/* The StopIteration being raised: its value (a new reference; NULL with an error set if
+ * there is none). The error is cleared. */
+COLD static PyObject *
+fetch_stop_value(void)
+{
+    PyObject *stop = fetch_exception();
+    PyObject *value = stop != NULL ? PyObject_GetAttrString(stop, "value") : NULL;
+    Py_XDECREF(stop);
+    return value;
+}
+
+/* throw(typ[, val[, tb]])'s exception, raised here (the error is set): what a generator
+ * does when what it delegates to has no throw(), or has ended. -1 when ``args`` are not
+ * a throw()'s (a TypeError is set instead). */
+COLD static int
+set_thrown(PyObject *args)
+{
+    PyObject *typ, *val = NULL, *tb = NULL;
+    if (!PyArg_UnpackTuple(args, "throw", 1, 3, &typ, &val, &tb)) {
+        return -1;
+    }
+    if (PyExceptionInstance_Check(typ)) {
+        PyErr_SetObject((PyObject *)Py_TYPE(typ), typ);
+    }
+    else {
+        PyErr_SetObject(typ, val);
+    }
+    return 0;
+}
+
+/* iter.close(), when it has one; -1 with the error set when it raised. */
+COLD static int
+close_iterator(PyObject *iter)
+{
+    PyObject *close = PyObject_GetAttr(iter, str_close);
+    if (close == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *res = PyObject_CallNoArgs(close);
+    Py_DECREF(close);
+    if (res == NULL) {
+        return -1;
+    }
+    Py_DECREF(res);
+    return 0;
+}
+
 /* The server's receive() raised (the error is set): ASGIBody._failed(exc) re-raises it
  * or answers with a message (a slow-body timeout turned into a 408). */
 COLD static PyObject *
@@ -295,19 +358,12 @@ pending_raised(Pending *self)
     if (!PyErr_ExceptionMatches(CancelledError)) {
         return NULL;  /* only a cancellation can be the sweeper's */
     }
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyErr_NormalizeException(&type, &value, &tb);
-    if (tb != NULL && value != NULL) {
-        PyException_SetTraceback(value, tb);
-    }
+    PyObject *value = fetch_exception();
     PyObject *result = NULL;
     if (value != NULL) {
         result = PyObject_CallMethodOneArg((PyObject *)self->owner, str_failed, value);
     }
-    Py_XDECREF(type);
     Py_XDECREF(value);
-    Py_XDECREF(tb);
     return result;
 }
 
@@ -389,15 +445,8 @@ pending_throw(Pending *self, PyObject *args)
         /* An iterator without throw(): raise the exception here, as a generator
          * delegating to it would. */
         PyErr_Clear();
-        PyObject *typ, *val = NULL, *tb = NULL;
-        if (!PyArg_UnpackTuple(args, "throw", 1, 3, &typ, &val, &tb)) {
+        if (set_thrown(args) < 0) {
             return NULL;
-        }
-        if (PyExceptionInstance_Check(typ)) {
-            PyErr_SetObject((PyObject *)Py_TYPE(typ), typ);
-        }
-        else {
-            PyErr_SetObject(typ, val);
         }
         Py_CLEAR(self->iter);
         PyObject *out = pending_raised(self);
@@ -415,13 +464,7 @@ pending_throw(Pending *self, PyObject *args)
     Py_CLEAR(self->iter);
     PyObject *out;
     if (PyErr_ExceptionMatches(PyExc_StopIteration)) {
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        PyErr_NormalizeException(&type, &value, &tb);
-        PyObject *message = value != NULL ? PyObject_GetAttrString(value, "value") : NULL;
-        Py_XDECREF(type);
-        Py_XDECREF(value);
-        Py_XDECREF(tb);
+        PyObject *message = fetch_stop_value();
         if (message == NULL) {
             return NULL;
         }
@@ -442,17 +485,8 @@ pending_close(Pending *self, PyObject *Py_UNUSED(ignored))
 {
     if (self->iter != NULL) {
         self->owner->waiting = 0;
-        PyObject *close = PyObject_GetAttr(self->iter, str_close);
-        if (close == NULL) {
-            PyErr_Clear();
-        }
-        else {
-            PyObject *res = PyObject_CallNoArgs(close);
-            Py_DECREF(close);
-            if (res == NULL) {
-                return NULL;
-            }
-            Py_DECREF(res);
+        if (close_iterator(self->iter) < 0) {
+            return NULL;
         }
         Py_CLEAR(self->iter);
     }
@@ -555,21 +589,6 @@ guarded_clear(Guarded *self)
     Py_CLEAR(self->iter);
     guarded_clear_after(self);
     return 0;
-}
-
-/* The exception being raised, as an instance with its traceback; the error is cleared. */
-COLD static PyObject *
-fetch_exception(void)
-{
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyErr_NormalizeException(&type, &value, &tb);
-    if (tb != NULL && value != NULL) {
-        PyException_SetTraceback(value, tb);
-    }
-    Py_XDECREF(type);
-    Py_XDECREF(tb);
-    return value;
 }
 
 /* The app's awaitable ended, with ``exc`` (NULL: it returned). Calls after() and
@@ -699,17 +718,7 @@ guarded_throw(Guarded *self, PyObject *args)
         /* Not started, or over: the exception is raised here (a coroutine that has not
          * started raises it too, without running its body). */
         guarded_clear_call(self);
-        PyObject *typ, *val = NULL, *tb = NULL;
-        if (!PyArg_UnpackTuple(args, "throw", 1, 3, &typ, &val, &tb)) {
-            return NULL;
-        }
-        if (PyExceptionInstance_Check(typ)) {
-            PyErr_SetObject((PyObject *)Py_TYPE(typ), typ);
-        }
-        else {
-            PyErr_SetObject(typ, val);
-        }
-        if (self->after == NULL) {
+        if (set_thrown(args) < 0 || self->after == NULL) {
             return NULL;
         }
         PyObject *result;
@@ -728,10 +737,7 @@ guarded_throw(Guarded *self, PyObject *args)
         status = PYGEN_NEXT;
     }
     else if (PyErr_ExceptionMatches(PyExc_StopIteration)) {
-        PyObject *stop = fetch_exception();
-        res = stop != NULL ? PyObject_GetAttrString(stop, "value") : NULL;
-        Py_XDECREF(stop);
-        if (res == NULL) {
+        if ((res = fetch_stop_value()) == NULL) {
             return NULL;
         }
         status = PYGEN_RETURN;
@@ -752,17 +758,8 @@ guarded_close(Guarded *self, PyObject *Py_UNUSED(ignored))
 {
     guarded_clear_call(self);
     if (self->iter != NULL) {
-        PyObject *close = PyObject_GetAttr(self->iter, str_close);
-        if (close == NULL) {
-            PyErr_Clear();
-        }
-        else {
-            PyObject *res = PyObject_CallNoArgs(close);
-            Py_DECREF(close);
-            if (res == NULL) {
-                return NULL;
-            }
-            Py_DECREF(res);
+        if (close_iterator(self->iter) < 0) {
+            return NULL;
         }
         Py_CLEAR(self->iter);
     }
@@ -779,16 +776,12 @@ guarded_close(Guarded *self, PyObject *Py_UNUSED(ignored))
             }
             PyErr_Clear();
         }
-        else if (next != Py_None) {
-            PyObject *res = PyObject_CallMethodNoArgs(next, str_close);
+        else {
+            int closed = next != Py_None ? close_iterator(next) : 0;
             Py_DECREF(next);
-            if (res == NULL) {
+            if (closed < 0) {
                 return NULL;
             }
-            Py_DECREF(res);
-        }
-        else {
-            Py_DECREF(next);
         }
     }
     Py_RETURN_NONE;
