@@ -119,6 +119,10 @@ class MemGuardMiddleware(_MiddlewareBase):  # type: ignore[misc]
             return self.app(scope, receive, send)
         if self._has_endpoints:
             return self._endpoint_or_request(scope, receive, send)
+        return self._request(scope, receive, send)
+
+    def _request(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """An ``http`` request the middleware does not answer itself."""
         # 2. frame: no Content-Length and no Transfer-Encoding over HTTP/1 is no body.
         if (not _has_body_framing(scope["headers"])
                 and scope.get("http_version", "1.1") in _HTTP1):
@@ -142,11 +146,8 @@ class MemGuardMiddleware(_MiddlewareBase):  # type: ignore[misc]
         handler = self.memory.endpoint(scope["path"])
         if handler is not None:
             await handler.asgi(scope, receive, send)
-        elif (not _has_body_framing(scope["headers"])
-                and scope.get("http_version", "1.1") in _HTTP1):
-            await self._bodyless(scope, receive, send)
         else:
-            await self._with_body(scope, receive, send)
+            await self._request(scope, receive, send)
 
     def _admitted(self, scope: Scope, now: int) -> RequestRejected | None:
         """1. admit: a cached pressure level, refreshed every few ms (never per request):
@@ -292,17 +293,18 @@ class _Responder:
         try:
             return self.frame(now)
         except BaseException:
-            self.mw.memory.end(self.sample, asgi_route(self.app_scope, self.root),
-                               self.scope["path"],
-                               monotonic_ns())
+            self.account()
             raise
 
-    def end(self, prepared: ASGIBody) -> None:
-        """The request is over: the body's timer stops, and the request is accounted
-        under the route the app found."""
-        prepared.close()
+    def account(self) -> None:
+        """5. after response: the request counted under the route the app found."""
         self.mw.memory.end(self.sample, asgi_route(self.app_scope, self.root),
                            self.scope["path"], monotonic_ns())
+
+    def end(self, prepared: ASGIBody) -> None:
+        """The request is over: the body's timer stops, and the request is accounted."""
+        prepared.close()
+        self.account()
 
     async def finish_then_end(self, prepared: ASGIBody) -> None:
         try:
@@ -315,8 +317,7 @@ class _Responder:
         try:
             await self.send_refusal(exc)
         finally:
-            self.mw.memory.end(self.sample, asgi_route(self.scope, self.root),
-                               self.scope["path"], monotonic_ns())
+            self.account()  # app_scope is still the scope: frame() refused before copying
 
     def frame(self, now: int) -> ASGIBody | RequestRejected:
         """2. frame and 3. wrap receive: the body wrapper the app reads through, or the
