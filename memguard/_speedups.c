@@ -7,9 +7,10 @@
  * removes that frame for the common chunk and nothing else:
  *
  * - BodyCounter is the base class of memguard.body.ASGIBody. Calling it either runs
- *   the Python method _receive_plain (the first chunk, a finished or refused body: any
- *   state that is not the plain middle of a body) or, once Python set ``fast``, returns
- *   a Pending awaitable around the server's receive().
+ *   the Python method _receive_plain (a finished or refused body) or, while Python
+ *   keeps ``fast`` set (from the start), returns a Pending awaitable around the
+ *   server's receive(). The first call of a timed body calls ASGIBody._start_reading()
+ *   first, a plain method: the sweeper's registration and the reading task, once.
  * - Pending forwards send/throw/close to the server's awaitable. When that returns a
  *   dict ``{"type": "http.request", "body": <bytes>, "more_body": True}`` and the count
  *   stays under ``threshold`` (the first byte count Python must look at: past the limit,
@@ -42,7 +43,7 @@
 #endif
 
 static PyObject *str_body, *str_more_body;
-static PyObject *str_receive_plain, *str_finish, *str_failed, *str_throw, *str_close;
+static PyObject *str_receive_plain, *str_start_reading, *str_finish, *str_failed, *str_throw, *str_close;
 static PyObject *CancelledError;
 
 typedef struct {
@@ -107,7 +108,7 @@ counter_init(BodyCounter *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
-/* Not on the C path yet (the first chunk, a finished or refused body): Python. */
+/* Not on the C path (a finished or refused body): Python. */
 COLD static PyObject *
 counter_call_python(BodyCounter *self)
 {
@@ -172,11 +173,28 @@ pending_new(BodyCounter *self, PyObject *iter)
     return (PyObject *)pending;
 }
 
+/* The first receive() of a timed body: ASGIBody._start_reading() registers the body
+ * with its loop's sweeper and notes the task reading it. -1 with the error set when it
+ * raised. */
+COLD static int
+counter_start_reading(BodyCounter *self)
+{
+    PyObject *res = PyObject_CallMethodNoArgs((PyObject *)self, str_start_reading);
+    if (res == NULL) {
+        return -1;
+    }
+    Py_DECREF(res);
+    return 0;
+}
+
 HOT static PyObject *
 counter_call(BodyCounter *self, PyObject *args, PyObject *kwds)
 {
     if (UNLIKELY(!self->fast || self->inner == NULL)) {
         return counter_call_python(self);
+    }
+    if (UNLIKELY(self->timed && self->calls == 0) && counter_start_reading(self) < 0) {
+        return NULL;
     }
     PyObject *iter = PyObject_Vectorcall(self->inner, NULL, 0, NULL);
     if (UNLIKELY(iter == NULL)) {
@@ -1098,6 +1116,7 @@ PyInit__speedups(void)
     INTERN(str_dispatch, "_dispatch");
     INTERN(str_more_body, "more_body");
     INTERN(str_receive_plain, "_receive_plain");
+    INTERN(str_start_reading, "_start_reading");
     INTERN(str_finish, "_finish");
     INTERN(str_failed, "_failed");
     INTERN(str_throw, "throw");

@@ -434,17 +434,22 @@ class _Responder:
             log.warning("response to %s %s had started: connection ends without it (%s)",
                         self.scope.get("method"), self.scope.get("path"), exc.reason)
 
-    async def send(self, message: Message) -> None:
+    def send(self, message: Message) -> Awaitable[None]:
+        """The app's ``send``: while no refusal is pending, the server's own awaitable,
+        with no coroutine frame of ours per response message."""
         if self.rejection is None:
             if message["type"] == "http.response.start":
                 self.started = True
-            await self._send(message)
-            return
+            return self._send(message)
+        return self._send_refused(message)
+
+    async def _send_refused(self, message: Message) -> None:
         # A refusal is pending: the app's response (often a 500 or 400 made of our
         # exception by a framework) is replaced by it, or dropped if one went out.
         if self.replaced or self.started:
             return
         if message["type"] == "http.response.start":
+            assert self.rejection is not None
             await self.send_refusal(self.rejection)
 
 

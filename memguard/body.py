@@ -417,13 +417,17 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
         self._task: asyncio.Task[Any] | None = None
         if not SPEEDUPS:
             # The C base starts zeroed, which reads the same (and each of its fields
-            # costs a generic setattr from Python): nothing received, not waiting, not
-            # on the C path yet (_fast is set after the first chunk, with _threshold).
+            # costs a generic setattr from Python): nothing received, not waiting.
             self.received = 0
             self._waiting = False
             self._calls = 0
             self._fast = False
             self._threshold = _NEVER
+        elif decoder is None:
+            # The C path takes every chunk from the first (the body is what the app
+            # calls) and hands Python the messages it does not count (_finish).
+            self._set_threshold()
+            self._fast = True
         self.receive = self._receive_decoded if decoder is not None else self._receive_plain
 
     @property
@@ -458,15 +462,11 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
 
     async def _wait(self) -> Message:
         """The bounded wait for the next message (the decoding path uses it)."""
+        if self._timed and self._calls == 0:
+            self._start_reading()
         if not self._timed:
             return await self._receive()
-        if self._sweeper is None:
-            self._arm()
-            if not self._timed:  # no asyncio loop (trio): counting only
-                return await self._receive()
         self._calls += 1
-        if self._task is None:
-            self._task = asyncio.current_task()
         self._waiting = True
         try:
             message = await self._receive()
@@ -495,18 +495,26 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
         self._timed_out()
         return True
 
+    def _start_reading(self) -> None:
+        """The body's first receive(), when timed: it registers with its loop's sweeper,
+        and the task reading it is noted (the one a slow-body timeout cancels). Without
+        an asyncio loop (trio), ``_timed`` turns False: counting only. The C path calls
+        it too, once."""
+        self._arm()
+        if self._timed:
+            self._task = asyncio.current_task()
+
     async def _receive_plain(self) -> Message:
-        # The per-chunk path: the wait is _wait() inlined (one coroutine frame less).
+        # The per-chunk path without the C extension (with it: a finished or refused
+        # body); the wait is _wait() inlined, one coroutine frame less.
         if self.done:
             if self.error is not None:
                 return self._signal(self.error)
             return await self._receive()
-        if self._timed and self._sweeper is None:
-            self._arm()  # no asyncio loop (trio): _timed is now False, counting only
+        if self._timed and self._calls == 0:
+            self._start_reading()
         if self._timed:
             self._calls += 1
-            if self._task is None:
-                self._task = asyncio.current_task()
             self._waiting = True
             try:
                 message = await self._receive()
@@ -546,7 +554,6 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
             self.close()
         if SPEEDUPS and not self.done:
             self._set_threshold()
-            self._fast = True
         return message
 
     def _failed(self, exc: BaseException) -> Message:

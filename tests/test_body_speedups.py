@@ -60,6 +60,50 @@ def test_app_gets_every_chunk_and_the_count_is_exact() -> None:
         assert isinstance(counter, body.ASGIBody) and counter.received == sum(map(len, chunks))
 
 
+@pytest.mark.parametrize("timed", [True, False])
+def test_the_first_receive_registers_the_body_once_and_notes_the_task_reading_it(
+        timed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A timed body registers with its loop's sweeper at its first receive(), once, and
+    the task that reads it is the one a slow-body timeout would cancel. With the C
+    extension, every chunk takes the C path, the first included: no Python coroutine
+    runs per chunk."""
+    starts: list[body.ASGIBody] = []
+    python_reads: list[body.ASGIBody] = []
+    start_reading, receive_plain = body.ASGIBody._start_reading, body.ASGIBody._receive_plain
+
+    def spy_start(self: body.ASGIBody) -> None:
+        starts.append(self)
+        start_reading(self)
+
+    def spy_plain(self: body.ASGIBody) -> Awaitable[Message]:
+        python_reads.append(self)
+        return receive_plain(self)
+
+    monkeypatch.setattr(body.ASGIBody, "_start_reading", spy_start)
+    monkeypatch.setattr(body.ASGIBody, "_receive_plain", spy_plain)
+    readers: list[asyncio.Task[None] | None] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        async def read() -> None:  # the body is read in a task of the app's own
+            readers.append(asyncio.current_task())
+            while (await receive())["more_body"]:
+                pass
+        await asyncio.ensure_future(read())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    options = {} if timed else {"body_idle_timeout": 0, "body_min_rate": 0}
+    ex = asyncio.run(exchange(MemGuardMiddleware(app, **options), headers=[cl(30)],
+                              chunks=[b"a" * 10] * 3))
+    assert ex.status == 200 and len(readers) == 1
+    if timed:
+        assert len(starts) == 1 and starts[0]._task is readers[0]
+        assert starts[0]._calls == 3
+    else:
+        assert starts == []
+    assert len(python_reads) == (0 if body.SPEEDUPS else 3)
+
+
 def test_limit_crossed_in_the_middle_of_the_c_path_is_413() -> None:
     ex = asyncio.run(exchange(MemGuardMiddleware(_reader, max_body_size=25_000),
                               headers=[(b"transfer-encoding", b"chunked")],
