@@ -29,6 +29,7 @@ Matching rules
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import http
 import json
 import logging
@@ -616,7 +617,7 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
             return
         sweeper = self._sweeper = _Sweeper.of(loop)
         self._start = _monotonic()
-        sweeper.add(self)
+        sweeper.add(self, loop)
 
     def check(self, now: float) -> bool:
         """The sweeper's look at this body; False once it needs no more looks."""
@@ -661,47 +662,66 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
 
 
 class _Sweeper:
-    """One per event loop: looks at the bodies being read, every ``period`` seconds,
-    only while there are any (no callback stays scheduled on an idle loop)."""
+    """Looks at the bodies being read on one event loop every ``period`` seconds, only
+    while there are any (no callback stays scheduled on an idle loop).
 
-    _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Sweeper] = (
-        weakref.WeakKeyDictionary())
+    The latest one is kept at hand, which makes one per loop where it matters (a server
+    runs one loop per worker); a body read on another loop (a thread's, a test's) gets a
+    new one, and one that still has bodies lives on in its scheduled callback. It holds
+    its loop weakly: a mapping from loops to sweepers kept every loop that ever read a
+    body alive, since each sweeper referred to its own key.
+    """
+
     _last: _Sweeper | None = None
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        # Both weak: the scheduled callback refers to its loop, and the loop's timer
+        # queue keeps the callback alive until it runs or is cancelled.
+        self._loop = weakref.ref(loop)
+        self._handle: weakref.ref[asyncio.TimerHandle] | None = None
         self.bodies: set[ASGIBody] = set()
-        self.handle: asyncio.TimerHandle | None = None
         self.period = 0.5
+        # The sweeps run in a context of their own: scheduled from a request's task,
+        # the callback would copy that request's context and keep its variables alive
+        # for as long as the loop has bodies to look at.
+        self.context = contextvars.Context()
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> _Sweeper:
         last = cls._last
-        if last is not None and last.loop is loop:
-            return last
-        sweeper = cls._by_loop.get(loop)
-        if sweeper is None:
-            sweeper = cls._by_loop[loop] = cls(loop)
-        cls._last = sweeper
-        return sweeper
+        if last is None or last._loop() is not loop:
+            last = cls._last = cls(loop)
+        return last
 
-    def add(self, body: ASGIBody) -> None:
+    def scheduled(self) -> bool:
+        """A sweep is due."""
+        handle = self._handle() if self._handle is not None else None
+        return handle is not None and not handle.cancelled()
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._handle = weakref.ref(loop.call_later(self.period, self.sweep,
+                                                   context=self.context))
+
+    def add(self, body: ASGIBody, loop: asyncio.AbstractEventLoop) -> None:
+        """Watch ``body``, read on ``loop`` (the running one)."""
         self.bodies.add(body)
         period = body.policy.sweep_period
         if period < self.period:
             self.period = period
-            if self.handle is not None:
-                self.handle.cancel()
-                self.handle = None
-        if self.handle is None:
-            self.handle = self.loop.call_later(self.period, self.sweep)
+            handle = self._handle() if self._handle is not None else None
+            if handle is not None:
+                handle.cancel()
+            self._handle = None
+        if not self.scheduled():
+            self._schedule(loop)
 
     def discard(self, body: ASGIBody) -> None:
         self.bodies.discard(body)
 
     def sweep(self) -> None:
-        self.handle = None
-        if not self.bodies:
+        self._handle = None
+        loop = self._loop()
+        if not self.bodies or loop is None:
             self.period = 0.5
             return
         now = _monotonic()
@@ -709,7 +729,7 @@ class _Sweeper:
             if not body.check(now):
                 self.bodies.discard(body)
         if self.bodies:
-            self.handle = self.loop.call_later(self.period, self.sweep)
+            self._schedule(loop)
         else:
             self.period = 0.5
 

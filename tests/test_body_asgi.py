@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import gc
 import gzip
 import json
 import logging
 import time
+import weakref
 import zlib
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,7 @@ import pytest
 
 import memguard
 from memguard import MemGuardMiddleware, counters, events
+from memguard.body import _Sweeper
 from memguard.errors import BodyTooLarge, MemoryPressure
 from memguard.types import Message, Receive, Scope, Send
 from tests.apps.body_apps import asgi_echo
@@ -492,8 +496,6 @@ def test_corrupt_or_truncated_gzip_is_400() -> None:
 
 
 def test_idle_timeout_finds_a_reader_in_another_task_and_leaves_nothing_behind() -> None:
-    from memguard.body import _Sweeper
-
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await receive()  # first chunk in the request's task, the rest in another
         await asyncio.get_running_loop().create_task(receive())
@@ -508,6 +510,54 @@ def test_idle_timeout_finds_a_reader_in_another_task_and_leaves_nothing_behind()
     ex, ok, left = asyncio.run(main())
     assert ex.status == 408 and ok.status == 200
     assert left == set()
+
+
+def test_a_loop_that_read_timed_bodies_is_freed_when_it_ends() -> None:
+    """The slow-body sweeper holds its loop weakly: loops that read bodies (one per test,
+    per thread, per ``asyncio.run``) do not accumulate."""
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def main() -> int:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        ex = await exchange(MemGuardMiddleware(asgi_echo, body_idle_timeout=5),
+                            headers=[cl(20)], chunks=[b"a" * 10] * 2)
+        return ex.status
+
+    assert [asyncio.run(main()) for _ in range(3)] == [200] * 3
+    gc.collect()
+    assert [ref() for ref in loops] == [None] * 3
+
+
+def test_the_sweeper_keeps_no_request_context_alive() -> None:
+    """The sweeper's callback is scheduled from the first request that reads a body and
+    lives on while bodies are read; it must not hold that request's context variables
+    (a request-scoped session, a user) once the request is over."""
+    request_state: contextvars.ContextVar[Any] = contextvars.ContextVar("request_state")
+
+    class State:
+        pass
+
+    kept: list[weakref.ref[State]] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        state = State()
+        kept.append(weakref.ref(state))
+        request_state.set(state)
+        await asgi_echo(scope, receive, send)
+
+    async def main() -> tuple[int, bool, State | None]:
+        # A task per request, as servers run them: its context ends with it.
+        ex = await asyncio.get_running_loop().create_task(exchange(
+            MemGuardMiddleware(app, body_idle_timeout=60), headers=[cl(20)],
+            chunks=[b"a" * 10] * 2))
+        await asyncio.sleep(0)  # the callback that resumed this task holds the finished one
+        gc.collect()
+        scheduled = _Sweeper.of(asyncio.get_running_loop()).scheduled()
+        return ex.status, scheduled, kept[0]()
+
+    status, scheduled, state = asyncio.run(main())
+    assert status == 200 and scheduled  # the sweep is still due, ...
+    assert state is None  # ... and the request's state is gone
 
 
 def test_idle_timeout_when_another_task_reads_the_body_and_nobody_awaits_it() -> None:
