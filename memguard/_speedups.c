@@ -14,9 +14,10 @@
  * - Pending forwards send/throw/close to the server's awaitable. When that returns a
  *   dict ``{"type": "http.request", "body": <bytes>, "more_body": True}`` and the count
  *   stays under ``threshold`` (the first byte count Python must look at: past the limit,
- *   or a memory check due), it adds the length and hands the message over. Any other
- *   message goes to ASGIBody._finish(message), any exception to ASGIBody._failed(exc):
- *   the rules live in Python, once.
+ *   or a memory check due), it adds the length and hands the message over; the same for
+ *   the last chunk (``more_body`` False or absent), which also marks the body done. Any
+ *   other message goes to ASGIBody._finish(message), any exception to
+ *   ASGIBody._failed(exc): the rules live in Python, once.
  *
  * Slow-body timing: when ``timed``, each call counts itself in ``calls`` and sets a
  * waiting flag, which the Python sweeper reads. No clock is read and no task looked up
@@ -42,7 +43,7 @@
 #define UNLIKELY(x) (x)
 #endif
 
-static PyObject *str_body, *str_more_body;
+static PyObject *str_body, *str_more_body, *str_type;
 static PyObject *str_receive_plain, *str_start_reading, *str_finish, *str_failed, *str_throw, *str_close;
 static PyObject *CancelledError;
 
@@ -53,6 +54,7 @@ typedef struct {
     Py_ssize_t threshold;   /* the first count Python must see */
     Py_ssize_t calls;       /* receive() calls while timed: tells one wait from the next */
     char fast;              /* the C path may take the next chunk */
+    char done;              /* the body ended (its last chunk, or a refusal) */
     char timed;             /* count calls and note waits, for the sweeper */
     char waiting;           /* a receive() is in progress */
 } BodyCounter;
@@ -209,6 +211,7 @@ static PyMemberDef counter_members[] = {
     {"_threshold", T_PYSSIZET, offsetof(BodyCounter, threshold), 0, NULL},
     {"_calls", T_PYSSIZET, offsetof(BodyCounter, calls), 0, NULL},
     {"_fast", T_BOOL, offsetof(BodyCounter, fast), 0, NULL},
+    {"done", T_BOOL, offsetof(BodyCounter, done), 0, NULL},
     {"_timed", T_BOOL, offsetof(BodyCounter, timed), 0, NULL},
     {"_waiting", T_BOOL, offsetof(BodyCounter, waiting), 0, NULL},
     {NULL}
@@ -284,6 +287,36 @@ pending_returned_python(BodyCounter *owner, PyObject *message)
  * interpreter runs nowhere else per chunk, and each of its cache lines is an
  * instruction-cache miss (cachegrind: 7 to 9 more a chunk), where lookups run the code
  * Starlette's own ``message.get()`` has just run. */
+/* The last chunk of a body, counted here when it stays under ``threshold``: a dict
+ * ``{"type": "http.request", "body": <bytes>}`` whose ``more_body`` is False or absent
+ * (its type is read: other messages have no more_body either). The body is then done
+ * and leaves the C path; the sweeper drops it at its next look, the request's end
+ * closes it. 1 when taken. */
+COLD static int
+counter_took_last(BodyCounter *owner, PyObject *message, PyObject *more)
+{
+    if (more != Py_False && (more != NULL || PyErr_Occurred())) {
+        return 0;
+    }
+    PyObject *type = PyDict_GetItemWithError(message, str_type);
+    if (type == NULL || !PyUnicode_Check(type)
+            || PyUnicode_CompareWithASCIIString(type, "http.request") != 0) {
+        return 0;
+    }
+    PyObject *body = PyDict_GetItemWithError(message, str_body);
+    if (body == NULL || !PyBytes_CheckExact(body)) {
+        return 0;
+    }
+    Py_ssize_t received = owner->received + PyBytes_GET_SIZE(body);
+    if (received >= owner->threshold) {
+        return 0;
+    }
+    owner->received = received;
+    owner->done = 1;
+    owner->fast = 0;
+    return 1;
+}
+
 HOT static PyObject *
 pending_returned(Pending *self, PyObject *message)
 {
@@ -291,14 +324,18 @@ pending_returned(Pending *self, PyObject *message)
     owner->waiting = 0;
     if (PyDict_CheckExact(message)) {
         PyObject *more = PyDict_GetItemWithError(message, str_more_body);
-        PyObject *body = more == Py_True
-            ? PyDict_GetItemWithError(message, str_body) : NULL;
-        if (body != NULL && PyBytes_CheckExact(body)) {
-            Py_ssize_t received = owner->received + PyBytes_GET_SIZE(body);
-            if (received < owner->threshold) {
-                owner->received = received;
-                return message;
+        if (more == Py_True) {
+            PyObject *body = PyDict_GetItemWithError(message, str_body);
+            if (body != NULL && PyBytes_CheckExact(body)) {
+                Py_ssize_t received = owner->received + PyBytes_GET_SIZE(body);
+                if (received < owner->threshold) {
+                    owner->received = received;
+                    return message;
+                }
             }
+        }
+        else if (counter_took_last(owner, message, more)) {
+            return message;
         }
     }
     return pending_returned_python(owner, message);
@@ -907,7 +944,7 @@ typedef struct {
     char has_endpoints;
 } Dispatch;
 
-static PyObject *str_type, *str_http, *str_headers, *str_http_version;
+static PyObject *str_http, *str_headers, *str_http_version;
 static PyObject *str_bodyless, *str_guarded_body, *str_endpoint_or_request, *str_dispatch;
 
 static int

@@ -62,7 +62,7 @@ _monotonic = time.monotonic
 # gets. Without it (another interpreter, no compiler at install), the same class runs in
 # Python. MEMGUARD_PURE_PYTHON=1 forces the Python path (tests run both).
 _COUNTER_FIELDS = ("_receive", "received", "_threshold", "_calls", "_fast", "_timed",
-                   "_waiting")
+                   "_waiting", "done")
 _CounterBase: type
 try:
     if os.environ.get("MEMGUARD_PURE_PYTHON"):
@@ -383,7 +383,7 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
     (a quarter of it at most, and at most one second), never early.
     """
 
-    __slots__ = ("limit", "done", "error", "on_reject", "policy", "decoder", "_sweeper",
+    __slots__ = ("limit", "error", "on_reject", "policy", "decoder", "_sweeper",
                  "_start", "_timeout", "receive", "disconnect", "memory", "_memory_at",
                  "_t_enter", "_seen_calls", "_task",
                  *(() if SPEEDUPS else _COUNTER_FIELDS))
@@ -399,7 +399,6 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
         # per chunk instead of a method call.
         self._memory_at = memory.next_check if memory is not None else 0
         self.limit = limit
-        self.done = False
         self.error: RequestRejected | None = None
         self.on_reject = on_reject
         self.policy = policy
@@ -418,7 +417,9 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
         self._task: asyncio.Task[Any] | None = None
         if not SPEEDUPS:
             # The C base starts zeroed, which reads the same (and each of its fields
-            # costs a generic setattr from Python): nothing received, not waiting.
+            # costs a generic setattr from Python): nothing received, not waiting, not
+            # done.
+            self.done = False
             self.received = 0
             self._waiting = False
             self._calls = 0

@@ -66,10 +66,15 @@ def test_the_first_receive_registers_the_body_once_and_notes_the_task_reading_it
     """A timed body registers with its loop's sweeper at its first receive(), once, and
     the task that reads it is the one a slow-body timeout would cancel. With the C
     extension, every chunk takes the C path, the first included: no Python coroutine
-    runs per chunk."""
+    runs per chunk, and no Python method (the last chunk included)."""
     starts: list[body.ASGIBody] = []
-    python_reads: list[body.ASGIBody] = []
+    python_reads: list[Any] = []
     start_reading, receive_plain = body.ASGIBody._start_reading, body.ASGIBody._receive_plain
+    finish = body.ASGIBody._finish
+
+    def spy_finish(self: body.ASGIBody, message: Message) -> Message:
+        python_reads.append(message)
+        return finish(self, message)
 
     def spy_start(self: body.ASGIBody) -> None:
         starts.append(self)
@@ -81,6 +86,7 @@ def test_the_first_receive_registers_the_body_once_and_notes_the_task_reading_it
 
     monkeypatch.setattr(body.ASGIBody, "_start_reading", spy_start)
     monkeypatch.setattr(body.ASGIBody, "_receive_plain", spy_plain)
+    monkeypatch.setattr(body.ASGIBody, "_finish", spy_finish)
     readers: list[asyncio.Task[None] | None] = []
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -101,7 +107,62 @@ def test_the_first_receive_registers_the_body_once_and_notes_the_task_reading_it
         assert starts[0]._calls == 3
     else:
         assert starts == []
-    assert len(python_reads) == (0 if body.SPEEDUPS else 3)
+    assert len(python_reads) == (0 if body.SPEEDUPS else 6)  # Python: both, each chunk
+
+
+@pytest.mark.parametrize("last", [
+    {"type": "http.request", "body": b"z" * 10, "more_body": False},
+    {"type": "http.request", "body": b"z" * 10},
+    {"body": b"z" * 10, "type": "".join(["http.", "request"])},
+])
+def test_the_last_chunk_ends_the_body_and_later_receives_reach_the_server(
+        last: Message) -> None:
+    """The last chunk (``more_body`` False or absent) is counted, and ends the body: the
+    app's next receive() is the server's own (here its http.disconnect)."""
+    messages = [{"type": "http.request", "body": b"a" * 10, "more_body": True}, last,
+                {"type": "http.disconnect"}]
+    seen: list[Message] = []
+    bodies: list[Any] = []
+
+    async def receive() -> Message:
+        await asyncio.sleep(0)
+        return messages.pop(0)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        bodies.append(receive)
+        seen.extend([await receive(), await receive(), await receive()])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    ex = asyncio.run(exchange(MemGuardMiddleware(app, max_body_size=20),
+                              headers=[cl(20)], receive=receive))
+    assert ex.status == 200
+    assert [m["type"] for m in seen] == ["http.request", "http.request", "http.disconnect"]
+    if body.SPEEDUPS:
+        assert bodies[0].done and bodies[0].received == 20 and not bodies[0]._fast
+
+
+@pytest.mark.parametrize(("last", "status"), [
+    ({"type": "http.request", "body": b"z" * 11, "more_body": False}, 413),
+    ({"type": "http.request", "body": b"z" * 11}, 413),
+    ({"type": "http.disconnect", "body": b"z" * 11}, 200),  # not a body: not counted
+])
+def test_a_last_chunk_over_the_limit_is_413_and_only_body_bytes_count(
+        last: Message, status: int) -> None:
+    messages = [{"type": "http.request", "body": b"a" * 10, "more_body": True}, last]
+
+    async def receive() -> Message:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    ex = asyncio.run(exchange(MemGuardMiddleware(app, max_body_size=20),
+                              headers=[(b"transfer-encoding", b"chunked")], receive=receive))
+    assert ex.status == status
 
 
 def test_limit_crossed_in_the_middle_of_the_c_path_is_413() -> None:
