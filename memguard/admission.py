@@ -127,6 +127,10 @@ class MemoryAdmission:
         self.pressure_stall: float | None = None
         self.uss: int | None = None
         self._checked_ns = -(1 << 62)
+        if not self.judges():
+            # Nothing to hold the worker's memory against: the level stays OK, and no
+            # request reads anything for it (readers of the figures refresh on demand).
+            self.refresh_ns = 1 << 63
         self._psi_checked_ns = -(1 << 62)
         self._uss_checked_ns = -(1 << 62)
         self._last_logged_level = OK
@@ -163,6 +167,13 @@ class MemoryAdmission:
         )
 
     # ---- the pressure level -------------------------------------------------------------
+
+    def judges(self) -> bool:
+        """A limit or a pressure reading can move the level from OK: a worker limit, a
+        container limit with its usage reader, or a pressure stall reader."""
+        return (self.soft_limit is not None or self.hard_limit is not None
+                or (self.container_limit is not None and self._cgroup_usage is not None)
+                or (self._psi is not None and self.psi_threshold is not None))
 
     def check(self, now: int) -> int:
         """The pressure level, refreshed when older than ``refresh_interval``."""

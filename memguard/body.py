@@ -700,8 +700,9 @@ class _Sweeper:
         return handle is not None and not handle.cancelled()
 
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._handle = weakref.ref(loop.call_later(self.period, self.sweep,
-                                                   context=self.context))
+        # call_at: call_later is call_at(time() + delay), one Python call more.
+        self._handle = weakref.ref(loop.call_at(loop.time() + self.period, self.sweep,
+                                                context=self.context))
 
     def add(self, body: ASGIBody, loop: asyncio.AbstractEventLoop) -> None:
         """Watch ``body``, read on ``loop`` (the running one)."""

@@ -92,6 +92,29 @@ def test_pressure_is_cached_between_refreshes() -> None:
     assert rss.reads == 2
 
 
+def test_with_nothing_to_judge_requests_read_nothing() -> None:
+    """No worker limit, no container limit, no pressure stall reader: the level cannot
+    leave OK, so no request pays a reading for it; figures are still read on demand."""
+    rss = Probe(100 * MiB)
+    a = MemoryAdmission(rss=rss, refresh_interval=0.002, psi=None)
+    assert not a.judges()
+    for i in range(100):
+        assert a.check(i * 10 * MS) == OK
+    assert rss.reads == 0
+    a.refresh()
+    assert rss.reads == 1 and a.rss == 100 * MiB
+    cgroup = Probe(10 * MiB)
+    for judged in (MemoryAdmission(rss=rss, soft_limit=200 * MiB),
+                   MemoryAdmission(rss=rss, container_limit=400 * MiB, cgroup_usage=cgroup),
+                   MemoryAdmission(rss=rss, psi=Probe(None))):
+        assert judged.judges()
+        before = rss.reads
+        judged.check(10 * MS)
+        judged.check(20 * MS)
+        assert rss.reads == before + 2
+    assert not MemoryAdmission(rss=rss, container_limit=400 * MiB).judges()  # no reader
+
+
 def test_shed_all_heavy_and_off() -> None:
     a = make(rss=500 * MiB, retry_after=7)
     refusal = a.admit("GET", "/", 0)
