@@ -426,18 +426,18 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
             self._fast = False
             self._threshold = _NEVER
         elif decoder is None:
-            # The C path takes every chunk from the first (the body is what the app
-            # calls) and hands Python the messages it does not count (_finish).
+            # The C path takes every chunk from the first (the app calls the body's
+            # receiver) and hands Python the messages it does not count (_finish).
             self._set_threshold()
             self._fast = True
         self.receive = self._receive_decoded if decoder is not None else self._receive_plain
 
     @property
     def app_receive(self) -> Receive:
-        """What the app gets as ``receive``: the body itself when the C path is there
-        (calling it costs no coroutine frame per chunk), else the Python method."""
+        """What the app gets as ``receive``: the body's C receiver when the C path is
+        there (calling it costs no coroutine frame per chunk), else the Python method."""
         if SPEEDUPS and self.decoder is None:
-            return self
+            return self.receiver()  # type: ignore[no-any-return]
         return self.receive
 
     def _set_threshold(self) -> None:

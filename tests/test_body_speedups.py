@@ -56,7 +56,7 @@ def test_app_gets_every_chunk_and_the_count_is_exact() -> None:
                               headers=[cl(sum(map(len, chunks)))], chunks=chunks))
     assert ex.status == 200 and seen == chunks
     if body.SPEEDUPS:
-        counter = bodies[0]
+        counter = bodies[0].body  # the app's receive is the body's C receiver
         assert isinstance(counter, body.ASGIBody) and counter.received == sum(map(len, chunks))
 
 
@@ -139,7 +139,8 @@ def test_the_last_chunk_ends_the_body_and_later_receives_reach_the_server(
     assert ex.status == 200
     assert [m["type"] for m in seen] == ["http.request", "http.request", "http.disconnect"]
     if body.SPEEDUPS:
-        assert bodies[0].done and bodies[0].received == 20 and not bodies[0]._fast
+        read = bodies[0].body
+        assert read.done and read.received == 20 and not read._fast
 
 
 @pytest.mark.parametrize(("last", "status"), [
@@ -163,6 +164,24 @@ def test_a_last_chunk_over_the_limit_is_413_and_only_body_bytes_count(
     ex = asyncio.run(exchange(MemGuardMiddleware(app, max_body_size=20),
                               headers=[(b"transfer-encoding", b"chunked")], receive=receive))
     assert ex.status == status
+
+
+def test_the_apps_receive_takes_no_arguments() -> None:
+    """With the C path the app's receive is the body's receiver (a vectorcall object):
+    called as ASGI says, with nothing; anything else is a TypeError, as it would be for
+    a server's ``async def receive()``."""
+    errors: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        for args, kwargs in (((1,), {}), ((), {"x": 1})):
+            try:
+                receive(*args, **kwargs)  # type: ignore[call-arg]
+            except TypeError as exc:
+                errors.append(str(exc))
+        await _reader(scope, receive, send)
+
+    ex = asyncio.run(exchange(MemGuardMiddleware(app), headers=[cl(3)], chunks=[b"abc"]))
+    assert ex.status == 200 and len(errors) == 2
 
 
 def test_limit_crossed_in_the_middle_of_the_c_path_is_413() -> None:
