@@ -690,7 +690,15 @@ class _Sweeper:
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> _Sweeper:
         last = cls._last
-        if last is None or last._loop() is not loop:
+        if last is not None and last._loop() is not loop:
+            previous = last._loop()
+            if (previous is None or previous.is_closed()) and not last.bodies:
+                # Its loop has ended and it has nothing left to watch: it serves this
+                # one (a loop per test, per thread, per asyncio.run).
+                last._loop, last._handle, last.period = weakref.ref(loop), None, 0.5
+            else:
+                last = None
+        if last is None:
             last = cls._last = cls(loop)
         return last
 

@@ -528,6 +528,30 @@ def test_a_loop_that_read_timed_bodies_is_freed_when_it_ends() -> None:
     assert [ref() for ref in loops] == [None] * 3
 
 
+def test_a_sweeper_serves_the_next_loop_once_its_own_has_ended() -> None:
+    """A sweeper whose loop has closed and that has no body left takes the next loop's
+    bodies; one whose loop still runs (another thread's, or one run by turns) keeps it,
+    and the other loop gets a sweeper of its own."""
+    async def read_one() -> _Sweeper:
+        ex = await exchange(MemGuardMiddleware(asgi_echo, body_idle_timeout=5),
+                            headers=[cl(20)], chunks=[b"a" * 10] * 2)
+        assert ex.status == 200
+        return _Sweeper.of(asyncio.get_running_loop())
+
+    first = asyncio.run(read_one())
+    second = asyncio.run(read_one())
+    assert second is first and not second.bodies
+    one, two = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        a = one.run_until_complete(read_one())
+        b = two.run_until_complete(read_one())
+        assert b is not a  # loop one has not ended: its sweeper stays its own
+        assert one.run_until_complete(read_one()) is not b
+    finally:
+        one.close()
+        two.close()
+
+
 def test_the_sweeper_keeps_no_request_context_alive() -> None:
     """The sweeper's callback is scheduled from the first request that reads a body and
     lives on while bodies are read; it must not hold that request's context variables
