@@ -353,11 +353,13 @@ class Watchdog:
             info.update(_path_forensics(paths, started, requests))
         text = _figures_text(info)
         if cause == "oom_kill":
+            # The event first: whoever reads the log and then the events (an operator's
+            # script, the tests) finds the event of every kill the log reports.
+            events.emit("oom_kill", pid=pid, **info)
             self.log.error(
                 "memguard: worker %s was killed by the kernel's OOM killer (%s OOM-kill "
                 "counter moved to %s); last known memory: %s", pid, oom[1] if oom else "?",
                 oom[0] if oom else "?", text)
-            events.emit("oom_kill", pid=pid, **info)
         elif cause in ("killed_or_crashed", "hard_limit_kill", "timeout"):
             self.log.error("memguard: worker %s died: %s", pid, text)
         else:
