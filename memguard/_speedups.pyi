@@ -7,8 +7,13 @@ class BodyCounter:
     _threshold: int
     _calls: int
     _fast: bool
+    done: bool
     _timed: bool
     _waiting: bool
+    def receiver(self) -> Receiver: ...
+
+class Receiver:
+    body: BodyCounter
     def __call__(self) -> Any: ...
 
 def has_body_framing(headers: Iterable[Sequence[bytes]], /) -> bool: ...

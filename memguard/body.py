@@ -502,9 +502,15 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
         and the task reading it is noted (the one a slow-body timeout cancels). Without
         an asyncio loop (trio), ``_timed`` turns False: counting only. The C path calls
         it too, once."""
-        self._arm()
-        if self._timed:
-            self._task = asyncio.current_task()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio (trio): no timeouts, counting still applies
+            self._timed = False
+            return
+        sweeper = self._sweeper = _Sweeper.of(loop)
+        self._start = _monotonic()
+        sweeper.add(self, loop)
+        self._task = asyncio.current_task()
 
     async def _receive_plain(self) -> Message:
         # The per-chunk path without the C extension (with it: a finished or refused
@@ -609,16 +615,6 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
             return {"type": "http.request", "body": b"", "more_body": True}
 
     # ---- slow bodies ----------------------------------------------------------------
-
-    def _arm(self) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # not asyncio (trio): no timeouts, counting still applies
-            self._timed = False
-            return
-        sweeper = self._sweeper = _Sweeper.of(loop)
-        self._start = _monotonic()
-        sweeper.add(self, loop)
 
     def check(self, now: float) -> bool:
         """The sweeper's look at this body; False once it needs no more looks."""
