@@ -46,7 +46,7 @@ from typing import Any
 from memguard.admission import CRITICAL
 from memguard.body import SPEEDUPS, ASGIBody, BodyPolicy, record, refusal_response
 from memguard.config import resolve
-from memguard.errors import RequestRejected
+from memguard.errors import RequestRejected, drop_tracebacks
 from memguard.memory import MemoryLayer
 from memguard.tracking import asgi_route
 from memguard.types import ASGIApp, Message, Receive, Scope, Send
@@ -297,8 +297,16 @@ class _Responder:
             raise
 
     def account(self) -> None:
-        """5. after response: the request counted under the route the app found."""
-        self.mw.memory.end(self.sample, asgi_route(self.app_scope, self.root),
+        """5. after response: the request counted under the route the app found.
+
+        The app's scope is let go here: its ``reject`` (the memguard extension) is one
+        of this responder's methods, so holding it made a reference cycle per request,
+        freed only by the cycle collector, and with it the scope and all the app put in
+        it (promoted to an older generation when a collection ran during the request)."""
+        app_scope, self.app_scope = self.app_scope, self.scope
+        drop_tracebacks(self.rejection)
+        drop_tracebacks(self.logged)
+        self.mw.memory.end(self.sample, asgi_route(app_scope, self.root),
                            self.scope["path"], monotonic_ns())
 
     def end(self, prepared: ASGIBody) -> None:

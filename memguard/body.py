@@ -384,7 +384,7 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
     """
 
     __slots__ = ("limit", "error", "on_reject", "policy", "decoder", "_sweeper",
-                 "_start", "_timeout", "receive", "disconnect", "memory", "_memory_at",
+                 "_start", "_timeout", "disconnect", "memory", "_memory_at",
                  "_t_enter", "_seen_calls", "_task",
                  *(() if SPEEDUPS else _COUNTER_FIELDS))
 
@@ -430,7 +430,13 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
             # receiver) and hands Python the messages it does not count (_finish).
             self._set_threshold()
             self._fast = True
-        self.receive = self._receive_decoded if decoder is not None else self._receive_plain
+
+    @property
+    def receive(self) -> Receive:
+        """The body's receive() in Python: decoding, or counting. A property, not an
+        attribute set in ``__init__``: a bound method of the body kept on the body is a
+        reference cycle per request."""
+        return self._receive_decoded if self.decoder is not None else self._receive_plain
 
     @property
     def app_receive(self) -> Receive:

@@ -19,6 +19,7 @@ __all__ = [
     "RequestRejected",
     "RequestTimeout",
     "UnsupportedMediaType",
+    "drop_tracebacks",
 ]
 
 
@@ -87,3 +88,18 @@ class MemoryPressure(RequestRejected):
 class InsufficientStorage(RequestRejected):
     status = 507
     default_reason = "insufficient_storage"
+
+
+def drop_tracebacks(exc: BaseException | None) -> None:
+    """Let go of a refusal's traceback, and of those of the exceptions it was raised
+    while handling (a slow body's CancelledError), once its request is over.
+
+    A frame that caught the exception and returned (``except ... as exc: return``)
+    keeps it in its locals, and the traceback keeps the frame: a reference cycle that
+    holds the frames and the request's objects until the cycle collector runs, and in
+    an older generation for longer. Never call it on an exception still being raised."""
+    for _ in range(8):  # a chain is short; a longer one is not ours to walk
+        if exc is None:
+            return
+        exc.__traceback__ = None
+        exc = exc.__context__

@@ -42,7 +42,7 @@ from typing import Any
 from memguard.admission import CRITICAL
 from memguard.body import BodyPolicy, WSGIInput, record, refusal_response
 from memguard.config import resolve
-from memguard.errors import LengthRequired, RequestRejected
+from memguard.errors import LengthRequired, RequestRejected, drop_tracebacks
 from memguard.memory import MemoryLayer
 from memguard.tracking import ROUTE_KEY, install_flask_route_hook
 
@@ -93,7 +93,9 @@ class MemGuardWSGIMiddleware:
                 try:
                     return self.app(environ, start_response)
                 except RequestRejected as exc:
-                    return _Request(self, environ, start_response).refuse_now(exc)
+                    answer = _Request(self, environ, start_response).refuse_now(exc)
+                    drop_tracebacks(exc)  # this frame holds it: a cycle (errors.py)
+                    return answer
             if environ.get("CONTENT_LENGTH") == "" and "HTTP_TRANSFER_ENCODING" not in environ:
                 return self.app(environ, start_response)  # wsgiref's "no length"
             return _Request(self, environ, start_response).run(now)
@@ -144,7 +146,7 @@ class _Request:
         except RequestRejected as exc:
             self.note(exc, policy.report_only)
             if not policy.report_only:
-                return self.refusal(exc)
+                return self.refused(exc)
             declared = int(cl) if cl and cl.isdigit() else None
             reader_limit = None  # reported once is enough
         environ["memguard.max_body_size"] = limit
@@ -166,11 +168,31 @@ class _Request:
                 self.refused_by_app(exc)
             if self.rejection is None:
                 raise
-            return self.refusal(self.rejection, sys.exc_info() if self.started else None)
+            return self.refused(self.rejection,
+                                sys.exc_info() if self.started else None)
         if self.rejection is not None:
             _close(result)
-            return self.refusal(self.rejection)
+            return self.refused(self.rejection)
         return _Body(self, result)
+
+    def release(self, unwinding: bool = False) -> None:
+        """The request is over: no reference cycle may outlive it. The environ holds
+        two of this request's methods (``memguard.reject``, and the input wrapper's
+        ``on_reject``), so the request lets go of the environ and of the input wrapper,
+        and of its refusals' tracebacks (errors.drop_tracebacks), unless an exception is
+        on its way out (``unwinding``: the server closes the response as it unwinds),
+        which may be one of them."""
+        self.environ = {}
+        self.input = None
+        if not unwinding:
+            drop_tracebacks(self.rejection)
+            drop_tracebacks(self.logged)
+
+    def refused(self, exc: RequestRejected, exc_info: Any = None) -> list[bytes]:
+        """:meth:`refusal` as the request's end (the app's iterable is not returned)."""
+        answer = self.refusal(exc, exc_info)
+        self.release()  # refusal() returned: nothing is being raised
+        return answer
 
     # ---- refusals ------------------------------------------------------------------
 
@@ -278,3 +300,4 @@ class _Body:
             # 5. after response
             if self.request.input is not None:
                 self.request.input.close()
+            self.request.release(unwinding=sys.exc_info()[1] is not None)

@@ -687,3 +687,66 @@ def test_figures_named_like_event_fields_do_not_break_a_refusal(tmp_path: Path) 
     assert ex.status == 413
     event = json.loads((tmp_path / "e.jsonl").read_text())
     assert event["kind"] == "refusal" and event["path"] == "/up" and event["status"] == 413
+
+
+async def _app_refusing_after_one_chunk(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["method"] == "POST":
+        await receive()
+    raise BodyTooLarge("the app's own limit")
+
+
+_CYCLE_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "bodyless": ({}, {"method": "GET"}),
+    "within the limit": ({}, {"headers": [cl(30)], "chunks": [b"a" * 10] * 3}),
+    "untimed": ({"body_idle_timeout": 0, "body_min_rate": 0},
+                {"headers": [cl(30)], "chunks": [b"a" * 10] * 3}),
+    "declared over the limit": ({"max_body_size": 10},
+                                {"headers": [cl(30)], "chunks": [b"a" * 10] * 3}),
+    "counted over the limit": ({"max_body_size": 15},
+                               {"headers": [(b"transfer-encoding", b"chunked")],
+                                "chunks": [b"a" * 10] * 3}),
+    "report only": ({"max_body_size": 15, "report_only": True},
+                    {"headers": [(b"transfer-encoding", b"chunked")],
+                     "chunks": [b"a" * 10] * 3}),
+    "decoded": ({"decompress": True},
+                {"headers": [(b"content-encoding", b"gzip"),
+                             cl(len(gzip.compress(b"a" * 100)))],
+                 "chunks": [gzip.compress(b"a" * 100)]}),
+    "slow body": ({"body_idle_timeout": 0.05},
+                  {"headers": [cl(30)], "chunks": [b"a" * 10] * 3, "stall_after": 1}),
+    "refused by the app": ({}, {"headers": [cl(30)], "chunks": [b"a" * 10] * 3}),
+    "refused by a bodyless app": ({}, {"method": "GET"}),
+}
+
+
+@pytest.mark.parametrize("case", list(_CYCLE_CASES))
+def test_no_reference_cycle_outlives_a_request(case: str) -> None:
+    """A request leaves nothing for the cycle collector: the app's scope holds the
+    responder's ``reject``, a refusal's traceback holds the frames that caught it, and a
+    body once held its own bound method. Each of those was a cycle per request, which
+    kept the request's objects (the scope and all the app put in it) until a collection,
+    in an older generation when one ran during the request."""
+    options, request = _CYCLE_CASES[case]
+    app = _app_refusing_after_one_chunk if case.startswith("refused") else asgi_echo
+    guarded = MemGuardMiddleware(app, **options)
+    expected = {"declared over the limit": 413, "counted over the limit": 413,
+                "slow body": 408}.get(case, 413 if case.startswith("refused") else 200)
+
+    async def main() -> tuple[int | None, list[str]]:
+        await exchange(guarded, **request)  # first-time set-up (the sweeper) is not counted
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            ex = await exchange(guarded, **request)
+            gc.collect()
+            left = sorted({type(o).__name__ for o in gc.garbage})
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        return ex.status, left
+
+    status, left = asyncio.run(main())
+    assert status == expected
+    assert left == []

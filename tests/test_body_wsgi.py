@@ -285,3 +285,52 @@ def test_app_raising_a_refusal_without_a_body_after_start_response() -> None:
     status, headers, body = wsgi_call(MemGuardWSGIMiddleware(app), "GET")
     assert status.startswith("503") and headers["retry-after"] == "2"
     assert counters.get("body", "memory_high") == 1
+
+
+def _wsgi_refusing(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+    environ["wsgi.input"].read()
+    raise BodyTooLarge("the app's own limit")
+
+
+_ZIPPED = gzip.compress(b"a" * 100)
+_CYCLE_CASES: dict[str, tuple[Any, dict[str, Any], dict[str, Any]]] = {
+    "bodyless": (wsgi_echo, {}, {"method": "GET"}),
+    "within the limit": (wsgi_echo, {}, {"body": b"a" * 30,
+                                         "environ": {"CONTENT_LENGTH": "30"}}),
+    "declared over the limit": (wsgi_echo, {"max_body_size": 10},
+                                {"body": b"a" * 30, "environ": {"CONTENT_LENGTH": "30"}}),
+    "counted over the limit": (wsgi_echo, {"max_body_size": 10}, {
+        "body": b"a" * 30,
+        "environ": {"HTTP_TRANSFER_ENCODING": "chunked", "wsgi.input_terminated": True}}),
+    "decoded": (wsgi_echo, {"decompress": True}, {
+        "body": _ZIPPED, "environ": {"CONTENT_LENGTH": str(len(_ZIPPED)),
+                                     "HTTP_CONTENT_ENCODING": "gzip"}}),
+    "refused by the app": (_wsgi_refusing, {}, {"body": b"a" * 30,
+                                                "environ": {"CONTENT_LENGTH": "30"}}),
+}
+
+
+@pytest.mark.parametrize("case", list(_CYCLE_CASES))
+def test_no_reference_cycle_outlives_a_wsgi_request(case: str) -> None:
+    """The environ holds two of the request's methods (``memguard.reject``, the input
+    wrapper's ``on_reject``) and the request holds the environ; a refusal's traceback
+    holds the frame that caught it. The request lets go of them at its end, so nothing
+    is left for the cycle collector."""
+    import gc
+
+    app, options, request = _CYCLE_CASES[case]
+    guarded = MemGuardWSGIMiddleware(app, **options)
+    wsgi_call(guarded, **request)
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        status = wsgi_call(guarded, **request)[0]
+        gc.collect()
+        left = sorted({type(o).__name__ for o in gc.garbage})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert status.startswith("413" if "over" in case or "refused" in case else "200")
+    assert left == []
