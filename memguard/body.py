@@ -428,7 +428,9 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
         elif decoder is None:
             # The C path takes every chunk from the first (the app calls the body's
             # receiver) and hands Python the messages it does not count (_finish).
-            self._set_threshold()
+            # _set_threshold(), written out: a Python call less per request.
+            self._threshold = min(limit + 1 if limit is not None else _NEVER,
+                                  self._memory_at if memory is not None else _NEVER)
             self._fast = True
 
     @property
@@ -513,10 +515,15 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
         except RuntimeError:  # not asyncio (trio): no timeouts, counting still applies
             self._timed = False
             return
-        sweeper = self._sweeper = _Sweeper.of(loop)
+        sweeper = _Sweeper._last
+        if sweeper is None or sweeper._loop() is not loop:
+            sweeper = _Sweeper.of(loop)
+        self._sweeper = sweeper
         self._start = _monotonic()
         sweeper.add(self, loop)
-        self._task = asyncio.current_task()
+        # With the loop: without, 3.11's current_task() asks for the running loop again,
+        # and that checks the process id, a system call.
+        self._task = asyncio.current_task(loop)
 
     async def _receive_plain(self) -> Message:
         # The per-chunk path without the C extension (with it: a finished or refused
@@ -660,7 +667,7 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
     def close(self) -> None:
         self._fast = False  # a finished or refused body answers from Python
         if self._sweeper is not None:
-            self._sweeper.discard(self)
+            self._sweeper.bodies.discard(self)  # _Sweeper.discard, a Python call less
             self._sweeper = None
 
 
@@ -724,7 +731,9 @@ class _Sweeper:
             if handle is not None:
                 handle.cancel()
             self._handle = None
-        if not self.scheduled():
+        # Not scheduled(), written out; a handle of ours is cancelled only just above,
+        # which forgets it, so a live one is due.
+        if self._handle is None or self._handle() is None:
             self._schedule(loop)
 
     def discard(self, body: ASGIBody) -> None:

@@ -79,6 +79,9 @@ class MemoryLayer:
         # Bound once: the middleware calls these per request.
         self.begin = self.tracker.begin if self.tracker is not None else self._no_sample
         self.track_end = self.tracker.end if self.tracker is not None else self._no_track
+        # Whether body_guard() can return a guard (a hard limit): without one, a request
+        # with a body does not call it.
+        self.guards_bodies = self.admission.hard_limit is not None
         # When after_response() is next due whatever the pressure level (the slow tick).
         self.next_tick = time.monotonic_ns() + _SLOW_TICK_NS
         a = self.admission

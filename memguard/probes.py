@@ -23,7 +23,7 @@ import dataclasses
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -107,11 +107,10 @@ if _statm is not None and hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_statm.reopen_after_fork)
 
 
-def current_rss() -> int:
-    """This process's resident set size in bytes (Linux: one ``pread``, ~2 us)."""
-    if _statm is None:
-        return _psutil_rss()
-    return _statm.rss()
+# This process's resident set size in bytes (Linux: one ``pread``, ~2 us): the statm
+# reader's bound method itself, one Python call per read rather than two (the request
+# accounting reads it twice per sampled request).
+current_rss: Callable[[], int] = _statm.rss if _statm is not None else _psutil_rss
 
 
 def current_peak_rss(root: str = "/") -> int | None:

@@ -51,7 +51,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, MutableMapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from memguard import counters, events, probes
 
@@ -141,15 +141,19 @@ class RouteStats:
         }
 
 
-class Sample:
-    """The state of one sampled request between :meth:`RequestTracker.begin` and ``end``."""
+class Sample(NamedTuple):
+    """The state of one sampled request between :meth:`RequestTracker.begin` and ``end``.
 
-    __slots__ = ("seq", "alone", "rss")
+    A tuple, built with ``tuple.__new__`` (a C call): a class with an ``__init__`` is
+    a Python call, about 2 us when the request comes after others ran long enough to
+    evict its code from the caches (a 64 MiB upload's, say)."""
 
-    def __init__(self, seq: int, alone: bool, rss: int) -> None:
-        self.seq = seq
-        self.alone = alone
-        self.rss = rss
+    seq: int
+    alone: bool
+    rss: int
+
+
+_new_tuple = tuple.__new__
 
 
 class RequestTracker:
@@ -194,7 +198,7 @@ class RequestTracker:
         self._rss = rss
         # An RSS reading taken at a request's start by someone else (the middleware's
         # admission layer: ``_checked_ns`` and ``rss``), reused by a sample starting at
-        # that same instant instead of a second read (see :meth:`_rss_at`).
+        # that same instant instead of a second read (see :meth:`begin`).
         self.shared: Any = None
         self._on_leak = on_leak
         self._starts = itertools.count()
@@ -231,23 +235,35 @@ class RequestTracker:
 
     # ---- the hot path ----------------------------------------------------------------
 
+    # A sampled request's begin and end are written out in one function each: a Python
+    # call costs about 2 us when the request follows others that ran long enough to evict
+    # its code and data from the caches (measured after a 64 MiB upload), more than the
+    # /proc read itself.
+
     def begin(self, now: int) -> Sample | None:
         seq = next(self._starts)
         self._started_n = seq + 1
         if now < self._next_sample_ns:
             return None
         alone = self._finished_n == seq
-        if alone:
-            rss = self._quiet_point(seq, now)
-        elif now < self._next_sample_ns + self._patience_ns:
+        if not alone and now < self._next_sample_ns + self._patience_ns:
             return None  # due, but wait a little for a request that starts alone
+        # RSS at the start: the shared reading when it was taken at this same instant
+        # (one /proc read fewer: the first request after both the admission refresh and
+        # the sample interval are due gets both), else a read of its own.
+        shared = self.shared
+        if shared is not None and shared._checked_ns == now:
+            rss = int(shared.rss)
         else:
-            rss = self._rss_at(now)
+            rss = self._rss()
+        if alone and now - self._anchor_ns >= self.anchor_interval_ns:
+            self._quiet_point(seq, now, rss)
         self._next_sample_ns = now + self.sample_interval_ns
-        return Sample(seq, alone, rss)
+        return _new_tuple(Sample, (seq, alone, rss))
 
     def end(self, sample: Sample | None, template: str | None, path: str, now: int) -> None:
-        """Count a finished request under ``template`` (else its raw ``path``)."""
+        """Count a finished request under ``template`` (else its raw ``path``); a sample
+        adds its growth."""
         fin = next(self._finishes)
         self._finished_n = fin + 1
         stats = self._routes.get(path if template is None else template)
@@ -256,43 +272,29 @@ class RequestTracker:
         stats.count += 1
         self._ring[fin & _RING_MASK] = stats.index
         if sample is not None:
-            self._measured(sample, stats)
+            seq, alone, rss = sample
+            growth = self._rss() - rss
+            stats.samples += 1
+            stats.growth_sum += growth
+            if growth > stats.growth_max:
+                stats.growth_max = growth
+            if alone and self._started_n == seq + 1:
+                stats.exclusive += 1
+                stats.exclusive_sum += growth
+            if self.pending is not None:
+                self.pending.append((stats.route, growth))
         if now - self._window_start_ns >= self.leak_window_ns:
             self.close_window(now)
 
-    # ---- samples and quiet points (at most one per sample_interval) ---------------------
+    # ---- quiet points (at most one per anchor_interval) ---------------------------------
 
-    def _rss_at(self, now: int) -> int:
-        """RSS at a request's start ``now``: the shared reading when it was taken at that
-        same instant (one /proc read fewer per sampled request; the first request after
-        both the admission refresh and the sample interval are due gets both), else a
-        read of its own."""
-        shared = self.shared
-        if shared is not None and shared._checked_ns == now:
-            return int(shared.rss)
-        return self._rss()
-
-    def _measured(self, sample: Sample, stats: RouteStats) -> None:
-        growth = self._rss() - sample.rss
-        stats.samples += 1
-        stats.growth_sum += growth
-        if growth > stats.growth_max:
-            stats.growth_max = growth
-        if sample.alone and self._started_n == sample.seq + 1:
-            stats.exclusive += 1
-            stats.exclusive_sum += growth
-        if self.pending is not None:
-            self.pending.append((stats.route, growth))
-
-    def _quiet_point(self, seq: int, now: int) -> int:
-        """No request in flight. Every ``anchor_interval`` such a point closes the
-        interval since the previous one, after a young-generation collection (about
-        50 us): with nothing in flight, it frees the cyclic garbage the finished
-        requests left (often more blocks than a leak keeps) and promotes nothing that
-        a request still uses, so both ends of every interval hold no garbage."""
-        rss = self._rss_at(now)
-        if now - self._anchor_ns < self.anchor_interval_ns:
-            return rss
+    def _quiet_point(self, seq: int, now: int, rss: int) -> None:
+        """No request in flight, and the interval is due (``begin`` checks both; ``rss``
+        is the worker's now). The point closes the interval since the previous one,
+        after a young-generation collection (about 50 us): with nothing in flight, it
+        frees the cyclic garbage the finished requests left (often more blocks than a
+        leak keeps) and promotes nothing that a request still uses, so both ends of
+        every interval hold no garbage."""
         self._anchor_ns = now
         if gc.isenabled():
             gc.collect(0)
@@ -307,7 +309,6 @@ class RequestTracker:
             if row:
                 self._add_row(row, rss - self._anchor_rss, blocks - self._anchor_blocks)
         self._anchor_fin, self._anchor_rss, self._anchor_blocks = seq, rss, blocks
-        return rss
 
     def _add_row(self, row: dict[int, int], rss_growth: int, block_growth: int) -> None:
         self._yy_blocks += float(block_growth) * block_growth
