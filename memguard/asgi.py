@@ -197,8 +197,9 @@ class MemGuardMiddleware(_MiddlewareBase):  # type: ignore[misc]
         request's task, once per body chunk (1% of a 64 KiB chunk in
         benchmarks/body_guard.py). The phases are :meth:`_with_body`'s."""
         # Admission, the responder and its framing are written out here rather than
-        # called (_admitted, _responder, prepare): after a long upload evicted them from
-        # the caches, each Python call costs about 2 us, measured.
+        # called (_admitted, _responder, prepare): after a long upload has evicted them
+        # from the caches, each call of ours costs 0.3 to 1 us (measured; more the more
+        # objects it touches), and fifteen fewer of them took 9 us off a body request.
         now = monotonic_ns()
         memory = self.memory
         admission = memory.admission
