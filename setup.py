@@ -14,4 +14,6 @@ from setuptools import Extension, setup
 # so every stub the C path touches is a miss (cachegrind: about 10 of its 45 a chunk).
 flags = ["-fno-plt"] if sys.platform.startswith("linux") else []
 setup(ext_modules=[Extension("memguard._speedups", ["memguard/_speedups.c"],
-                             extra_compile_args=flags, optional=True)])
+                             extra_compile_args=flags, optional=True),
+                   # The accounting's RSS read in one C call (memguard.probes).
+                   Extension("memguard._rss", ["memguard/_rss.c"], optional=True)])

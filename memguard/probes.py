@@ -55,6 +55,19 @@ _UNLIMITED_THRESHOLD = 1 << 60
 # This process's RSS, fast
 
 
+# The same read as _StatmReader.rss in one C call, when memguard._rss was built (see its
+# source for why); MEMGUARD_PURE_PYTHON=1 keeps the Python one.
+_StatmRss: type[StatmRss] | None
+try:
+    if os.environ.get("MEMGUARD_PURE_PYTHON"):
+        raise ImportError("MEMGUARD_PURE_PYTHON is set")
+    from memguard._rss import StatmRss
+
+    _StatmRss = StatmRss
+except ImportError:
+    _StatmRss = None
+
+
 class _StatmReader:
     """``/proc/self/statm`` through a descriptor kept open, reopened in forked children.
 
@@ -65,11 +78,13 @@ class _StatmReader:
     ``os.fork`` too, so the hook normally runs).
     """
 
-    __slots__ = ("_fd", "_pid")
+    __slots__ = ("_fd", "_pid", "fast")
 
     def __init__(self) -> None:
         self._fd = -1
         self._pid = -1
+        # The C reader of the same descriptor (None without memguard._rss).
+        self.fast: StatmRss | None = None
         self._open()
 
     def _open(self) -> None:
@@ -78,6 +93,11 @@ class _StatmReader:
         except OSError:
             self._fd = -1
         self._pid = os.getpid()
+        if _StatmRss is not None:
+            if self.fast is None:
+                self.fast = _StatmRss(self._fd, PAGE_SIZE, _psutil_rss)
+            else:
+                self.fast.fd = self._fd
 
     def reopen_after_fork(self) -> None:
         old = self._fd
@@ -108,9 +128,10 @@ if _statm is not None and hasattr(os, "register_at_fork"):
 
 
 # This process's resident set size in bytes (Linux: one ``pread``, ~2 us): the statm
-# reader's bound method itself, one Python call per read rather than two (the request
-# accounting reads it twice per sampled request).
-current_rss: Callable[[], int] = _statm.rss if _statm is not None else _psutil_rss
+# reader's C reader, or its bound method, itself: one call per read rather than two (the
+# request accounting reads it twice per sampled request).
+current_rss: Callable[[], int] = (
+    _psutil_rss if _statm is None else _statm.fast if _statm.fast is not None else _statm.rss)
 
 
 def current_peak_rss(root: str = "/") -> int | None:
