@@ -11,6 +11,7 @@ import inspect
 import os
 import shutil
 import sys
+import warnings
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -630,3 +631,70 @@ async def _reader_then_hello(scope: Scope, receive: Receive, send: Send) -> None
         while (await receive()).get("more_body"):
             pass
     await _hello(scope, receive, send)
+
+
+def test_the_awaitable_of_a_receive_the_app_let_go_of_serves_the_next() -> None:
+    """With the C path, receive() hands out the awaitable the previous call returned
+    once the app has let go of it (no allocation per chunk); one the app still holds is
+    left to it, and awaiting that one again is still an error. Every chunk is counted
+    whichever way."""
+    if not body.SPEEDUPS:
+        pytest.skip("the pure-Python receive() is a coroutine per call")
+    seen: list[bytes] = []
+    same: list[bool] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        kept = receive()                 # held by the app past its await
+        seen.append((await kept)["body"])
+        second = receive()
+        same.append(second is kept)      # False: the app still holds the first
+        seen.append((await second)["body"])
+        second_id = id(second)
+        del second                       # let go
+        third = receive()
+        same.append(id(third) == second_id)  # True: the let-go one serves again
+        seen.append((await third)["body"])
+        with pytest.raises(RuntimeError, match="already awaited"):
+            await kept
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    ex = asyncio.run(exchange(MemGuardMiddleware(app), headers=[cl(30)],
+                              chunks=[b"a" * 10, b"b" * 10, b"c" * 10]))
+    assert ex.status == 200 and seen == [b"a" * 10, b"b" * 10, b"c" * 10]
+    assert same == [False, True]
+
+
+def test_a_receive_the_app_dropped_unawaited_is_released_by_the_next() -> None:
+    """A receive() the app called and let go of without awaiting: the server's
+    awaitable it held is released when the next receive() reuses it (a Pending of its
+    own was released when dropped), and the next one reads the body normally."""
+    if not body.SPEEDUPS:
+        pytest.skip("the pure-Python receive() is a coroutine per call")
+    made: list[weakref.ref[Any]] = []
+    alive: list[bool] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        receive()                        # called, never awaited, let go
+        message = receive()
+        alive.append(made[0]() is not None)  # the first server awaitable, released?
+        assert (await message)["body"] == b"x" * 10
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def main() -> Exchange:
+        async def server_receive() -> Message:
+            return {"type": "http.request", "body": b"x" * 10, "more_body": False}
+
+        def counted_receive() -> Any:
+            coroutine = server_receive()
+            made.append(weakref.ref(coroutine))
+            return coroutine
+
+        return await exchange(MemGuardMiddleware(app), headers=[cl(10)],
+                              receive=counted_receive)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "never awaited": that is the point
+        ex = asyncio.run(main())
+    assert ex.status == 200 and alive == [False] and len(made) == 2
