@@ -23,7 +23,8 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 	MEMGUARD_PURE_PYTHON=1 $(BIN)/python -m pytest -q tests/test_body_asgi.py \
-		tests/test_body_property.py tests/test_body_frameworks.py tests/test_body_speedups.py
+		tests/test_body_property.py tests/test_body_frameworks.py tests/test_body_speedups.py \
+		tests/test_probes.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check memguard tests examples benchmarks

@@ -33,7 +33,6 @@ import contextvars
 import http
 import json
 import logging
-import os
 import sys
 import time
 import weakref
@@ -41,7 +40,7 @@ import zlib
 from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
-from memguard import counters, events
+from memguard import counters, events, extensions
 from memguard.errors import (
     BodyTooLarge,
     MalformedRequest,
@@ -58,20 +57,13 @@ log = logging.getLogger("memguard.body")
 _monotonic = time.monotonic
 
 # The per-chunk path in C (memguard/_speedups.c), when it was built: ASGIBody's base
-# then holds the counting and timing fields, and the body itself is the receive the app
-# gets. Without it (another interpreter, no compiler at install), the same class runs in
-# Python. MEMGUARD_PURE_PYTHON=1 forces the Python path (tests run both).
+# then holds the counting and timing fields, and the body's receiver is the receive the
+# app gets. Without it (memguard.extensions), the same class runs in Python.
 _COUNTER_FIELDS = ("_receive", "received", "_threshold", "_calls", "_fast", "_timed",
                    "_waiting", "done")
-_CounterBase: type
-try:
-    if os.environ.get("MEMGUARD_PURE_PYTHON"):
-        raise ImportError("MEMGUARD_PURE_PYTHON is set")
-    from memguard._speedups import BodyCounter as _CounterBase
-    SPEEDUPS = True
-except ImportError:
-    _CounterBase = object
-    SPEEDUPS = False
+_speedups = extensions.load("_speedups")
+SPEEDUPS = _speedups is not None
+_CounterBase: type = _speedups.BodyCounter if _speedups is not None else object
 # No count reaches this: "no threshold".
 _NEVER = sys.maxsize
 

@@ -25,8 +25,14 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
+
+from memguard import extensions
+
+if TYPE_CHECKING:
+    from memguard._rss import StatmRss
 
 __all__ = [
     "CgroupInfo",
@@ -56,16 +62,9 @@ _UNLIMITED_THRESHOLD = 1 << 60
 
 
 # The same read as _StatmReader.rss in one C call, when memguard._rss was built (see its
-# source for why); MEMGUARD_PURE_PYTHON=1 keeps the Python one.
-_StatmRss: type[StatmRss] | None
-try:
-    if os.environ.get("MEMGUARD_PURE_PYTHON"):
-        raise ImportError("MEMGUARD_PURE_PYTHON is set")
-    from memguard._rss import StatmRss
-
-    _StatmRss = StatmRss
-except ImportError:
-    _StatmRss = None
+# source for why; memguard.extensions).
+_rss = extensions.load("_rss")
+_StatmRss: type[StatmRss] | None = _rss.StatmRss if _rss is not None else None
 
 
 class _StatmReader:

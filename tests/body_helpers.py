@@ -4,8 +4,10 @@ and what the app saw (no transport in between)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import io
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,3 +128,22 @@ def gzip_bomb(mib: int) -> bytes:
     parts = [packer.compress(zeros) for _ in range(mib)]
     parts.append(packer.flush())
     return b"".join(parts)
+
+
+@contextlib.contextmanager
+def cyclic_garbage() -> Iterator[list[str]]:
+    """What the block leaves for the cycle collector: the type names of the objects no
+    longer reachable when it ends, in the list it yields (filled then). The collector is
+    off during the block, so nothing is freed behind the count."""
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    left: list[str] = []
+    try:
+        yield left
+        gc.collect()
+        left.extend(sorted({type(o).__name__ for o in gc.garbage}))
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()

@@ -22,7 +22,7 @@ from memguard.body import _Sweeper
 from memguard.errors import BodyTooLarge, MemoryPressure
 from memguard.types import Message, Receive, Scope, Send
 from tests.apps.body_apps import asgi_echo
-from tests.body_helpers import exchange, gzip_bomb, run
+from tests.body_helpers import cyclic_garbage, exchange, gzip_bomb, run
 
 
 @pytest.fixture(autouse=True)
@@ -734,17 +734,8 @@ def test_no_reference_cycle_outlives_a_request(case: str) -> None:
 
     async def main() -> tuple[int | None, list[str]]:
         await exchange(guarded, **request)  # first-time set-up (the sweeper) is not counted
-        gc.collect()
-        gc.disable()
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        try:
+        with cyclic_garbage() as left:
             ex = await exchange(guarded, **request)
-            gc.collect()
-            left = sorted({type(o).__name__ for o in gc.garbage})
-        finally:
-            gc.set_debug(0)
-            gc.garbage.clear()
-            gc.enable()
         return ex.status, left
 
     status, left = asyncio.run(main())

@@ -14,7 +14,7 @@ import pytest
 from memguard import MemGuardWSGIMiddleware, counters
 from memguard.errors import BodyTooLarge
 from tests.apps.body_apps import wsgi_echo
-from tests.body_helpers import gzip_bomb, wsgi_call
+from tests.body_helpers import cyclic_garbage, gzip_bomb, wsgi_call
 
 
 @pytest.fixture(autouse=True)
@@ -316,21 +316,10 @@ def test_no_reference_cycle_outlives_a_wsgi_request(case: str) -> None:
     wrapper's ``on_reject``) and the request holds the environ; a refusal's traceback
     holds the frame that caught it. The request lets go of them at its end, so nothing
     is left for the cycle collector."""
-    import gc
-
     app, options, request = _CYCLE_CASES[case]
     guarded = MemGuardWSGIMiddleware(app, **options)
     wsgi_call(guarded, **request)
-    gc.collect()
-    gc.disable()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
+    with cyclic_garbage() as left:
         status = wsgi_call(guarded, **request)[0]
-        gc.collect()
-        left = sorted({type(o).__name__ for o in gc.garbage})
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
     assert status.startswith("413" if "over" in case or "refused" in case else "200")
     assert left == []
