@@ -243,14 +243,14 @@ receiver_vectorcall(Receiver *self, PyObject *const *args, size_t nargsf, PyObje
     }
     Pending *spare = self->spare;
     if (spare != NULL && Py_REFCNT(spare) == 1 && PyCoro_CheckExact(iter)) {
-        if (UNLIKELY(spare->iter != NULL)) {
-            /* The app let go of it without awaiting it to the end: the server's
-             * awaitable is released now (a Pending dropped so was freed at once). */
-            Py_CLEAR(spare->iter);
-        }
+        /* Not NULL when the app let go of it without awaiting it to the end: the
+         * server's awaitable is released now (a Pending dropped so was freed at once),
+         * last, since that may run the server's code. */
+        PyObject *abandoned = spare->iter;
         wait_begins(body);
         spare->iter = iter;
         Py_INCREF(spare);
+        Py_XDECREF(abandoned);
         return (PyObject *)spare;
     }
     PyObject *fresh = pending_new(body, iter);
