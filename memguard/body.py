@@ -659,7 +659,7 @@ class ASGIBody(_CounterBase):  # type: ignore[misc]
     def close(self) -> None:
         self._fast = False  # a finished or refused body answers from Python
         if self._sweeper is not None:
-            self._sweeper.bodies.discard(self)  # _Sweeper.discard, a Python call less
+            self._sweeper.bodies.discard(self)
             self._sweeper = None
 
 
@@ -727,9 +727,6 @@ class _Sweeper:
         # which forgets it, so a live one is due.
         if self._handle is None or self._handle() is None:
             self._schedule(loop)
-
-    def discard(self, body: ASGIBody) -> None:
-        self.bodies.discard(body)
 
     def sweep(self) -> None:
         self._handle = None

@@ -72,16 +72,15 @@ class _StatmReader:
 
     A descriptor opened before ``fork()`` keeps describing the parent (``/proc/self`` is
     resolved at open time), so the child must reopen it. ``os.register_at_fork`` does
-    that before any code in the child can read, and a pid check catches children made
-    by ``os.fork`` wrappers that bypass the hook (``multiprocessing`` with ``fork`` calls
-    ``os.fork`` too, so the hook normally runs).
+    that before any code in the child can read (``multiprocessing`` with ``fork`` calls
+    ``os.fork`` too, so the hook runs). A read checks no process id: that would be a
+    system call per read.
     """
 
-    __slots__ = ("_fd", "_pid", "fast")
+    __slots__ = ("_fd", "fast")
 
     def __init__(self) -> None:
         self._fd = -1
-        self._pid = -1
         # The C reader of the same descriptor (None without memguard._rss).
         self.fast: StatmRss | None = None
         self._open()
@@ -91,7 +90,6 @@ class _StatmReader:
             self._fd = os.open("/proc/self/statm", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError:
             self._fd = -1
-        self._pid = os.getpid()
         if _StatmRss is not None:
             if self.fast is None:
                 self.fast = _StatmRss(self._fd, PAGE_SIZE, _psutil_rss)
@@ -126,7 +124,7 @@ if _statm is not None and hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_statm.reopen_after_fork)
 
 
-# This process's resident set size in bytes (Linux: one ``pread``, ~2 us): the statm
+# This process's resident set size in bytes (Linux: one ``pread``, about 1 us): the statm
 # reader's C reader, or its bound method, itself: one call per read rather than two (the
 # request accounting reads it twice per sampled request).
 current_rss: Callable[[], int] = (
