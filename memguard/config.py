@@ -539,7 +539,7 @@ setting(
 
 
 # =====================================================================================
-# uploads: streaming saves to disk (memguard/uploads.py)
+# uploads: streaming saves to disk (memguard/uploads/)
 # =====================================================================================
 
 

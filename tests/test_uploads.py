@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from memguard import counters, spool
+from memguard import counters
 from memguard.errors import (
     BodyTooLarge,
     InsufficientStorage,
@@ -35,6 +35,7 @@ from memguard.uploads import (
     save_body_wsgi,
     save_multipart,
     save_multipart_wsgi,
+    spool,
 )
 
 B = "testboundary42"

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memguard.filenames import MAX_DISPLAY_NAME, display_name, is_safe_component
+from memguard.uploads.filenames import MAX_DISPLAY_NAME, display_name, is_safe_component
 
 _BAD_CATEGORIES = {"Cc", "Cf", "Cn", "Cs", "Co", "Zl", "Zp"}
 

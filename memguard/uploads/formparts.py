@@ -5,8 +5,8 @@
 applies every cap at once, so a hostile body stops at the first part over a limit
 (20,000 empty parts cost milliseconds: the parse ends at part ``max_parts + 1``).
 Field values are collected (bounded); file data is queued, as views into the received
-chunks, on the part's :class:`~memguard.spool.Spool`, which the caller
-(:mod:`memguard.uploads`) writes after each ``parser.write``. :class:`Feeder` adds what
+chunks, on the part's :class:`~memguard.uploads.spool.Spool`, which the caller
+(:mod:`memguard.uploads.saving`) writes after each ``parser.write``. :class:`Feeder` adds what
 the parser does not check: the bytes before the first boundary and after the last, and
 the time spent parsing.
 """
@@ -25,8 +25,8 @@ from memguard.errors import (
     RequestTimeout,
     UnsupportedMediaType,
 )
-from memguard.filenames import display_name, is_safe_component
-from memguard.spool import TEMP_PREFIX, AsyncSpool, RequestBudget, Spool
+from memguard.uploads.filenames import display_name, is_safe_component
+from memguard.uploads.spool import TEMP_PREFIX, AsyncSpool, RequestBudget, Spool
 
 __all__ = ["Feeder", "FormLimits", "FormReader", "Namer", "Part", "boundary_of",
            "decode_header_text"]
