@@ -31,6 +31,7 @@ from typing import Any
 from memguard import counters, events, probes, recycle
 from memguard.gunicorn import slots as slot_states
 from memguard.gunicorn.limits import Limits, resolve_limits
+from memguard.gunicorn.logs import forward_to
 from memguard.gunicorn.slots import SlotTable
 from memguard.gunicorn.watchdog import Watchdog
 from memguard.gunicorn.worker import WorkerMonitor, exit_without_teardown
@@ -77,6 +78,7 @@ class Guard:
     # ---- master ----------------------------------------------------------------------
 
     def on_starting(self, server: Any) -> None:
+        forward_to(server.log)
         limits = self.limits
         server.log.info("memguard: %s", limits.describe())
         # Names with "worker" are drawn per worker by `memguard report`; the others
@@ -132,6 +134,7 @@ class Guard:
             # its collections (ours at the limit included) skip it and leave its pages
             # shared. The app is imported after this, and collected as usual.
             gc.freeze()
+        forward_to(worker.log)
         counters.reset()  # a worker counts its own recycles, not its master's
         self.watchdog = None
         self.slots.set_pid(worker.age, os.getpid())
