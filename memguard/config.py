@@ -24,6 +24,7 @@ from memguard.sizes import parse_size
 __all__ = [
     "SETTINGS",
     "Setting",
+    "UploadOptions",
     "parse_bool",
     "parse_optional_size",
     "reference_markdown",
@@ -619,6 +620,14 @@ setting(
     env="MEMGUARD_UPLOAD_MAX_FIELD_SIZE", type_doc="size",
 )
 setting(
+    "upload_max_fields_memory", "uploads", "4MiB", parse_size_value,
+    "Most memory the non-file fields of one multipart body may hold together, counted as "
+    "the strings they become (a field with one character beyond Latin-1 takes up to four "
+    "bytes per character), like Django's DATA_UPLOAD_MAX_MEMORY_SIZE (413 "
+    "`fields_over_memory_limit` above it). Defaults to 4 MiB.",
+    env="MEMGUARD_UPLOAD_MAX_FIELDS_MEMORY", type_doc="size",
+)
+setting(
     "upload_max_file_size", "uploads", None, parse_optional_bytes,
     "Largest single file in a multipart body (413). Defaults to the body limit.",
     env="MEMGUARD_UPLOAD_MAX_FILE_SIZE", type_doc="size",
@@ -647,3 +656,34 @@ setting(
     "used and removed on failure. Defaults to on.",
     env="MEMGUARD_UPLOAD_TMPFILE", type_doc="bool",
 )
+
+
+@dataclass(frozen=True)
+class UploadOptions:
+    """The ``uploads`` section, typed: each field is the option without its ``upload_``
+    prefix (``max_size`` is ``upload_max_size``)."""
+
+    max_size: int
+    fsync: bool
+    min_free: int | str
+    request_quota: int | None
+    process_quota: int | None
+    batch_size: int
+    max_parts: int
+    max_fields: int
+    max_files: int
+    max_field_size: int
+    max_fields_memory: int
+    max_file_size: int | None
+    max_part_header_size: int
+    max_part_headers: int
+    parse_budget: float
+    tmpfile: bool
+
+    @classmethod
+    def resolve(cls, options: Mapping[str, Any],
+                environ: Mapping[str, str] | None = None) -> UploadOptions:
+        """From per-call options (without the prefix: ``max_files=10``), then
+        ``MEMGUARD_UPLOAD_*`` variables, then defaults."""
+        values = resolve(["uploads"], {f"upload_{k}": v for k, v in options.items()}, environ)
+        return cls(**{name.removeprefix("upload_"): v for name, v in values.items()})

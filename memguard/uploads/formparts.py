@@ -14,11 +14,13 @@ the time spent parsing.
 from __future__ import annotations
 
 import secrets
+import sys
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn
 
+from memguard.config import UploadOptions
 from memguard.errors import (
     BodyTooLarge,
     MalformedRequest,
@@ -28,38 +30,13 @@ from memguard.errors import (
 from memguard.uploads.filenames import display_name, is_safe_component
 from memguard.uploads.spool import TEMP_PREFIX, AsyncSpool, RequestBudget, Spool
 
-__all__ = ["Feeder", "FormLimits", "FormReader", "Namer", "Part", "boundary_of",
+__all__ = ["Feeder", "FormReader", "Namer", "Part", "boundary_of",
            "decode_header_text"]
 
 Namer = Callable[[str, str, "str | None"], str]
 
 PREAMBLE_LIMIT = 64 * 1024  # bytes before the first boundary (only CR/LF are allowed)
 EPILOGUE_LIMIT = 64 * 1024  # bytes after the closing boundary
-
-
-class FormLimits(Protocol):
-    """The options a form is read with (:class:`memguard.uploads` passes its own)."""
-
-    @property
-    def fsync(self) -> bool: ...
-    @property
-    def tmpfile(self) -> bool: ...
-    @property
-    def max_parts(self) -> int: ...
-    @property
-    def max_fields(self) -> int: ...
-    @property
-    def max_files(self) -> int: ...
-    @property
-    def max_field_size(self) -> int: ...
-    @property
-    def max_file_size(self) -> int | None: ...
-    @property
-    def max_part_header_size(self) -> int: ...
-    @property
-    def max_part_headers(self) -> int: ...
-    @property
-    def parse_budget(self) -> float: ...
 
 
 def decode_header_text(raw: bytes) -> str:
@@ -93,7 +70,7 @@ class FormReader:
     values collect here (bounded); file data is queued on the part's spool, and the
     driver (async or sync) writes it after each ``parser.write``."""
 
-    def __init__(self, opts: FormLimits, directory: Path, budget: RequestBudget,
+    def __init__(self, opts: UploadOptions, directory: Path, budget: RequestBudget,
                  allowed: Collection[str] | None, namer: Namer | None, is_async: bool) -> None:
         self.opts = opts
         self.directory = directory
@@ -102,6 +79,7 @@ class FormReader:
         self.namer = namer
         self.is_async = is_async
         self.fields_items: list[tuple[str, str]] = []
+        self.fields_memory = 0  # bytes the collected fields' strings take
         self.parts = self.fields = self.files = 0
         self.part: Part | None = None
         self.open_files: list[Part] = []  # every file part begun: for abandon()
@@ -202,6 +180,8 @@ class FormReader:
                 raise BodyTooLarge("A form field is larger than allowed.",
                                    reason="field_too_large", limit=self.opts.max_field_size,
                                    field=part.name[:100])
+            if self.fields_memory + part.size > self.opts.max_fields_memory:
+                self._fields_over_memory(self.fields_memory + part.size)
             part.value += data[start:end]
             return
         limit = self.opts.max_file_size
@@ -227,9 +207,19 @@ class FormReader:
             except UnicodeDecodeError:
                 raise MalformedRequest("A form field is not valid UTF-8.",
                                        reason="field_not_utf8", field=part.name[:100]) from None
+            # What the strings really take: CPython stores a str with one character
+            # beyond Latin-1 at 2 or 4 bytes per character, so count the objects.
+            self.fields_memory += sys.getsizeof(value) + sys.getsizeof(part.name)
+            if self.fields_memory > self.opts.max_fields_memory:
+                self._fields_over_memory(self.fields_memory)
             self.fields_items.append((part.name, value))
         else:
             self.finished.append(part)
+
+    def _fields_over_memory(self, held: int) -> NoReturn:
+        raise BodyTooLarge("The form's fields need more memory than allowed.",
+                           reason="fields_over_memory_limit",
+                           limit=self.opts.max_fields_memory, held=held, fields=self.fields)
 
     def on_end(self) -> None:
         self.ended = True

@@ -15,12 +15,12 @@ from collections.abc import (
     MutableMapping,
 )
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from memguard import counters, events
-from memguard.config import resolve
+from memguard.config import UploadOptions
 from memguard.errors import (
     BodyTooLarge,
     InsufficientStorage,
@@ -86,53 +86,19 @@ class MultipartResult:
 # Options
 
 
-@dataclass(frozen=True)
-class _Options:
-    max_size: int
-    fsync: bool
-    min_free: int | str
-    request_quota: int | None
-    process_quota: int | None
-    batch: int
-    max_parts: int
-    max_fields: int
-    max_files: int
-    max_field_size: int
-    max_file_size: int | None
-    max_part_header_size: int
-    max_part_headers: int
-    parse_budget: float
-    tmpfile: bool
-
-
-def _options(max_size: int | str | None, route_limit: Any, kwargs: Mapping[str, Any]) -> _Options:
-    values = resolve(["uploads"], {f"upload_{k}": v for k, v in kwargs.items()})
+def _options(max_size: int | str | None, route_limit: Any,
+             kwargs: Mapping[str, Any]) -> UploadOptions:
+    """The call's options, its body limit being, in order: ``max_size=``, the body
+    guard's effective limit for this request, the ``upload_max_size`` option."""
+    opts = UploadOptions.resolve(kwargs)
     if max_size is not None:
-        limit = parse_size(max_size)
-    elif isinstance(route_limit, int) and not isinstance(route_limit, bool) and route_limit >= 0:
-        limit = route_limit  # the body guard's effective limit for this request
-    else:
-        limit = values["upload_max_size"]
-    return _Options(
-        max_size=limit,
-        fsync=values["upload_fsync"],
-        min_free=values["upload_min_free"],
-        request_quota=values["upload_request_quota"],
-        process_quota=values["upload_process_quota"],
-        batch=max(1, values["upload_batch_size"]),
-        max_parts=values["upload_max_parts"],
-        max_fields=values["upload_max_fields"],
-        max_files=values["upload_max_files"],
-        max_field_size=values["upload_max_field_size"],
-        max_file_size=values["upload_max_file_size"],
-        max_part_header_size=values["upload_max_part_header_size"],
-        max_part_headers=values["upload_max_part_headers"],
-        parse_budget=values["upload_parse_budget"],
-        tmpfile=values["upload_tmpfile"],
-    )
+        return replace(opts, max_size=parse_size(max_size))
+    if isinstance(route_limit, int) and not isinstance(route_limit, bool) and route_limit >= 0:
+        return replace(opts, max_size=route_limit)
+    return opts
 
 
-def _budget(opts: _Options, directory: Path) -> RequestBudget:
+def _budget(opts: UploadOptions, directory: Path) -> RequestBudget:
     floor = opts.min_free
     if isinstance(floor, str):  # "5%" of the target filesystem
         st = os.statvfs(directory)
@@ -141,7 +107,7 @@ def _budget(opts: _Options, directory: Path) -> RequestBudget:
                          min_free=floor)
 
 
-def _precheck(opts: _Options, budget: RequestBudget, directory: Path,
+def _precheck(opts: UploadOptions, budget: RequestBudget, directory: Path,
               length: int | None) -> None:
     """Refuse before reading a byte when the declared length cannot fit."""
     if length is None:
@@ -301,7 +267,7 @@ async def save_body(
         _precheck(opts, budget, directory, _content_length(headers.get(b"content-length")))
         spool = Spool(directory, budget, fsync=opts.fsync, use_tmpfile=opts.tmpfile)
         writer = AsyncSpool(spool)
-        batch = opts.batch
+        batch = max(1, opts.batch_size)
         async with aclosing(_asgi_body(receive_, opts.max_size)) as chunks:
             async for chunk in chunks:
                 writer.add(chunk)
@@ -402,7 +368,7 @@ def save_body_wsgi(
         spool = Spool(directory, budget, fsync=opts.fsync, use_tmpfile=opts.tmpfile)
         pending: list[bytes] = []
         pending_size = 0
-        batch = opts.batch
+        batch = max(1, opts.batch_size)
         for chunk in _wsgi_body(environ, opts.max_size):
             pending.append(chunk)
             pending_size += len(chunk)
@@ -474,7 +440,7 @@ async def save_multipart(
         form = FormReader(opts, folder, budget, allowed_fields, name, is_async=True)
         files: list[SavedFile] = []
         feeder = Feeder(form, boundary)
-        batch = opts.batch
+        batch = max(1, opts.batch_size)
         async with aclosing(_asgi_body(receive_, opts.max_size)) as chunks:
             async for chunk in chunks:
                 feeder.feed(chunk)
@@ -523,7 +489,7 @@ def save_multipart_wsgi(
         form = FormReader(opts, folder, budget, allowed_fields, name, is_async=False)
         files: list[SavedFile] = []
         feeder = Feeder(form, boundary)
-        batch = opts.batch
+        batch = max(1, opts.batch_size)
         for chunk in _wsgi_body(environ, opts.max_size):
             feeder.feed(chunk)
             while form.finished:
