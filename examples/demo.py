@@ -39,7 +39,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from memguard import doctor, report
+from memguard.cli import doctor, report
 from memguard.sizes import format_size
 from memguard.testing import (
     MemoryCgroup,

@@ -72,7 +72,7 @@ def test_nested_group_gets_the_parents_tighter_limit() -> None:
 
 
 def test_doctor_pid_reports_the_masters_cgroup_and_workers(repo: Path) -> None:
-    from memguard import doctor
+    from memguard.cli import doctor
     from memguard.testing import serve
 
     with MemoryCgroup("300MiB") as group:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from memguard import report
+from memguard.cli import report
 from memguard.testing import MemoryCgroup, Server, http_request, serve
 
 pytestmark = [pytest.mark.server, pytest.mark.cgroup]

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from memguard import cli, report
+from memguard import cli
+from memguard.cli import report
 from tests.apps.timeline_events import MiB, Truth, synthetic_events, write_events
 
 

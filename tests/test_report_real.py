@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from memguard import cli, report
+from memguard import cli
+from memguard.cli import report
 from tests.apps.timeline_run import run
 
 pytestmark = pytest.mark.server

@@ -1,4 +1,4 @@
-"""memguard.sizing: the decision, with made-up machines and footprints."""
+"""memguard.cli.sizing: the decision, with made-up machines and footprints."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memguard.sizes import parse_size
-from memguard.sizing import (
+from memguard.cli.sizing import (
     Footprint,
     SizingInput,
     advise,
@@ -15,6 +14,7 @@ from memguard.sizing import (
     cpu_bound,
     render_text,
 )
+from memguard.sizes import parse_size
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -38,7 +38,7 @@ def at_import() -> list[Footprint]:
 
 def check_fits(advice: object, inp: SizingInput) -> None:
     """The invariants every advice that fits must keep."""
-    from memguard.sizing import Advice
+    from memguard.cli.sizing import Advice
 
     assert isinstance(advice, Advice)
     mode = next(m for m in advice.modes if m["preload"] == advice.preload)

@@ -1,4 +1,4 @@
-"""memguard.footprint and `memguard suggest`: real imports, real forks, a real cgroup."""
+"""memguard.cli.footprint and `memguard suggest`: real imports, real forks, a real cgroup."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from memguard.footprint import FootprintError, is_asgi, load_app, measure
+from memguard.cli.footprint import FootprintError, is_asgi, load_app, measure
 from memguard.probes import process_memory
 from memguard.sizes import format_size
 from memguard.testing import MemoryCgroup, http_request, serve

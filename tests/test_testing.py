@@ -34,7 +34,7 @@ def test_uvicorn_on_port_zero(repo: object) -> None:
 
 
 def test_doctor_lists_gunicorn_workers(repo: object) -> None:
-    from memguard import doctor
+    from memguard.cli import doctor
 
     with serve("gunicorn", "tests.apps.hello:wsgi_app", ["-w", "2"], cwd=str(repo)) as server:
         server.wait_for_workers(2)

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                    interval=args.interval, cgroup=args.cgroup)
     print(f"clients saw: {dict(observed.statuses)}, {observed.failures} failed")
     if args.out:
-        from memguard import report
+        from memguard.cli import report
 
         timeline = report.load(args.events)
         report.draw(timeline, args.out)

@@ -1,7 +1,7 @@
 """What an app really costs per worker: import it, fork, serve warm-up requests, measure.
 
-:func:`measure` runs ``python -m memguard.footprint`` in a fresh subprocess (so the app's
-import never touches the caller) and returns one :class:`~memguard.sizing.Footprint` per
+:func:`measure` runs ``python -m memguard.cli.footprint`` in a fresh subprocess (so the app's
+import never touches the caller) and returns one :class:`~memguard.cli.sizing.Footprint` per
 serving mode:
 
 - without preload: the process stands in for a gunicorn master that has not imported the
@@ -35,9 +35,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from memguard.cli.sizing import Footprint
 from memguard.errors import MemGuardError
 from memguard.probes import ProcessMemory, process_memory
-from memguard.sizing import Footprint
 
 __all__ = ["FootprintError", "load_app", "measure", "is_asgi"]
 
@@ -203,7 +203,7 @@ def _serve_asgi(app: Any, paths: Sequence[str], count: int,
 
 
 # --------------------------------------------------------------------------------------
-# The measuring process (python -m memguard.footprint)
+# The measuring process (python -m memguard.cli.footprint)
 
 
 def _self_memory(collect: bool = True) -> ProcessMemory:
@@ -280,7 +280,7 @@ def _measure_here(spec: str, paths: Sequence[str], count: int, interface: str,
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m memguard.footprint")
+    parser = argparse.ArgumentParser(prog="python -m memguard.cli.footprint")
     parser.add_argument("app")
     parser.add_argument("--requests", type=int, default=DEFAULT_REQUESTS)
     parser.add_argument("--path", action="append", dest="paths")
@@ -313,7 +313,7 @@ def measure(
     cwd: str | Path | None = None, timeout: float = 120,
 ) -> tuple[list[Footprint], dict[str, Any]]:
     """Measure ``app`` ("module:attr") in a subprocess: footprints plus the raw report."""
-    argv = [sys.executable, "-m", "memguard.footprint", app, "--requests", str(requests),
+    argv = [sys.executable, "-m", "memguard.cli.footprint", app, "--requests", str(requests),
             "--interface", interface]
     for path in paths:
         argv += ["--path", path]

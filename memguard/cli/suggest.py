@@ -1,7 +1,7 @@
 """``memguard suggest``: this machine's CPUs and memory, the app's measured footprint, advice.
 
-The glue between the probes (what the machine has), :mod:`memguard.footprint` (what the
-app costs) and :mod:`memguard.sizing` (the decision), for the command line.
+The glue between the probes (what the machine has), :mod:`memguard.cli.footprint` (what the
+app costs) and :mod:`memguard.cli.sizing` (the decision), for the command line.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import sys
 import psutil
 
 from memguard import probes
-from memguard.footprint import FootprintError, measure
+from memguard.cli.footprint import FootprintError, measure
+from memguard.cli.sizing import Advice, SizingInput, advise, render_text
 from memguard.sizes import parse_size
-from memguard.sizing import Advice, SizingInput, advise, render_text
 
 __all__ = ["run", "collect"]
 

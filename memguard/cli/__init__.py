@@ -1,4 +1,9 @@
-"""The ``memguard`` command."""
+"""The ``memguard`` command: its parser and the dispatch to one module per subcommand.
+
+``doctor`` (what the machine and its gunicorn masters look like), ``suggest`` (advice from
+:mod:`~memguard.cli.footprint`, what the app costs, and :mod:`~memguard.cli.sizing`, the
+decision), ``report`` (an event log's summary and timeline) and ``options``.
+"""
 
 from __future__ import annotations
 
@@ -63,14 +68,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "options":
         return _options(args)
     if args.command == "suggest":
-        from memguard import suggest
+        from memguard.cli import suggest
 
         return suggest.run(args)
     raise AssertionError(args.command)
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from memguard import doctor
+    from memguard.cli import doctor
 
     report = doctor.collect(pid=args.pid)
     if args.json:
@@ -82,7 +87,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from memguard import report
+    from memguard.cli import report
 
     try:
         timeline = report.load(args.events)

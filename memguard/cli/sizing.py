@@ -1,7 +1,7 @@
 """Worker-count advice from CPU, memory and a measured app footprint.
 
 Pure decision logic: :func:`advise` takes figures (effective CPUs, the memory budget, what
-the app really costs per worker, measured by :mod:`memguard.footprint`) and returns an
+the app really costs per worker, measured by :mod:`memguard.cli.footprint`) and returns an
 :class:`Advice`: how many workers and threads, the per-worker soft and hard memory limits
 that fit, which bound decided, and a ready ``gunicorn.conf.py`` snippet. Nothing here reads
 the machine, so every rule can be tested with made-up figures.
