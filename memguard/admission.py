@@ -110,14 +110,15 @@ class MemoryAdmission:
         self._rss = rss
         self._cgroup_usage = cgroup_usage
         self._psi = psi
-        self._uss = uss if uss is not None else _own_uss
+        self._uss = uss if uss is not None else recycle.own_uss
         # The container's page cache the kernel drops before any OOM kill (inactive
         # file pages): read only when usage looks high, to judge the working set.
         self._reclaimable = reclaimable
-        # False under memguard's gunicorn integration: its worker monitor and the
-        # master's watchdog recycle, staggered so that replacements never all boot at
-        # once; a second, uncoordinated trigger here would defeat that.
-        self.recycle_after_response = recycle_after_response
+        # The after-response recycle check, on this worker's soft limit; not used where
+        # a server integration observes every request itself (recycle_after_response).
+        self._recycle_after_response = recycle_after_response
+        self.recycle_decision = recycle.RecycleDecision(
+            soft_limit, hard_limit, soft_reason="worker_memory_limit")
         self._retry_headers = {"Retry-After": str(retry_after)}
         # Cached figures, refreshed by refresh().
         self.level = OK
@@ -163,7 +164,6 @@ class MemoryAdmission:
             reclaimable=(_inactive_file_reader(cgroup.info.directory / "memory.stat",
                                                cgroup.info.version)
                          if cgroup is not None else None),
-            recycle_after_response=_gunicorn_integration_limits() is None,
         )
 
     # ---- the pressure level -------------------------------------------------------------
@@ -272,12 +272,19 @@ class MemoryAdmission:
             self.refresh(now)
         return BodyMemoryGuard(self, content_length, self.rss)
 
+    @property
+    def recycle_after_response(self) -> bool:
+        """False under memguard's gunicorn integration: its worker monitor and the
+        master's watchdog feed the recycle decision, staggered so that replacements
+        never all boot at once; a second, uncoordinated trigger here would defeat that."""
+        return self._recycle_after_response and not recycle.server_observes_requests()
+
     def after_response(self, now: int) -> bool:
-        """Ask for a graceful recycle when the worker is over its soft limit.
+        """Feed the recycle decision after a response; recycle on its verdict.
 
         RSS counts pages still shared with the master after fork, so the decision uses
-        USS, read only when RSS (an upper bound of USS) is over the limit, and at most
-        once per ``uss_interval``. Returns True when a recycle was started.
+        USS, read only when RSS (an upper bound of USS) is over the soft limit, and at
+        most once per ``uss_interval``. Returns True when a recycle was started.
         """
         soft = self.soft_limit
         if soft is None or not self.recycle_after_response:
@@ -290,12 +297,13 @@ class MemoryAdmission:
         uss = self.uss = self._uss()
         if uss is None:
             uss = self.rss
-        if uss <= soft:
+        decision = self.recycle_decision
+        decision.sample(uss, self.rss)
+        verdict = decision.judge(uss, figures={"rss": self.rss, "uss": uss, "soft_limit": soft,
+                                               "hard_limit": self.hard_limit})
+        if verdict is None:
             return False
-        return recycle.request_recycle(
-            "worker_memory_limit", rss=self.rss, uss=uss, soft_limit=soft,
-            hard_limit=self.hard_limit,
-        )
+        return recycle.request_recycle(verdict.reason, **verdict.figures)
 
 
 class BodyMemoryGuard:
@@ -430,12 +438,7 @@ def derive_worker_limits(
 def _gunicorn_integration_limits() -> tuple[int | None, int | None] | None:
     """(soft, hard) of ``memguard.gunicorn.install`` in this process (a gunicorn worker
     forked from a master that ran it), or ``None``."""
-    module = sys.modules.get("memguard.gunicorn")
-    limits = getattr(getattr(module, "_guard", None), "limits", None)
-    if limits is None:
-        return None
-    soft, hard = getattr(limits, "soft", None), getattr(limits, "hard", None)
-    return (soft if isinstance(soft, int) else None, hard if isinstance(hard, int) else None)
+    return recycle.server_limits()
 
 
 def _resolve_limit(value: int | str | None, container_limit: int | None) -> int | None:
@@ -470,13 +473,6 @@ def worker_count_from_environment(
             if arg in ("-w", "--workers") and i + 1 < len(args) and args[i + 1].isdigit():
                 return int(args[i + 1]) or None
     return None
-
-
-def _own_uss() -> int | None:
-    try:
-        return probes.process_memory(os.getpid()).uss
-    except (ProcessLookupError, OSError):
-        return None
 
 
 def _inactive_file_reader(path: Any, version: int) -> Callable[[], int]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from memguard import config, counters
+from memguard import config, counters, recycle
 from memguard.admission import (
     CRITICAL,
     ELEVATED,
@@ -362,6 +362,7 @@ def test_auto_limits_follow_the_gunicorn_integration() -> None:
     import memguard.gunicorn as integration
 
     previous = integration._guard
+    previous_server = recycle.server_limits()
     try:
         namespace: dict[str, Any] = {}
         integration.install(namespace, worker_memory_limit="160MiB",
@@ -381,3 +382,4 @@ def test_auto_limits_follow_the_gunicorn_integration() -> None:
         assert admission.recycle_after_response is False
     finally:
         integration._guard = previous
+        recycle.set_server(previous_server)

@@ -22,8 +22,8 @@ from memguard.gunicorn import HOOKS, install, is_uvicorn_worker
 from memguard.gunicorn import slots as slot_states
 from memguard.gunicorn.limits import resolve_limits
 from memguard.gunicorn.slots import SlotTable
-from memguard.gunicorn.worker import release_memory
 from memguard.probes import memory_budget
+from memguard.recycle import release_memory
 
 MIB = 1 << 20
 
@@ -32,11 +32,15 @@ MIB = 1 << 20
 
 
 @pytest.fixture(autouse=True)
-def _no_guard_left_behind(monkeypatch: pytest.MonkeyPatch) -> None:
-    """install() keeps its Guard in the module, as a worker forked from the master does;
-    in this test process it would make the middleware of later tests believe it runs
-    under memguard's gunicorn integration (memguard.admission reads it)."""
+def _no_guard_left_behind(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """install() keeps its Guard in the module, and registers itself with
+    memguard.recycle, as a worker forked from the master needs; in this test process it
+    would make the middleware of later tests believe it runs under memguard's gunicorn
+    integration."""
     monkeypatch.setattr(memguard.gunicorn, "_guard", None)
+    previous = recycle.server_limits()
+    yield
+    recycle.set_server(previous)
 
 
 def test_env_contract_names() -> None:
@@ -212,7 +216,7 @@ def test_signal_recycler_signals_itself_once() -> None:
 
 
 def test_figures_are_logged_with_sizes() -> None:
-    text = recycle._figures_text({"uss": 85 * MIB, "limit": 80 * MIB, "requests": 37})
+    text = recycle.format_figures({"uss": 85 * MIB, "limit": 80 * MIB, "requests": 37})
     assert text == "uss=85.0 MiB limit=80.0 MiB requests=37"
 
 

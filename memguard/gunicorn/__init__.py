@@ -259,6 +259,9 @@ def install(namespace: MutableMapping[str, Any], **options: Any) -> Guard:
     else:
         _guard.limits = limits
     guard = _guard
+    # The middleware, in the master (--preload) and in each worker, leaves the
+    # after-response check to this integration's worker monitor and takes its limits.
+    recycle.set_server((limits.soft, limits.hard))
     for name in HOOKS:
         ours = getattr(guard, name)
         theirs = namespace.get(name)

@@ -28,12 +28,11 @@ import time
 from collections import Counter
 from typing import Any
 
-from memguard import counters, events, probes
+from memguard import counters, events, probes, recycle
 from memguard.gunicorn import slots as slot_states
 from memguard.gunicorn.limits import Limits
 from memguard.gunicorn.slots import SlotTable
 from memguard.gunicorn.worker import working_set_bytes
-from memguard.recycle import _figures_text
 from memguard.sizes import format_size
 
 __all__ = ["Watchdog", "WorkerRecord", "read_oom_kills"]
@@ -84,6 +83,9 @@ class Watchdog:
         oom = read_oom_kills(self.cgroup)
         self.oom_seen = oom[0] if oom else 0
         self.oom_source = oom[1] if oom else None
+        # The master judges each worker's sample against the same limits the workers
+        # hold (without their jitter: it is the safety net, not the first trigger).
+        self.decision = recycle.RecycleDecision(limits.soft, limits.hard)
         self.master: probes.ProcessMemory | None = None
         self.pool_reported = False
         self.ticks = 0
@@ -168,6 +170,7 @@ class Watchdog:
                         pss=mem.pss, swap=mem.swap)
         self._report_pool(current, workers)
 
+        decision = self.decision
         for record in current:
             uss = _own(record)
             if record.hard_deadline is not None:
@@ -175,7 +178,8 @@ class Watchdog:
                 if now >= record.hard_deadline and not record.killed:
                     self._kill(record, uss)
                 continue
-            if limits.hard is not None and uss >= limits.hard:
+            verdict = decision.judge_sample(uss)
+            if verdict is not None and verdict.urgent:
                 self._stop_hard(record, uss, now)
                 urgent = True
                 continue
@@ -188,20 +192,21 @@ class Watchdog:
                 if busy >= limits.max_concurrent:
                     break
                 uss = _own(record)
-                if uss >= limits.soft and self._eligible(record, now, born_over_too=False):
-                    self._recycle(record, "soft_limit", uss=uss, limit=limits.soft)
+                verdict = decision.judge_sample(uss)
+                if verdict is not None and self._eligible(record, now, born_over_too=False):
+                    self._recycle(record, verdict.reason, uss=uss, limit=verdict.limit)
                     busy += 1
         if limits.total is not None and current:
             total = usage if usage is not None else self._pss_total(current)
             reserve = min((r.first_uss or _own(r)) for r in current)
             if total + reserve >= 0.9 * limits.total:
                 urgent = True
-            # Past the ceiling memory wins over capacity: the cap on concurrent
-            # recycles would leave the kernel to pick a victim.
-            ceiling = limits.ceiling
-            past_ceiling = ceiling is not None and total + reserve >= ceiling
-            if total + reserve >= limits.total and (
-                    busy < limits.max_concurrent or past_ceiling):
+            # The master counts workers already leaving as still there (leaving=0) and
+            # caps how many it recycles at once instead; past the ceiling memory wins
+            # over capacity: the cap would leave the kernel to pick a victim.
+            go, past_ceiling = recycle.pool_over_budget(total, reserve, 0, limits.total,
+                                                        limits.ceiling)
+            if go and (busy < limits.max_concurrent or past_ceiling):
                 for record in sorted(current, key=_own, reverse=True):
                     if self._eligible(record, now):
                         self._recycle(record, "pool_budget", uss=_own(record), usage=total,
@@ -276,7 +281,7 @@ class Watchdog:
         figures = {"rss": record.last.rss if record.last else None,
                    "pss": record.last.pss if record.last else None, **figures}
         self.log.warning("memguard: recycling worker %s (%s, by the master's watchdog): %s",
-                         record.pid, reason, _figures_text(figures))
+                         record.pid, reason, recycle.format_figures(figures))
         record.recycle_sent = time.monotonic()
         record.recycle_reason = reason
         if self._signal(record.pid, signal.SIGTERM):
@@ -351,7 +356,7 @@ class Watchdog:
             info["oom_counter"] = oom[1]
         if cause in _DEATHS and paths:
             info.update(_path_forensics(paths, started, requests))
-        text = _figures_text(info)
+        text = recycle.format_figures(info)
         if cause == "oom_kill":
             # The event first: whoever reads the log and then the events (an operator's
             # script, the tests) finds the event of every kill the log reports.

@@ -1,31 +1,21 @@
-"""The worker's own check, after each request: is this worker over its memory limit?
+"""The worker's own check, after each request: it feeds this worker's
+:class:`~memguard.recycle.RecycleDecision` and acts on its verdict.
 
-The figure is the worker's own memory (USS), not its RSS: after a fork RSS counts every
-page still shared with the master. USS costs a ``smaps_rollup`` read (milliseconds for a
-big process), so it is sampled once when the worker is ready and again only when the
-cheap figure says the limit may be near:
-
-    estimate = USS at the last sample + (RSS now - RSS at the last sample)
-
-RSS comes from one ``pread`` of ``/proc/self/statm`` (about 2 us), and the per-request
-path is that read and one comparison against a precomputed RSS threshold. When the
-threshold is crossed, the worker collects garbage and returns free heap to the system
-(``malloc_trim``), then reads its real USS: it recycles only if it is still over
-(hysteresis). Pages the master shares with it that become private (copy-on-write) do
-not show in RSS; the master's watchdog, which reads every worker's USS each second,
+The per-request path is one ``pread`` of ``/proc/self/statm`` and one comparison
+against the RSS at which the decision wants a fresh USS sample. When the sample says a
+limit is near, the worker collects garbage and returns free heap to the system
+(``malloc_trim``), reads its USS again and asks the decision (hysteresis: it recycles
+only if still over). Pages the master shares with it that turn private (copy-on-write)
+do not show in RSS; the master's watchdog, which reads every worker's USS on a timer,
 catches those.
 """
 
 from __future__ import annotations
 
 import atexit
-import ctypes
-import ctypes.util
 import gc
 import logging
 import os
-import platform
-import random
 import sys
 import threading
 import time
@@ -37,15 +27,8 @@ from memguard.gunicorn.limits import Limits
 from memguard.gunicorn.slots import SlotTable
 from memguard.sizes import format_size
 
-__all__ = ["WorkerMonitor", "exit_without_teardown", "release_memory"]
+__all__ = ["WorkerMonitor", "exit_without_teardown", "working_set_bytes"]
 
-# Each worker's soft limit is lowered by up to this share, drawn once per worker (as
-# gunicorn's max_requests_jitter), so workers started together with the same leak do
-# not all cross their limit, and restart, in the same instant.
-LIMIT_JITTER = 0.05
-
-# The smallest RSS growth between two USS samples.
-_RECHECK_MIN_STEP = 1 << 20
 # While the cgroup's usage is over the pool's budget, the working set is read at most
 # this often.
 _POOL_CHECK_SECONDS = 0.01
@@ -66,30 +49,6 @@ def working_set_bytes(reader: probes.CgroupMemoryReader) -> int | None:
     except (OSError, ValueError):
         pass
     return usage
-
-_malloc_trim: Any = None
-_malloc_trim_loaded = False
-
-
-def release_memory() -> bool:
-    """``gc.collect()``, then glibc's ``malloc_trim(0)``; True if the trim ran."""
-    global _malloc_trim, _malloc_trim_loaded
-    gc.collect()
-    if not _malloc_trim_loaded:
-        _malloc_trim_loaded = True
-        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                _malloc_trim = libc.malloc_trim
-                _malloc_trim.argtypes = [ctypes.c_size_t]
-                _malloc_trim.restype = ctypes.c_int
-            except (OSError, AttributeError):
-                _malloc_trim = None
-    if _malloc_trim is None:
-        return False
-    _malloc_trim(0)
-    return True
-
 
 def exit_without_teardown(code: int = 0) -> None:
     """End this process the way multiprocessing ends its children: atexit handlers, then
@@ -117,7 +76,8 @@ def exit_without_teardown(code: int = 0) -> None:
 
 
 class WorkerMonitor:
-    """One per worker process, made in ``post_fork``."""
+    """One per worker process, made in ``post_fork``: feeds this worker's recycle
+    decision after each request and asks the server for the recycle it decides."""
 
     def __init__(self, worker: Any, limits: Limits, slots: SlotTable,
                  recycler: recycle.Recycler) -> None:
@@ -130,21 +90,10 @@ class WorkerMonitor:
         self.in_flight = 0
         self.pending = 0
         self.rate = 0.0  # bytes of RSS kept per request, on average, since ready
-        # The largest RSS growth from one request to the next (from the second request
-        # on: the first builds caches a replacement would build again).
-        self.largest_step = 0
-        self._last_rss = 0
         self.ready_at = time.monotonic()
-        self.baseline_uss = 0
-        self.baseline_rss = 0
-        self.sample_uss = 0
-        self.sample_rss = 0
-        self.soft = limits.soft
-        if self.soft is not None:
-            self.soft = int(self.soft * (1 - random.uniform(0, LIMIT_JITTER)))
-        self.born_over = False
+        self.decision = recycle.RecycleDecision(limits.soft, limits.hard,
+                                                jitter=recycle.LIMIT_JITTER)
         self.recycling = False
-        self._next_check_rss = 1 << 62
         self._last_pool_check = 0.0
         self._pool: probes.CgroupMemoryReader | None = None
         self._pool_threshold = 1 << 62
@@ -154,6 +103,11 @@ class WorkerMonitor:
                 self._pool = reader
                 self._pool_threshold = limits.total
 
+    @property
+    def soft(self) -> int | None:
+        """This worker's soft limit (the configured one, lowered by its jitter)."""
+        return self.decision.soft
+
     # ---- lifecycle ------------------------------------------------------------------
 
     def ready(self) -> None:
@@ -161,59 +115,28 @@ class WorkerMonitor:
 
         A collection first. Forked from a ``--preload`` master, the worker shares every
         object the app made at import; the first full collection writes to each one's GC
-        header and turns those pages private (measured: a preloaded FastAPI app's worker
-        grew by 10 MiB of USS that RSS never showed). Left for later, that collection is
-        the one :meth:`_check` runs at the soft limit, in every worker at about the same
-        moment, and the pool passes its limit by that much times the workers. Taken now,
-        the baseline holds it and the RSS-based estimate stays honest. Objects frozen
+        header and turns those pages private (a preloaded FastAPI app's worker grows by
+        MiBs of USS that RSS never shows). Left for later, that collection is the one
+        the check runs at the soft limit, in every worker at about the same moment, and
+        the pool passes its limit by that much times the workers. Taken now, the
+        baseline holds it and the RSS-based estimate stays honest. Objects frozen
         before the fork (``MEMGUARD_GC_FREEZE``) are not visited: nothing turns private.
 
         Without ``--preload`` the worker imported the app itself and shares only the
-        master's few MiB (gunicorn, memguard, the config): not worth 13 ms of CPU on
-        every boot (measured), which a recycling pool pays dozens of times a minute.
+        master's few MiB (gunicorn, memguard, the config): not worth a collection on
+        every boot, which a recycling pool pays dozens of times a minute.
         """
         self.ready_at = time.monotonic()
         if getattr(getattr(self.worker, "cfg", None), "preload_app", True):
             gc.collect()
         uss, rss = self._uss(), probes.current_rss()
-        self.baseline_uss = self.sample_uss = uss
-        self.baseline_rss = self.sample_rss = self._last_rss = rss
+        born_over = self.decision.start(uss, rss)
         self.slots.set_figures(self.age, uss, 0)
         self.slots.set_state(self.age, slot_states.SERVING)
         events.emit("worker_start", role="worker", rss=rss, uss=uss, soft_limit=self.soft,
                     hard_limit=self.limits.hard)
-        if self.soft is not None and uss >= self.soft:
+        if born_over:
             self._born_over(uss, "when it became ready")
-        self._arm()
-        self._next_check_rss = 0  # sample again after the first request
-
-    def _arm(self) -> None:
-        """The RSS at which to look at USS again: halfway to the nearest limit.
-
-        Halving the distance each time costs a handful of smaps reads per worker
-        lifetime and keeps the estimate honest while pages shared with the master turn
-        private (which USS sees and RSS does not).
-        """
-        limit = self._nearest_limit()
-        if limit is None:
-            self._next_check_rss = 1 << 62
-            return
-        remaining = max(limit - self.sample_uss, 0)
-        if remaining > 2 * _RECHECK_MIN_STEP:
-            remaining //= 2
-        # A worker hovering just under its limit looks again after each MiB, not after
-        # each request.
-        remaining = max(remaining, _RECHECK_MIN_STEP)
-        self._next_check_rss = self.sample_rss + remaining
-
-    def _nearest_limit(self) -> int | None:
-        """The soft limit, the hard limit, or the point from which one more request like
-        the largest so far would pass the hard limit, whichever comes first."""
-        hard = self.limits.hard
-        ahead_of_hard = hard - self.largest_step if hard is not None and self.largest_step else None
-        candidates = [x for x in (None if self.born_over else self.soft, hard, ahead_of_hard)
-                      if x is not None]
-        return min(candidates) if candidates else None
 
     # ---- the per-request path --------------------------------------------------------
 
@@ -224,7 +147,7 @@ class WorkerMonitor:
             self.slots.note_request(self.age, path)
 
     def after_request(self) -> None:
-        """Called after every request; microseconds unless the threshold is crossed.
+        """Called after every request; microseconds unless a USS sample is due.
 
         With other requests still to run in this worker (gthread, asgi), each will
         likely keep what requests have kept on average so far, and a recycle lets them
@@ -238,22 +161,20 @@ class WorkerMonitor:
         self.requests += 1
         if self.recycling:
             return
+        decision = self.decision
         rss = probes.current_rss()
-        if self.requests > 1 and rss - self._last_rss > self.largest_step:
-            self.largest_step = rss - self._last_rss
-            self._arm()  # the hard limit's margin moved (rare: a new largest step)
-        self._last_rss = rss
+        due = decision.observe(rss)
         # The figure the other workers and the master read (largest worker, last known
         # memory): the estimate, about a third of a microsecond to publish.
-        self.slots.set_figures(self.age, self.sample_uss + rss - self.sample_rss, self.requests)
+        self.slots.set_figures(self.age, decision.estimate(rss), self.requests)
         # The connection of this request is still open and counted in nr_conns.
         self.pending = max(self.in_flight, getattr(self.worker, "nr_conns", 0) - 1)
         if self.pending > 0:
             # Pending requests have already kept part of their share: count them in.
-            self.rate = max(rss - self.baseline_rss, 0) / (self.requests + self.in_flight)
-            rss += int(self.pending * self.rate)
-        if rss >= self._next_check_rss:
-            self._checkpoint(probes.current_rss())
+            self.rate = max(rss - decision.baseline_rss, 0) / (self.requests + self.in_flight)
+            due = due or rss + self._ahead() >= decision.next_check_rss
+        if due:
+            self._checkpoint(rss)
         if self._pool is not None and not self.recycling:
             usage = self._pool.usage()
             if usage is not None and usage >= self._pool_threshold:
@@ -277,81 +198,62 @@ class WorkerMonitor:
         self._last_pool_check = now
         assert self.limits.total is not None and self._pool is not None
         working_set = working_set_bytes(self._pool)
-        reserve = self.baseline_uss
+        reserve = self.decision.baseline_uss
         if working_set is None or working_set + reserve < self.limits.total:
             return  # page cache the kernel can drop: no smaps read for that
         uss = self._uss()
-        self.sample_uss, self.sample_rss = uss, probes.current_rss()
+        self.decision.sample(uss, probes.current_rss())
         self.slots.set_figures(self.age, uss, self.requests)
         leaving, largest = self.slots.pool_view(self.age)
         if uss < largest:
             return
-        # Workers already recycling will give their memory back: only if the pool is
-        # over its budget without them does another one go. This, not a count of
-        # concurrent recycles, keeps a pool under pressure from recycling every worker
-        # at once, and never holds back the recycle that memory needs. Until the
-        # ceiling: their memory is resident until they exit, and past it the largest
-        # serving worker stops taking requests whoever else is leaving.
-        ceiling = self.limits.ceiling
-        past_ceiling = ceiling is not None and working_set + reserve >= ceiling
-        if working_set - leaving + reserve < self.limits.total and not past_ceiling:
+        # This, not a count of concurrent recycles, keeps a pool under pressure from
+        # recycling every worker at once, and never holds back the recycle that memory
+        # needs.
+        go, past_ceiling = recycle.pool_over_budget(
+            working_set, reserve, leaving, self.limits.total, self.limits.ceiling)
+        if not go:
             return
         figures: dict[str, Any] = {"uss": uss, "usage": working_set, "leaving": leaving,
                                    "reserve": reserve, "budget": self.limits.total,
                                    "requests": self.requests}
         if past_ceiling:
-            figures["ceiling"] = ceiling
+            figures["ceiling"] = self.limits.ceiling
         self._recycle("pool_budget", **figures)
 
     def _checkpoint(self, rss: int) -> None:
-        """A fresh USS sample; the full check only if it says the limit is reached."""
+        """A fresh USS sample; the full check only if the decision says a limit is near."""
         uss = self._uss()
-        self.sample_uss, self.sample_rss = uss, rss
+        decision = self.decision
+        decision.sample(uss, rss)
         self.slots.set_figures(self.age, uss, self.requests)
-        limit = self._nearest_limit()
-        if limit is not None and uss + self._ahead() >= limit:
-            self._check(rss)
+        if decision.near(uss, self._ahead()):
+            self._check()
         else:
-            self._arm()
+            decision.arm()
 
-    def _check(self, rss: int) -> None:
-        now = time.monotonic()
-        hard = self.limits.hard
-        release_memory()
+    def _check(self) -> None:
+        """Collect, trim, read USS again, and act on the decision's verdict."""
+        decision = self.decision
+        recycle.release_memory()
         uss = self._uss()
         rss_after = probes.current_rss()
-        self.sample_uss, self.sample_rss = uss, rss_after
+        decision.sample(uss, rss_after)
         self.slots.set_figures(self.age, uss, self.requests)
         ahead = self._ahead()
         figures: dict[str, Any] = {
-            "uss": uss, "rss": rss_after, "growth": rss_after - self.baseline_rss,
-            "baseline": self.baseline_uss, "requests": self.requests,
-            "age_seconds": round(now - self.ready_at, 2),
+            "uss": uss, "rss": rss_after, "growth": rss_after - decision.baseline_rss,
+            "baseline": decision.baseline_uss, "requests": self.requests,
+            "age_seconds": round(time.monotonic() - self.ready_at, 2),
         }
         if ahead:
             figures.update(pending=self.pending, expected_growth=ahead)
-        if hard is not None and uss + ahead >= hard:
-            self._recycle("hard_limit", limit=hard, **figures)
-            return
-        if hard is not None and self.requests > 1 and uss + ahead + self.largest_step >= hard:
-            # One more request like the largest so far would take it past the hard
-            # limit, where the master stops it mid-request: with steps larger than the
-            # gap between the limits, every worker would otherwise live to just over the
-            # hard limit, all of them together past the pool's budget (measured: an OOM
-            # kill in 3,000 requests keeping 24 MiB every 25th, limits 81/97 MiB).
-            self._recycle("hard_limit_ahead", limit=hard, largest_request_growth=self.largest_step,
-                          **figures)
-            return
-        if self.soft is not None and not self.born_over and uss + ahead >= self.soft:
-            if self.requests > 1:
-                self._recycle("soft_limit", limit=self.soft, **figures)
-                return
-            if uss >= self.soft:
-                # Over the limit after its first request: a lazily built cache, not a
-                # leak. A replacement would do the same, so recycling would loop.
-                self._born_over(uss, "after its first request")
-        # Under the limit after collecting and trimming: keep serving (hysteresis).
-        self._arm()
+        was_born_over = decision.born_over
+        verdict = decision.judge(uss, ahead, figures)
+        if verdict is not None:
+            self._recycle(verdict.reason, limit=verdict.limit, **verdict.figures)
+        elif decision.born_over and not was_born_over:
+            self._born_over(uss, "after its first request")
 
     def _recycle(self, reason: str, **figures: Any) -> None:
         self.recycling = True
@@ -360,9 +262,7 @@ class WorkerMonitor:
         recycle.request_recycle(reason, **figures)
 
     def _born_over(self, uss: int, when: str) -> None:
-        self.born_over = True
         self.slots.set_state(self.age, slot_states.BORN_OVER)
-        assert self.soft is not None
         limit = format_size(self.limits.soft)
         first = self.slots.claim_once(SlotTable.FLAG_BORN_OVER)
         say = self.worker.log.warning if first else self.worker.log.debug
@@ -374,8 +274,5 @@ class WorkerMonitor:
             "" if hard is None else f" (the hard limit {format_size(hard)} still applies)")
 
     def _uss(self) -> int:
-        try:
-            mem = probes.process_memory(os.getpid())
-        except (ProcessLookupError, OSError):
-            return probes.current_rss()
-        return mem.uss if mem.uss is not None else mem.rss
+        uss = recycle.own_uss()
+        return uss if uss is not None else probes.current_rss()

@@ -54,13 +54,13 @@ def main() -> None:
     for name, target in (("budget", limits.total), ("ceiling", limits.ceiling)):
         while True:
             working_set = working_set_bytes(monitor._pool) or 0
-            if working_set + monitor.baseline_uss >= target + MIB:
+            if working_set + monitor.decision.baseline_uss >= target + MIB:
                 break
             kept.append(os.urandom(16) * (MIB // 16))
         monitor._last_pool_check = 0.0
         monitor._pool_check()
         print(json.dumps({"step": name, "working_set": working_set,
-                          "reserve": monitor.baseline_uss, "budget": limits.total,
+                          "reserve": monitor.decision.baseline_uss, "budget": limits.total,
                           "ceiling": limits.ceiling, "container": limits.container,
                           "recycles": recorder.reasons, "figures": recorder.figures}),
               flush=True)

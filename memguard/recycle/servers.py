@@ -1,7 +1,7 @@
 """How a worker asks its server to replace it.
 
-The middleware (and gunicorn hooks) decide *that* a worker should be recycled; a
-:class:`Recycler` knows *how* on the server it runs under. The default only logs, so a
+:class:`~memguard.recycle.decision.RecycleDecision` says *that* a worker should be
+recycled; a :class:`Recycler` knows *how* on the server it runs under. The default only logs, so a
 library used outside any known server never kills its own process. Server integrations
 install theirs with :func:`set_recycler` (gunicorn: ``worker.alive = False`` for sync and
 gthread; a ``SIGTERM`` to itself for ``uvicorn-worker`` and standalone uvicorn, the
@@ -18,6 +18,7 @@ import threading
 from typing import Any, Protocol
 
 from memguard import counters, events
+from memguard.recycle.decision import format_figures
 
 __all__ = [
     "AliveFlagRecycler",
@@ -30,7 +31,10 @@ __all__ = [
     "gunicorn_recycler",
     "is_uvicorn_worker_class",
     "request_recycle",
+    "server_limits",
+    "server_observes_requests",
     "set_recycler",
+    "set_server",
     "stop_accepting",
 ]
 
@@ -110,7 +114,7 @@ class SignalRecycler(_OnceRecycler):
             return False
         self._stop_accepting()
         self.logger.warning("recycling worker %s (%s): %s", os.getpid(), reason,
-                            _figures_text(figures))
+                            format_figures(figures))
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -157,7 +161,7 @@ class AliveFlagRecycler(_OnceRecycler):
         if not self.worker.alive or not self._claim():
             return False
         self.worker.log.warning("recycling worker %s (%s): %s", os.getpid(), reason,
-                                _figures_text(figures))
+                                format_figures(figures))
         self.worker.alive = False
         self._wake()
         return True
@@ -251,26 +255,6 @@ def gunicorn_recycler(worker: Any) -> Recycler:
     return AliveFlagRecycler(worker)
 
 
-def _figures_text(figures: dict[str, Any]) -> str:
-    """``uss=81.2MiB limit=80.0MiB requests=37``: sizes in bytes are formatted."""
-    from memguard.sizes import format_size
-
-    parts = []
-    for key, value in figures.items():
-        if isinstance(value, int) and not isinstance(value, bool) and (
-            key in _SIZE_KEYS or key.endswith(("_bytes", "_limit"))
-        ):
-            parts.append(f"{key}={format_size(value)}")
-        else:
-            parts.append(f"{key}={value}")
-    return " ".join(parts) or "-"
-
-
-_SIZE_KEYS = frozenset({"rss", "uss", "pss", "growth", "limit", "hard_limit", "baseline",
-                        "figure", "usage", "budget", "swap", "expected_growth", "reserve",
-                        "leaving", "ceiling", "largest_request_growth"})
-
-
 _recycler: Recycler = LogOnlyRecycler()
 
 
@@ -296,3 +280,26 @@ def request_recycle(reason: str, **figures: Any) -> bool:
         counters.increment("recycle", reason)
         events.emit("recycle", reason=reason, **figures)
     return started
+
+
+# A server integration (memguard.gunicorn) that observes every request itself: the
+# middleware then leaves the after-response check to it, and takes its limits for
+# "auto". Set when its config is loaded, so a --preload master's app sees it too.
+_server_limits: tuple[int | None, int | None] | None = None
+
+
+def set_server(limits: tuple[int | None, int | None] | None) -> None:
+    """Say that a server integration with these (soft, hard) worker limits decides
+    recycles in this process and the workers it forks (``None``: no longer)."""
+    global _server_limits
+    _server_limits = limits
+
+
+def server_limits() -> tuple[int | None, int | None] | None:
+    """(soft, hard) of the server integration in this process, or ``None``."""
+    return _server_limits
+
+
+def server_observes_requests() -> bool:
+    """True when a server integration runs the per-request recycle check itself."""
+    return _server_limits is not None
