@@ -432,3 +432,49 @@ def test_worker_freezes_what_it_inherited_from_the_master_not_the_app(
     _, count, _, app_collectable = body.split()
     assert (int(count) > 1000) == frozen, body
     assert app_collectable == b"True", body
+
+
+def test_two_workers_oom_killed_at_once_are_both_reported_with_their_memory(
+    repo: Path, needs_cgroup: None, tmp_path: Path
+) -> None:
+    """Both workers grow past the group's limit together, before the watchdog ever
+    samples them (its timer is off): each kill is reported, each with the last memory
+    the worker itself published."""
+    event_log = tmp_path / "events.jsonl"
+    env = {"MEMGUARD_TOTAL_MEMORY_LIMIT": "off", "MEMGUARD_WATCHDOG_INTERVAL": "0",
+           "MEMGUARD_EVENTS": str(event_log)}
+    with MemoryCgroup("256MiB") as group, serve(
+            "gunicorn", "tests.apps.leaky:wsgi_app", [*CONF, "-w", "2"], env=env,
+            cwd=repo, cgroup=group, ready_path="/ping") as server:
+        workers = set(server.wait_for_workers(2))
+        for _ in range(4):  # each worker publishes a figure after a request
+            http_request(server.url, path="/ping")
+        statuses: list[int] = []
+
+        def grow() -> None:
+            try:
+                statuses.append(http_request(server.url, path="/slow-leak?mib=400&seconds=2",
+                                             timeout=30)[0])
+            except Exception:
+                statuses.append(0)
+
+        threads = [threading.Thread(target=grow) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert wait_for(lambda: all(f"worker {pid} was killed by the kernel's OOM killer"
+                                    in server.log() for pid in workers))
+        log = server.log()
+        kills = group.oom_kills
+        oom_events = [e for e in events(event_log) if e["kind"] == "oom_kill"]
+    assert statuses == [0, 0]
+    assert kills == 2, log[-3000:]
+    reports = [line for line in log.splitlines() if "killed by the kernel's OOM killer" in line]
+    assert len(reports) == 2, reports
+    for line in reports:
+        uss = re.search(r" uss=([\d.]+) MiB", line)
+        assert uss is not None and float(uss.group(1)) > 1, line
+        assert "in_flight=/slow-leak" in line, line
+    assert {e["pid"] for e in oom_events} == workers
+    assert all(e.get("uss") for e in oom_events), oom_events

@@ -349,6 +349,11 @@ class Watchdog:
             assert record is not None
             info.update(rss=last.rss, uss=last.uss, pss=last.pss,
                         seconds_before_exit=round(time.monotonic() - record.last_time, 2))
+        elif figure:
+            # Dead before the watchdog's first look (a young worker, a busy machine):
+            # the worker's own figure, published when it became ready and after each
+            # request, is the last known memory.
+            info.update(uss=figure, memory_source="worker")
         if figure:
             info["worker_estimate"] = figure
         if oom is not None:
