@@ -197,7 +197,7 @@ def _real_uvicorn(rounds: int) -> dict[str, list[float]]:
     """Server CPU seconds per 64 MiB upload, uvicorn serving bare vs wrapped."""
     from pathlib import Path
 
-    from memguard.testing import serve
+    from tests.support.servers import serve
 
     repo = Path(__file__).resolve().parent.parent
     args = ["--no-access-log", "--log-level", "warning"]

@@ -33,7 +33,7 @@ from typing import Any
 from benchmarks.harness import Bound, Result, median
 from benchmarks.overhead_apps import anchor, bare, guarded, passthrough
 from memguard.leaks import LeakReporter
-from memguard.testing import http_request
+from tests.support.servers import http_request
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -44,7 +44,8 @@ from typing import Any
 
 from benchmarks.harness import Bound, Result, median
 from memguard.probes import process_memory
-from memguard.testing import MemoryCgroup, cgroup_unavailable_reason, serve
+from tests.support.cgroups import MemoryCgroup, cgroup_unavailable_reason
+from tests.support.servers import serve
 
 REPO = Path(__file__).resolve().parent.parent
 APP = "benchmarks.apps.leaky"

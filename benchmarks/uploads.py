@@ -31,8 +31,8 @@ from typing import Any
 
 from benchmarks.harness import Bound, Result, median
 from memguard.probes import read_vm_hwm
-from memguard.testing import serve
 from tests.apps.upload_client import BOUNDARY, Payload, multipart_parts, post_stream
+from tests.support.servers import serve
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024

@@ -41,15 +41,9 @@ from typing import Any
 
 from memguard.cli import doctor, report
 from memguard.sizes import format_size
-from memguard.testing import (
-    MemoryCgroup,
-    Server,
-    cgroup_unavailable_reason,
-    patterned_body,
-    patterned_sha256,
-    serve,
-    stream_upload,
-)
+from tests.support.cgroups import MemoryCgroup, cgroup_unavailable_reason
+from tests.support.payloads import patterned_body, patterned_sha256
+from tests.support.servers import Server, serve, stream_upload
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024

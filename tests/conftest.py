@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from memguard.testing import cgroup_unavailable_reason
+from tests.support.cgroups import cgroup_unavailable_reason
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,7 +21,7 @@ from memguard.admission import (
 from memguard.errors import BodyTooLarge, MemoryPressure
 from memguard.probes import read_vm_hwm
 from memguard.recycle import set_recycler
-from memguard.testing import http_request, serve, stream_upload
+from tests.support.servers import http_request, serve, stream_upload
 
 MiB = 1 << 20
 MS = 1_000_000

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from memguard.testing import Server, http_request, serve
 from tests.body_helpers import gzip_bomb
+from tests.support.servers import Server, http_request, serve
 
 pytestmark = pytest.mark.server
 

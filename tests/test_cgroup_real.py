@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from memguard.testing import MemoryCgroup
+from tests.support.cgroups import MemoryCgroup
 
 pytestmark = [pytest.mark.cgroup, pytest.mark.usefixtures("needs_cgroup")]
 
@@ -73,7 +73,7 @@ def test_nested_group_gets_the_parents_tighter_limit() -> None:
 
 def test_doctor_pid_reports_the_masters_cgroup_and_workers(repo: Path) -> None:
     from memguard.cli import doctor
-    from memguard.testing import serve
+    from tests.support.servers import serve
 
     with MemoryCgroup("300MiB") as group:
         with serve("gunicorn", "tests.apps.hello:wsgi_app", ["-w", "2"], cwd=repo,

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from memguard.testing import Server, http_request, patterned_body, patterned_sha256, serve
+from tests.support.payloads import patterned_body, patterned_sha256
+from tests.support.servers import Server, http_request, serve
 
 pytestmark = pytest.mark.server
 

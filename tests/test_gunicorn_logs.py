@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from memguard.gunicorn.logs import GunicornLogForwarder, forward_to
-from memguard.testing import http_request, serve
+from tests.support.servers import http_request, serve
 
 
 @pytest.mark.server

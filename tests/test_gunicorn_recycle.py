@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from memguard.cli import report
-from memguard.testing import MemoryCgroup, Server, http_request, serve
+from tests.support.cgroups import MemoryCgroup
+from tests.support.servers import Server, http_request, serve
 
 pytestmark = [pytest.mark.server, pytest.mark.cgroup]
 

@@ -10,7 +10,7 @@ import pytest
 
 from memguard import MemGuardMiddleware
 from memguard.leaks import LeakAdmin, LeakReporter
-from memguard.testing import http_request, serve
+from tests.support.servers import http_request, serve
 
 
 class Hoarded:

@@ -18,8 +18,8 @@ import pytest
 from memguard import counters
 from memguard.admission import MemoryAdmission
 from memguard.metrics import HealthEndpoint, MetricsExporter, clear_multiprocess_dir
-from memguard.testing import http_request, serve
 from memguard.tracking import RequestTracker
+from tests.support.servers import http_request, serve
 
 MiB = 1 << 20
 

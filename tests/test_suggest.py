@@ -15,7 +15,8 @@ import pytest
 from memguard.cli.footprint import FootprintError, is_asgi, load_app, measure
 from memguard.probes import process_memory
 from memguard.sizes import format_size
-from memguard.testing import MemoryCgroup, http_request, serve
+from tests.support.cgroups import MemoryCgroup
+from tests.support.servers import http_request, serve
 
 MiB = 1024 * 1024
 HOG = 150 * MiB

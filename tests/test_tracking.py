@@ -17,8 +17,8 @@ from starlette.routing import Mount, Route
 from werkzeug.test import Client
 
 from memguard import MemGuardMiddleware, MemGuardWSGIMiddleware
-from memguard.testing import http_request, serve
 from memguard.tracking import OTHER, RequestTracker, _solve, asgi_route
+from tests.support.servers import http_request, serve
 
 MS = 1_000_000
 

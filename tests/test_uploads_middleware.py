@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from memguard.testing import http_request, serve
 from tests.apps.upload_client import BOUNDARY, Payload, multipart_parts, post_stream
+from tests.support.servers import http_request, serve
 from tests.test_uploads_servers import leftovers, wait_empty
 
 pytestmark = pytest.mark.server

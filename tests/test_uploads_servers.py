@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 
 from memguard.probes import read_vm_hwm
-from memguard.testing import Server, http_request, serve
 from tests.apps.upload_client import (
     BOUNDARY,
     Payload,
@@ -26,6 +25,7 @@ from tests.apps.upload_client import (
     multipart_parts,
     post_stream,
 )
+from tests.support.servers import Server, http_request, serve
 
 pytestmark = pytest.mark.server
 

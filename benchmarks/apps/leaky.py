@@ -59,7 +59,7 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
         # Imported here: plain gunicorn's sync workers must not pay for importing
         # memguard at each boot when memguard's own rows have it from their master.
-        from memguard.testing import run_lifespan
+        from tests.support.servers import run_lifespan
 
         await run_lifespan(receive, send)
         return

@@ -11,8 +11,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from memguard import MemGuardMiddleware, MemGuardWSGIMiddleware
-from memguard.testing import run_lifespan
 from memguard.types import Receive, Scope, Send
+from tests.support.servers import run_lifespan
 
 
 async def asgi_echo(scope: Scope, receive: Receive, send: Send) -> None:

@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from memguard.testing import run_lifespan
+from tests.support.servers import run_lifespan
 
 
 def wsgi_app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:

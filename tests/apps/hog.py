@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from memguard.testing import run_lifespan
+from tests.support.servers import run_lifespan
 
 HOG_BYTES = int(os.environ.get("HOG_MIB", "150")) * 1024 * 1024
 _held: list[bytes] = []

@@ -18,7 +18,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memguard.testing import MemoryCgroup, http_request, serve
+from tests.support.cgroups import MemoryCgroup
+from tests.support.servers import http_request, serve
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from memguard import probes
 from memguard.recycle import SignalRecycler, request_recycle, set_recycler
-from memguard.testing import run_lifespan
+from tests.support.servers import run_lifespan
 
 MIB = 1 << 20
 LIMIT = 60 * MIB

@@ -1,11 +1,11 @@
-"""The real-server fixtures start real servers and leave nothing behind."""
+"""The test support (tests/support/) starts real servers and leave nothing behind."""
 
 from __future__ import annotations
 
 import psutil
 import pytest
 
-from memguard.testing import http_request, serve
+from tests.support.servers import http_request, serve
 
 pytestmark = pytest.mark.server
 
