@@ -274,6 +274,7 @@ async def save_body(
                 if writer.pending_size >= batch:
                     await writer.flush()
         await writer.finish(dest, overwrite)
+        spool.confirm()
     except BaseException as exc:
         if writer is not None:
             await writer.discard()
@@ -377,6 +378,7 @@ def save_body_wsgi(
                 pending, pending_size = [], 0
         spool.write(pending)
         spool.commit(dest, overwrite=overwrite)
+        spool.confirm()
     except BaseException as exc:
         if spool is not None:
             spool.abandon()
@@ -398,6 +400,14 @@ def _saved_part(part: Part) -> SavedFile:
     return SavedFile(path=part.path, size=part.spool.size, sha256=part.spool.sha256,
                      filename=part.filename or "", content_type=part.content_type,
                      field_name=part.name)
+
+
+def _confirmed(parts: list[Part]) -> list[SavedFile]:
+    """The form succeeded: its files are the caller's (the files they replaced go)."""
+    for part in parts:
+        assert part.spool is not None
+        part.spool.confirm()
+    return [_saved_part(part) for part in parts]
 
 
 def _form_directory(directory: str | os.PathLike[str]) -> Path:
@@ -438,7 +448,7 @@ async def save_multipart(
         budget = _budget(opts, folder)
         _precheck(opts, budget, folder, _content_length(headers.get(b"content-length")))
         form = FormReader(opts, folder, budget, allowed_fields, name, is_async=True)
-        files: list[SavedFile] = []
+        done: list[Part] = []
         feeder = Feeder(form, boundary)
         batch = max(1, opts.batch_size)
         async with aclosing(_asgi_body(receive_, opts.max_size)) as chunks:
@@ -446,17 +456,23 @@ async def save_multipart(
                 feeder.feed(chunk)
                 while form.finished:
                     part = form.finished.pop(0)
-                    assert part.file is not None and part.path is not None
-                    await part.file.finish(part.path, overwrite)
-                    files.append(_saved_part(part))
+                    assert part.file is not None
+                    await part.file.drain()
+                    done.append(part)
                 current = form.part
                 if current is not None and current.file is not None \
                         and current.file.pending_size >= batch:
                     await current.file.flush()
         feeder.close()
+        # All or nothing: the files get their names only once the whole form is read.
+        for part in done:
+            assert part.file is not None and part.path is not None
+            await part.file.finish(part.path, overwrite)
+        files = _confirmed(done)
     except BaseException as exc:
         if form is not None:
-            for part in form.open_files:
+            # Newest first: a name two parts replaced gets its first file back last.
+            for part in reversed(form.open_files):
                 if part.file is not None:
                     await part.file.discard()
         if isinstance(exc, RequestRejected):
@@ -487,27 +503,32 @@ def save_multipart_wsgi(
         budget = _budget(opts, folder)
         _precheck(opts, budget, folder, _content_length(environ.get("CONTENT_LENGTH") or None))
         form = FormReader(opts, folder, budget, allowed_fields, name, is_async=False)
-        files: list[SavedFile] = []
+        done: list[Part] = []
         feeder = Feeder(form, boundary)
         batch = max(1, opts.batch_size)
         for chunk in _wsgi_body(environ, opts.max_size):
             feeder.feed(chunk)
             while form.finished:
                 part = form.finished.pop(0)
-                assert part.spool is not None and part.path is not None
+                assert part.spool is not None
                 part.spool.write(part.sync_pending)
-                part.sync_pending = []
-                part.spool.commit(part.path, overwrite=overwrite)
-                files.append(_saved_part(part))
+                part.sync_pending, part.sync_pending_size = [], 0
+                done.append(part)
             current = form.part
             if current is not None and current.spool is not None \
                     and current.sync_pending_size >= batch:
                 current.spool.write(current.sync_pending)
                 current.sync_pending, current.sync_pending_size = [], 0
         feeder.close()
+        # All or nothing: the files get their names only once the whole form is read.
+        for part in done:
+            assert part.spool is not None and part.path is not None
+            part.spool.commit(part.path, overwrite=overwrite)
+        files = _confirmed(done)
     except BaseException as exc:
         if form is not None:
-            for part in form.open_files:
+            # Newest first: a name two parts replaced gets its first file back last.
+            for part in reversed(form.open_files):
                 if part.spool is not None:
                     part.spool.abandon()
         if isinstance(exc, RequestRejected):

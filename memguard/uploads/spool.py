@@ -5,7 +5,8 @@ directory (so the final step is a rename or link on one filesystem, never a copy
 hashes them with SHA-256 on the way, and checks storage as it goes: a per-request byte
 budget, a process-wide budget for bytes sitting in temporary files, and a free-space
 floor on the target filesystem. :meth:`Spool.commit` fsyncs (when asked) and gives the
-file its name atomically; :meth:`Spool.discard` removes every trace.
+file its name atomically, keeping a file it replaces aside until :meth:`Spool.confirm`;
+:meth:`Spool.abandon` removes every trace and puts a replaced file back.
 
 On Linux the temporary file is created with ``O_TMPFILE``: it has no name until commit,
 so even a worker killed by SIGKILL (an OOM kill) leaves nothing behind. Elsewhere, or on
@@ -26,6 +27,7 @@ import errno
 import hashlib
 import os
 import secrets
+import stat
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -166,7 +168,8 @@ class Spool:
         self.size = 0
         self.reserved = 0
         self.temp_path: Path | None = None  # the named fallback's temporary name
-        self.path: Path | None = None  # set by commit
+        self.path: Path | None = None  # set by commit; abandon() undoes it until confirm()
+        self.kept: Path | None = None  # the file commit replaced, kept until confirm()
         self._hash = hashlib.sha256()
         self._written_back = 0  # bytes handed to the kernel's writeback so far
         self._fd = -1
@@ -194,7 +197,7 @@ class Spool:
                 self.use_tmpfile = False
         flags |= os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
         for _ in range(16):
-            candidate = self.directory / f"{TEMP_PREFIX}{secrets.token_hex(8)}{TEMP_SUFFIX}"
+            candidate = _hidden_name(self.directory)
             try:
                 with _disk_full():
                     self._fd = os.open(candidate, flags, 0o666)
@@ -255,7 +258,11 @@ class Spool:
 
         Without ``overwrite`` an existing ``destination`` is never replaced:
         ``FileExistsError`` is raised and the temporary file is removed. With it, the
-        old file is replaced atomically (readers see the old or the new, never a mix).
+        old file is replaced atomically (readers see the old or the new, never a mix)
+        and kept aside under a hidden name until :meth:`confirm`, so that
+        :meth:`abandon` can put it back: a request refused or cancelled after this
+        commit (a later part of its form, a cancellation during the commit) never
+        loses the file it would have replaced.
         """
         self.open()
         try:
@@ -266,36 +273,47 @@ class Spool:
             else:
                 self._rename_named(self.temp_path, destination, overwrite)
                 self.temp_path = None
+            self.path = destination
             if self.fsync:
                 _fsync_directory(destination.parent)
         except BaseException:
-            self.discard()
+            self.abandon()
             raise
-        self.path = destination
         self._close()
         return destination
+
+    def confirm(self) -> None:
+        """The caller has the saved file: drop the replaced one kept aside (if any);
+        :meth:`abandon` no longer touches the file."""
+        kept, self.kept = self.kept, None
+        self.path = None
+        if kept is not None:
+            _unlink_quietly(kept)
 
     def discard(self) -> None:
         """Remove the temporary file (idempotent, never raises)."""
         if self.temp_path is not None:
-            try:
-                os.unlink(self.temp_path)
-            except OSError:
-                pass
+            _unlink_quietly(self.temp_path)
             self.temp_path = None
         self._close()
 
     def abandon(self) -> None:
-        """Discard, and if the file had already been committed (a cancellation that
-        arrived while the commit ran, or a later part of the same form that failed),
-        remove the committed file too: the caller never learnt of it."""
+        """Discard, and undo a commit the caller never learnt of (a cancellation that
+        arrived while the commit ran, or a later part of the same form that failed):
+        the file it replaced is put back, or the new name removed."""
         self.discard()
-        if self.path is not None:
+        path, kept = self.path, self.kept
+        self.path = self.kept = None
+        if path is None:
+            return
+        if kept is not None:
             try:
-                os.unlink(self.path)
+                os.replace(kept, path)
+                return
             except OSError:
-                pass
-            self.path = None
+                _unlink_quietly(kept)
+        else:
+            _unlink_quietly(path)
 
     # ---- helpers ----------------------------------------------------------------------
 
@@ -318,22 +336,27 @@ class Spool:
             self._link_fd(destination)
             return
         for _ in range(16):
-            temp = destination.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}{TEMP_SUFFIX}"
+            temp = _hidden_name(destination.parent)
             try:
                 self._link_fd(temp)
             except FileExistsError:
                 continue
             try:
-                os.replace(temp, destination)
+                self._replace(temp, destination)
             except BaseException:
-                try:
-                    os.unlink(temp)
-                except OSError:
-                    pass
+                _unlink_quietly(temp)
                 raise
             return
         raise FileExistsError(errno.EEXIST, "could not create a unique temporary name",
                               str(destination.parent))
+
+    def _replace(self, source: Path, destination: Path) -> None:
+        """``os.replace``, keeping the file it replaces aside (see :meth:`commit`)."""
+        kept = _keep_aside(destination)
+        if kept is not None:
+            # From here abandon() puts the old file back, whatever happens next.
+            self.kept, self.path = kept, destination
+        os.replace(source, destination)
 
     def _link_fd(self, destination: Path) -> None:
         """Give the nameless O_TMPFILE file a name: linkat(AT_SYMLINK_FOLLOW) through
@@ -347,10 +370,9 @@ class Spool:
         finally:
             os.close(dir_fd)
 
-    @staticmethod
-    def _rename_named(temp: Path, destination: Path, overwrite: bool) -> None:
+    def _rename_named(self, temp: Path, destination: Path, overwrite: bool) -> None:
         if overwrite:
-            os.replace(temp, destination)
+            self._replace(temp, destination)
             return
         try:
             with _disk_full():
@@ -368,6 +390,47 @@ class Spool:
             os.rename(temp, destination)
             return
         os.unlink(temp)
+
+
+def _hidden_name(directory: Path) -> Path:
+    return directory / f"{TEMP_PREFIX}{secrets.token_hex(8)}{TEMP_SUFFIX}"
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _keep_aside(destination: Path) -> Path | None:
+    """A second, hidden name for the file at ``destination`` (``None`` if there is none),
+    so that it survives being replaced: a hard link (the file never leaves its name),
+    or where there are none, a rename (the name is missing until the replace)."""
+    try:
+        mode = os.lstat(destination).st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISDIR(mode):
+        return None  # os.replace refuses it: nothing will be replaced
+    for _ in range(16):
+        kept = _hidden_name(destination.parent)
+        try:
+            os.link(destination, kept, follow_symlinks=False)
+            return kept
+        except FileExistsError:
+            continue
+        except FileNotFoundError:
+            return None  # gone meanwhile: nothing to keep
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+                raise
+            if os.path.lexists(kept):
+                continue
+            os.rename(destination, kept)
+            return kept
+    raise FileExistsError(errno.EEXIST, "could not create a unique temporary name",
+                          str(destination.parent))
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -440,6 +503,7 @@ async def _result(job: Future[Any]) -> Any:
     return await asyncio.shield(asyncio.wrap_future(job))
 
 
+
 class AsyncSpool:
     """Gathers chunks for one :class:`Spool` and writes them, in order, in writer
     threads, with up to ``_DEPTH`` batches in flight while more is received."""
@@ -480,6 +544,16 @@ class AsyncSpool:
 
         self.inflight.clear()
         await _result(self._submit(write_and_commit))
+
+    async def drain(self) -> None:
+        """Write what is gathered and wait until every batch is on the file (a form's
+        finished part: its name comes only once the whole form has succeeded)."""
+        if self.pending:
+            chunks, self.pending, self.pending_size = _joined(self.pending), [], 0
+            self._submit(self.spool.write, chunks)
+        self.inflight.clear()
+        if self.tail is not None:
+            await _result(self.tail)
 
     async def discard(self) -> None:
         """Remove the file, waiting for the jobs in flight first, so that the file is
