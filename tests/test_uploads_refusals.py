@@ -4,6 +4,8 @@ that never loses the old file, storage refusals without asyncio error records.""
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import os
 import threading
 import time
@@ -12,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from memguard.errors import BodyTooLarge, MalformedRequest
+from memguard.errors import BodyTooLarge, InsufficientStorage, MalformedRequest
 from memguard.uploads import (
     save_body,
     save_body_wsgi,
@@ -179,3 +181,53 @@ def test_save_body_wsgi_interrupted_after_its_commit_keeps_the_old_file(
         save_body_wsgi(environ_for(b"new" * 1000), dest, overwrite=True)
     assert interrupted and dest.read_bytes() == b"old"
     assert listing(updir) == [str(dest)]
+
+
+# ---- defect 14: a storage refusal leaves no asyncio error record -----------------------
+
+
+def test_a_507_with_writes_queued_behind_it_logs_no_asyncio_error(
+        updir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    real_writev = os.writev
+
+    def slow_writev(fd: int, buffers: Any) -> int:
+        time.sleep(0.01)  # the disk lags: batches queue behind the one refused
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(spool.os, "writev", slow_writev)
+    with caplog.at_level(logging.ERROR):
+        for _ in range(5):
+            with pytest.raises(InsufficientStorage):
+                run(save_body(scope_for(), updir / "f", receive=Feed(split(os.urandom(2 << 20))),
+                              request_quota="640KiB", batch_size="64KiB"))
+            gc.collect()  # an unretrieved future's error is logged when it is collected
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert listing(updir) == []
+
+
+def test_a_refused_job_still_queued_at_discard_logs_no_asyncio_error(
+        updir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The race above, made certain: the upload is abandoned while its writer job is
+    still queued (every writer thread busy), and that job then fails (507)."""
+    gate = threading.Event()
+
+    async def scenario() -> None:
+        budget = spool.RequestBudget(quota=10, process_limit=None, min_free=0)
+        writer = spool.AsyncSpool(spool.Spool(updir, budget))
+        blockers = [spool.executor().submit(gate.wait) for _ in range(64)]
+        writer.add(b"x" * 100)
+        await writer.flush()  # queued behind the blockers: not done yet
+        assert writer.tail is not None and not writer.tail.done()
+        asyncio.get_running_loop().call_later(0.05, gate.set)
+        await writer.discard()  # waits for the job, which fails: over the quota
+        for blocker in blockers:
+            blocker.result()
+
+    try:
+        with caplog.at_level(logging.ERROR):
+            run(scenario())
+            gc.collect()
+    finally:
+        gate.set()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert listing(updir) == []

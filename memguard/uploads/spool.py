@@ -503,6 +503,12 @@ async def _result(job: Future[Any]) -> Any:
     return await asyncio.shield(asyncio.wrap_future(job))
 
 
+def _retrieve(waiter: asyncio.Future[Any]) -> None:
+    # A failed job behind a refusal fails the same way; the caller reports the
+    # refusal once, and asyncio must not log this copy as "never retrieved".
+    if not waiter.cancelled():
+        waiter.exception()
+
 
 class AsyncSpool:
     """Gathers chunks for one :class:`Spool` and writes them, in order, in writer
@@ -562,7 +568,9 @@ class AsyncSpool:
         tail = self.tail
         try:
             if tail is not None and not tail.done():
-                await asyncio.wait([asyncio.wrap_future(tail)])
+                waiter = asyncio.wrap_future(tail)
+                waiter.add_done_callback(_retrieve)
+                await asyncio.wait([waiter])
         finally:
             self.abandon()
 
