@@ -14,10 +14,11 @@ belong to, in this file only.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from memguard.sizes import parse_size
 
@@ -44,6 +45,15 @@ class Setting:
     doc: str
     env: str | None = None
     type_doc: str = ""
+    empty_ok: bool = False
+    """An empty value means something (an empty list); otherwise an empty string (an
+    unset ``${VAR}`` in a compose file) is refused rather than read as "off"."""
+
+    @property
+    def refused(self) -> str:
+        """What values the parser refuses, for the options reference."""
+        what = getattr(self.parse, "refuses", "")
+        return what if self.empty_ok else ", ".join(filter(None, ("empty", what)))
 
 
 SETTINGS: dict[str, Setting] = {}
@@ -58,14 +68,43 @@ def _register(setting: Setting) -> Setting:
 
 def setting(
     name: str, section: str, default: Any, parse: Callable[[Any], Any], doc: str, *,
-    env: str | None = None, type_doc: str = "",
+    env: str | None = None, type_doc: str = "", empty_ok: bool = False,
 ) -> Setting:
-    return _register(Setting(name, section, default, parse, doc, env, type_doc))
+    return _register(Setting(name, section, default, parse, doc, env, type_doc, empty_ok))
+
+
+Check = Callable[[dict[str, Any]], None]
+CHECKS: dict[str, list[Check]] = {}
+
+
+def check(section: str) -> Callable[[Check], Check]:
+    """Declare a rule across several options of ``section`` (raise ``ValueError``);
+    :func:`resolve` runs it on the section's values."""
+
+    def add(func: Check) -> Check:
+        CHECKS.setdefault(section, []).append(func)
+        return func
+
+    return add
+
+
+_Parser = TypeVar("_Parser", bound=Callable[..., Any])
+
+
+def refuses(what: str) -> Callable[[_Parser], _Parser]:
+    """Record, for the options reference, which values a parser refuses."""
+
+    def mark(func: _Parser) -> _Parser:
+        func.refuses = what  # type: ignore[attr-defined]
+        return func
+
+    return mark
 
 
 # ---- parsers ------------------------------------------------------------------------
 
 
+@refuses("anything but true/false, 1/0, yes/no, on/off")
 def parse_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -73,11 +112,15 @@ def parse_bool(value: Any) -> bool:
         lowered = value.strip().lower()
         if lowered in ("1", "true", "yes", "on"):
             return True
-        if lowered in ("0", "false", "no", "off", ""):
+        if lowered in ("0", "false", "no", "off"):
             return False
     raise ValueError(f"invalid boolean {value!r}: expected true/false, 1/0, yes/no, on/off")
 
 
+_OFF = ("none", "off", "unlimited")
+
+
+@refuses("negative")
 def parse_optional_size(value: Any) -> int | str | None:
     """A size, ``None``/"off"/"none" for no limit. Percentages are kept as strings
     (``"25%"``): only the component knows the total they are a fraction of."""
@@ -85,7 +128,7 @@ def parse_optional_size(value: Any) -> int | str | None:
         return None
     if isinstance(value, str):
         text = value.strip()
-        if text.lower() in ("", "none", "off", "unlimited"):
+        if text.lower() in _OFF:
             return None
         if text.endswith("%"):
             parse_size(text, total=100)  # validates the number
@@ -93,27 +136,71 @@ def parse_optional_size(value: Any) -> int | str | None:
     return parse_size(value)
 
 
+@refuses("negative")
 def parse_size_value(value: Any) -> int:
     return parse_size(value)
 
 
-def parse_positive_float(value: Any) -> float:
+def _number(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"invalid number {value!r}")
     try:
         number = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"invalid number {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"invalid number {value!r}: must be finite")
+    return number
+
+
+@refuses("nan, inf, negative")
+def parse_positive_float(value: Any) -> float:
+    number = _number(value)
     if number < 0:
         raise ValueError(f"invalid number {value!r}: must not be negative")
     return number
 
 
-def parse_int(value: Any) -> int:
+# Longer than any sane timeout or interval; still a finite wait for every timer API
+# (an infinite or huge one raises OverflowError in the thread that waits).
+MAX_SECONDS = 1_000_000.0
+
+
+@refuses(f"nan, inf, negative, over {MAX_SECONDS:,.0f}")
+def parse_seconds(value: Any) -> float:
+    number = parse_positive_float(value)
+    if number > MAX_SECONDS:
+        raise ValueError(f"invalid duration {value!r}: at most {MAX_SECONDS:,.0f} seconds")
+    return number
+
+
+@refuses("nan, inf, negative, over 100")
+def parse_percent(value: Any) -> float:
+    number = parse_positive_float(value)
+    if number > 100:
+        raise ValueError(f"invalid percentage {value!r}: at most 100")
+    return number
+
+
+@refuses("negative, not a whole number")
+def parse_count(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError(f"invalid integer {value!r}")
     try:
-        return int(value)
-    except (TypeError, ValueError):
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"invalid integer {value!r}") from None
+    if number < 0:
+        raise ValueError(f"invalid integer {value!r}: must not be negative")
+    return number
+
+
+@refuses("0, negative, not a whole number")
+def parse_at_least_one(value: Any) -> int:
+    number = parse_count(value)
+    if number < 1:
+        raise ValueError(f"invalid integer {value!r}: must be at least 1")
+    return number
 
 
 def parse_optional_str(value: Any) -> str | None:
@@ -155,10 +242,24 @@ def resolve(
             values[name] = s.parse(s.default) if s.default is not None else None
             continue
         try:
+            if isinstance(raw, str) and not raw.strip() and not s.empty_ok:
+                # An unset ${VAR} in a compose file: reading it as "off" would turn a
+                # protection off without a word.
+                raise ValueError("empty value: unset it for the default, or give a value "
+                                 "(\"off\" where the option can be off)")
             values[name] = s.parse(raw)
         except ValueError as exc:
             raise ValueError(f"memguard option {name!r} (from {origin}): {exc}") from None
+    for section in sections:
+        for rule in CHECKS.get(section, ()):
+            rule(values)
     return values
+
+
+def describe(name: str) -> str:
+    """``'name' (MEMGUARD_NAME)``: how an error message names an option."""
+    env = SETTINGS[name].env
+    return f"{name!r} ({env})" if env else repr(name)
 
 
 def reference_markdown(sections: Iterable[str] | None = None) -> str:
@@ -169,17 +270,23 @@ def reference_markdown(sections: Iterable[str] | None = None) -> str:
             order.append(s.section)
     out = ["# memguard options", "",
            "Generated from `memguard/config.py` by `memguard options --markdown`; "
-           "do not edit by hand.", ""]
+           "do not edit by hand.", "",
+           "A value in the *refused* column stops the app at startup with a message naming "
+           "the option and its environment variable, rather than being read as \"off\" or "
+           "as a limit nobody meant. `empty` is an empty string, as an unset `${VAR}` in a "
+           "compose file gives; write `off` where an option can be off.", ""]
     for section in order:
-        out += [f"## {section}", "", "| option | environment | default | description |",
-                "|---|---|---|---|"]
+        out += [f"## {section}", "",
+                "| option | environment | default | description | refused |",
+                "|---|---|---|---|---|"]
         for s in SETTINGS.values():
             if s.section != section:
                 continue
             env = f"`{s.env}`" if s.env else ""
             default = "none" if s.default is None else f"`{s.default!r}`"
             doc = s.doc.replace("|", "\\|").replace("\n", " ")
-            out.append(f"| `{s.name}` | {env} | {default} | {doc} |")
+            refused = s.refused.replace("|", "\\|")
+            out.append(f"| `{s.name}` | {env} | {default} | {doc} | {refused} |")
         out.append("")
     return "\n".join(out)
 
@@ -189,6 +296,7 @@ def reference_markdown(sections: Iterable[str] | None = None) -> str:
 # =====================================================================================
 
 
+@refuses("negative, a percentage")
 def parse_body_limit(value: Any) -> int | None:
     """A body size limit: bytes or a size string; ``None``/"off"/"unlimited" for none.
     Percentages make no sense for a body and are refused."""
@@ -276,7 +384,7 @@ setting(
     env="MEMGUARD_BODY_CONTENT_TYPES",
 )
 setting(
-    "body_idle_timeout", "body", 60.0, parse_positive_float,
+    "body_idle_timeout", "body", 60.0, parse_seconds,
     "Seconds the app may wait for the next chunk of a request body before the request "
     "is answered with 408; 0 turns it off. Defaults to 60.",
     env="MEMGUARD_BODY_IDLE_TIMEOUT",
@@ -288,7 +396,7 @@ setting(
     env="MEMGUARD_BODY_MIN_RATE",
 )
 setting(
-    "body_rate_grace", "body", 20.0, parse_positive_float,
+    "body_rate_grace", "body", 20.0, parse_seconds,
     "Seconds from the first read of a body before `body_min_rate` applies; each further "
     "`body_min_rate` bytes received buys one more second. Defaults to 20.",
     env="MEMGUARD_BODY_RATE_GRACE",
@@ -325,14 +433,29 @@ setting(
 # =====================================================================================
 
 
+@refuses("0, 0%, negative")
+def parse_memory_limit(value: Any) -> int | str | None:
+    """A memory limit: a size, a percentage of the container's limit ("25%"), or off.
+
+    0 is refused: as bytes it would refuse every request and recycle every worker, and
+    "off" already says no limit (one meaning everywhere)."""
+    limit = parse_optional_size(value)
+    if limit == 0 or (isinstance(limit, str) and parse_size(limit, total=100) == 0):
+        raise ValueError(f"invalid memory limit {value!r}: 0 would refuse every request; "
+                         "write \"off\" for no limit")
+    return limit
+
+
+@refuses("0, 0%, negative")
 def parse_worker_limit(value: Any) -> int | str | None:
-    """A worker memory limit: a size, a percentage of the container's limit ("25%"),
-    ``"auto"`` (derived from the container's limit and the worker count), or off."""
+    """A worker memory limit: :func:`parse_memory_limit`, or ``"auto"`` (derived from
+    the container's limit and the worker count)."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
-    return parse_optional_size(value)
+    return parse_memory_limit(value)
 
 
+@refuses("nan, inf, 0, over 1")
 def parse_fraction(value: Any) -> float:
     number = parse_positive_float(value)
     if not 0 < number <= 1:
@@ -341,6 +464,7 @@ def parse_fraction(value: Any) -> float:
 
 
 def parse_choice(*choices: str) -> Callable[[Any], str]:
+    @refuses(f"anything but {', '.join(choices)}")
     def parse(value: Any) -> str:
         text = str(value).strip().lower()
         if text not in choices:
@@ -350,6 +474,16 @@ def parse_choice(*choices: str) -> Callable[[Any], str]:
     return parse
 
 
+@refuses(f"nan, inf, negative, between 0 and 0.05, over {MAX_SECONDS:,.0f}")
+def parse_watchdog_interval(value: Any) -> float:
+    """0 (off), or seconds long enough that the master is not busy reading /proc."""
+    number = parse_seconds(value)
+    if 0 < number < 0.05:
+        raise ValueError(f"invalid interval {value!r}: 0 (off) or at least 0.05 seconds")
+    return number
+
+
+@refuses("'/', a path not starting with '/', one with spaces or control characters")
 def parse_path(value: Any) -> str | None:
     """A URL path the middleware answers itself ("/readyz"), or off."""
     text = parse_optional_str(value)
@@ -357,6 +491,12 @@ def parse_path(value: Any) -> str | None:
         return None
     if not text.startswith("/"):
         raise ValueError(f"invalid path {value!r}: must start with '/'")
+    if not text.strip("/"):
+        # The leak admin path is a prefix: "/" would answer every request (401).
+        raise ValueError(f"invalid path {value!r}: it would shadow the app's root; "
+                         "give a path of its own, like '/readyz'")
+    if any(c.isspace() or not c.isprintable() for c in text):
+        raise ValueError(f"invalid path {value!r}: no spaces or control characters")
     return text
 
 
@@ -381,12 +521,12 @@ setting("container_memory_threshold", MEMORY, 0.95, parse_fraction,
         "ready: a last resort above the gunicorn watchdog's budget (0.9), which recycles "
         "first. Defaults to 0.95.",
         env="MEMGUARD_CONTAINER_MEMORY_THRESHOLD")
-setting("memory_psi_threshold", MEMORY, 10.0, parse_positive_float,
+setting("memory_psi_threshold", MEMORY, 10.0, parse_percent,
         "Percent of time (PSI full avg10 of the container's own cgroup v2 group) stalled "
         "on memory above which the worker sheds and reports not ready; 0 turns it off. "
         "Defaults to 10.",
         env="MEMGUARD_MEMORY_PSI_THRESHOLD")
-setting("memory_refresh_interval", MEMORY, 0.005, parse_positive_float,
+setting("memory_refresh_interval", MEMORY, 0.005, parse_seconds,
         "Seconds a pressure reading (RSS, container usage) is reused before it is read "
         "again. Defaults to 0.005.",
         env="MEMGUARD_MEMORY_REFRESH_INTERVAL")
@@ -397,12 +537,12 @@ setting("memory_shed", MEMORY, "all", parse_choice("all", "heavy", "off"),
 setting("heavy_methods", MEMORY, "POST,PUT,PATCH", str,
         "Comma-separated methods shed under pressure when memory_shed is `heavy`. "
         "Defaults to `POST,PUT,PATCH`.",
-        env="MEMGUARD_HEAVY_METHODS")
+        env="MEMGUARD_HEAVY_METHODS", empty_ok=True)
 setting("heavy_paths", MEMORY, "", str,
         "Comma-separated path prefixes shed under pressure when memory_shed is `heavy`. "
         "Defaults to none.",
-        env="MEMGUARD_HEAVY_PATHS")
-setting("memory_retry_after", MEMORY, 5, parse_int,
+        env="MEMGUARD_HEAVY_PATHS", empty_ok=True)
+setting("memory_retry_after", MEMORY, 5, parse_count,
         "Seconds sent in Retry-After with a 503 for memory pressure. Defaults to 5.",
         env="MEMGUARD_MEMORY_RETRY_AFTER")
 setting("body_memory_check_every", MEMORY, "4MiB", parse_size_value,
@@ -413,17 +553,17 @@ setting("track_memory", MEMORY, True, parse_bool,
         "Sampled per-request memory accounting per route template, with leak suspicion. "
         "Defaults to true.",
         env="MEMGUARD_TRACK_MEMORY")
-setting("memory_sample_interval", MEMORY, 0.005, parse_positive_float,
+setting("memory_sample_interval", MEMORY, 0.005, parse_seconds,
         "Seconds between two sampled requests (RSS read before and after). Defaults to "
         "0.005.",
         env="MEMGUARD_MEMORY_SAMPLE_INTERVAL")
-setting("max_routes", MEMORY, 256, parse_int,
+setting("max_routes", MEMORY, 256, parse_count,
         "Route templates tracked before the rest are counted as `other`. Defaults to 256.",
         env="MEMGUARD_MAX_ROUTES")
-setting("leak_window", MEMORY, 30.0, parse_positive_float,
+setting("leak_window", MEMORY, 30.0, parse_seconds,
         "Seconds of one leak-estimation window. Defaults to 30.",
         env="MEMGUARD_LEAK_WINDOW")
-setting("leak_windows", MEMORY, 3, parse_int,
+setting("leak_windows", MEMORY, 3, parse_count,
         "Windows in a row a route must keep memory to be reported as a suspected leak. "
         "Defaults to 3.",
         env="MEMGUARD_LEAK_WINDOWS")
@@ -457,6 +597,63 @@ setting("leak_admin_token", MEMORY, None, parse_optional_str,
         env="MEMGUARD_LEAK_ADMIN_TOKEN")
 
 
+
+
+def _in_order(soft: Any, hard: Any, strict: bool) -> bool | None:
+    """Whether the hard limit is above the soft one (or equal, unless ``strict``), when
+    both are known here (two sizes, or two percentages of the same total); ``None``
+    when only the component can tell (``auto``, a size against a percentage)."""
+    if isinstance(soft, str) and isinstance(hard, str) and "auto" not in (soft, hard):
+        soft, hard = parse_size(soft, total=10**12), parse_size(hard, total=10**12)
+    if isinstance(soft, int) and isinstance(hard, int):
+        return hard > soft or (hard == soft and not strict)
+    return None
+
+
+def _check_hard_above_soft(values: dict[str, Any], soft: str, hard: str,
+                           strict: bool) -> None:
+    if _in_order(values[soft], values[hard], strict) is False:
+        relation = "above" if strict else "at least"
+        raise ValueError(f"memguard option {describe(hard)} ({values[hard]}) must be "
+                         f"{relation} {describe(soft)} ({values[soft]})")
+
+
+@check(MEMORY)
+def _worker_limits_in_order(values: dict[str, Any]) -> None:
+    # Not strict: the soft limit is compared with USS, the hard one with RSS.
+    _check_hard_above_soft(values, "worker_memory_limit", "worker_memory_hard_limit",
+                           strict=False)
+
+
+@check(MEMORY)
+def _endpoints_apart(values: dict[str, Any]) -> None:
+    """Each path the middleware answers itself is its own, and the leak admin, which
+    answers a whole prefix, shadows none of the others."""
+    names = ("readiness_path", "liveness_path", "metrics_path", "leak_admin_path")
+    seen: dict[str, str] = {}
+    for name in names:
+        path = values[name]
+        if path is None:
+            continue
+        if path in seen:
+            raise ValueError(f"memguard options {describe(seen[path])} and {describe(name)} "
+                             f"are both {path!r}: each endpoint needs a path of its own")
+        seen[path] = name
+    admin = values["leak_admin_path"]
+    if admin is None:
+        return
+    for name in names[:-1]:
+        path = values[name]
+        if path is not None and path.startswith(admin.rstrip("/") + "/"):
+            raise ValueError(f"memguard option {describe(name)} ({path!r}) is under "
+                             f"{describe('leak_admin_path')} ({admin!r}), which would "
+                             "answer it")
+    if not values["leak_admin_token"]:
+        raise ValueError(f"memguard option {describe('leak_admin_path')} needs "
+                         f"{describe('leak_admin_token')}: an admin endpoint without one "
+                         "is refused")
+
+
 # =====================================================================================
 # gunicorn: worker recycling, the master's watchdog (memguard/gunicorn/)
 # =====================================================================================
@@ -467,46 +664,46 @@ setting("leak_admin_token", MEMORY, None, parse_optional_str,
 # them without the prefix.
 
 setting(
-    "gunicorn_worker_memory_limit", "gunicorn", None, parse_optional_size,
+    "gunicorn_worker_memory_limit", "gunicorn", None, parse_memory_limit,
     "Soft limit of one worker's own memory (USS), as a size or a percentage of the "
     "container's limit; a worker over it finishes its in-flight requests and is replaced. "
     "Defaults to none (no soft recycling).",
     env="MEMGUARD_WORKER_MEMORY_LIMIT",
 )
 setting(
-    "gunicorn_worker_memory_hard_limit", "gunicorn", None, parse_optional_size,
+    "gunicorn_worker_memory_hard_limit", "gunicorn", None, parse_memory_limit,
     "Hard limit of one worker's own memory (USS); the master stops a worker over it even "
     "mid-request (SIGTERM, then SIGKILL after the grace period). Defaults to none.",
     env="MEMGUARD_WORKER_MEMORY_HARD_LIMIT",
 )
 setting(
-    "gunicorn_total_memory_limit", "gunicorn", None, parse_optional_size,
+    "gunicorn_total_memory_limit", "gunicorn", None, parse_memory_limit,
     "The whole pool's memory budget (master, workers, one booting replacement); near it "
     "the master recycles the largest worker; \"off\" turns it off. Defaults to 90% of the "
     "cgroup's limit when there is one, otherwise none.",
     env="MEMGUARD_TOTAL_MEMORY_LIMIT",
 )
 setting(
-    "gunicorn_hard_limit_grace", "gunicorn", 1.0, parse_positive_float,
+    "gunicorn_hard_limit_grace", "gunicorn", 1.0, parse_seconds,
     "Seconds a worker stopped for its hard limit has between SIGTERM and SIGKILL. "
     "Defaults to 1.0.",
     env="MEMGUARD_HARD_LIMIT_GRACE",
 )
 setting(
-    "gunicorn_watchdog_interval", "gunicorn", 1.0, parse_positive_float,
+    "gunicorn_watchdog_interval", "gunicorn", 1.0, parse_watchdog_interval,
     "Seconds between the master watchdog's reads of every worker's USS/PSS and the "
     "cgroup's usage (four times as often while a worker is over its soft limit or the "
     "pool is near its budget); 0 turns the watchdog off. Defaults to 1.0.",
     env="MEMGUARD_WATCHDOG_INTERVAL",
 )
 setting(
-    "gunicorn_max_concurrent_recycles", "gunicorn", 1, parse_int,
+    "gunicorn_max_concurrent_recycles", "gunicorn", 1, parse_at_least_one,
     "How many workers the master may have recycling (draining or booting) at once when "
     "it recycles on its own initiative, so capacity never collapses. Defaults to 1.",
     env="MEMGUARD_MAX_CONCURRENT_RECYCLES",
 )
 setting(
-    "gunicorn_min_worker_lifetime", "gunicorn", 1.0, parse_positive_float,
+    "gunicorn_min_worker_lifetime", "gunicorn", 1.0, parse_seconds,
     "Seconds a worker lives before the master's watchdog may recycle it for its soft "
     "limit or the pool budget (the hard limit always applies). Defaults to 1.0.",
     env="MEMGUARD_MIN_WORKER_LIFETIME",
@@ -537,6 +734,12 @@ setting(
     "true.",
     env="MEMGUARD_FAST_EXIT",
 )
+
+
+@check("gunicorn")
+def _gunicorn_limits_in_order(values: dict[str, Any]) -> None:
+    _check_hard_above_soft(values, "gunicorn_worker_memory_limit",
+                           "gunicorn_worker_memory_hard_limit", strict=True)
 
 
 # =====================================================================================
@@ -599,18 +802,18 @@ setting(
     env="MEMGUARD_UPLOAD_BATCH_SIZE", type_doc="size",
 )
 setting(
-    "upload_max_parts", "uploads", 1000, parse_int,
+    "upload_max_parts", "uploads", 1000, parse_count,
     "Most parts (fields and files) in one multipart body; counting stops the parse at the "
     "first part over it (413). Defaults to 1000.",
     env="MEMGUARD_UPLOAD_MAX_PARTS", type_doc="int",
 )
 setting(
-    "upload_max_fields", "uploads", 1000, parse_int,
+    "upload_max_fields", "uploads", 1000, parse_count,
     "Most non-file fields in one multipart body (413). Defaults to 1000.",
     env="MEMGUARD_UPLOAD_MAX_FIELDS", type_doc="int",
 )
 setting(
-    "upload_max_files", "uploads", 100, parse_int,
+    "upload_max_files", "uploads", 100, parse_count,
     "Most files in one multipart body (413). Defaults to 100.",
     env="MEMGUARD_UPLOAD_MAX_FILES", type_doc="int",
 )
@@ -638,12 +841,12 @@ setting(
     env="MEMGUARD_UPLOAD_MAX_PART_HEADER_SIZE", type_doc="size",
 )
 setting(
-    "upload_max_part_headers", "uploads", 8, parse_int,
+    "upload_max_part_headers", "uploads", 8, parse_count,
     "Most header lines in one multipart part (400 above it). Defaults to 8.",
     env="MEMGUARD_UPLOAD_MAX_PART_HEADERS", type_doc="int",
 )
 setting(
-    "upload_parse_budget", "uploads", 5.0, parse_positive_float,
+    "upload_parse_budget", "uploads", 5.0, parse_seconds,
     "Seconds of parser time one multipart body may use; a backstop behind the part caps "
     "against bodies built to be slow to parse (408 above it). Defaults to 5.",
     env="MEMGUARD_UPLOAD_PARSE_BUDGET", type_doc="seconds",

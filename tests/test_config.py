@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 
@@ -28,3 +29,125 @@ def test_upload_options_take_keywords_then_the_environment() -> None:
     assert opts.max_files == 3 and opts.max_parts == 9
     with pytest.raises(TypeError, match="upload_max_file"):
         UploadOptions.resolve({"max_file": 1}, environ={})
+
+
+# ---- issue 16, defect 7: bad configuration fails closed --------------------------------
+
+TEXT_OPTIONS = {"heavy_methods", "heavy_paths", "leak_admin_token"}  # free text
+
+
+@pytest.mark.parametrize("name", sorted(n for n, s in config.SETTINGS.items() if s.env))
+@pytest.mark.parametrize("value", ["", "  ", "nan", "inf", "-inf", "1e999"])
+def test_empty_nan_and_inf_are_refused_naming_the_option_and_variable(
+        name: str, value: str) -> None:
+    setting = config.SETTINGS[name]
+    assert setting.env is not None
+    if name in TEXT_OPTIONS and (value.strip() or setting.empty_ok):
+        pytest.skip("free text: any text is a value")
+    with pytest.raises(ValueError) as info:
+        config.resolve([setting.section], {}, environ={setting.env: value})
+    assert repr(name) in str(info.value) and setting.env in str(info.value)
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("body_idle_timeout", float("nan")), ("body_rate_grace", float("inf")),
+    ("max_body_size", ""), ("gunicorn_watchdog_interval", 1e300),
+    ("gunicorn_watchdog_interval", 0.001), ("gunicorn_hard_limit_grace", float("nan")),
+    ("memory_psi_threshold", 101), ("upload_max_files", -1),
+    ("gunicorn_max_concurrent_recycles", 0),
+])
+def test_bad_keywords_are_refused_too(name: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=repr(name)):
+        config.resolve([config.SETTINGS[name].section], {name: value}, environ={})
+
+
+def test_off_still_turns_an_option_off_and_zero_still_means_off_where_documented() -> None:
+    values = config.resolve(["body", "gunicorn"], {}, environ={
+        "MEMGUARD_MAX_BODY_SIZE": "off", "MEMGUARD_BODY_IDLE_TIMEOUT": "0",
+        "MEMGUARD_WATCHDOG_INTERVAL": "0", "MEMGUARD_TOTAL_MEMORY_LIMIT": "off"})
+    assert values["max_body_size"] is None and values["body_idle_timeout"] == 0
+    assert values["gunicorn_watchdog_interval"] == 0
+    assert values["gunicorn_total_memory_limit"] is None
+
+
+def test_the_middleware_refuses_an_empty_body_limit_at_startup(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from memguard import MemGuardMiddleware, MemGuardWSGIMiddleware
+
+    monkeypatch.setenv("MEMGUARD_MAX_BODY_SIZE", "")
+    for middleware in (MemGuardMiddleware, MemGuardWSGIMiddleware):
+        with pytest.raises(ValueError, match="MEMGUARD_MAX_BODY_SIZE"):
+            middleware(lambda *args: None)
+
+
+@pytest.mark.server
+def test_gunicorn_refuses_a_nan_grace_at_startup() -> None:
+    from tests.support.servers import serve
+
+    with pytest.raises(RuntimeError) as info, serve(
+            "gunicorn", "tests.apps.hello:wsgi_app",
+            ["-c", "python:memguard.gunicorn.conf", "-w", "1"],
+            env={"MEMGUARD_HARD_LIMIT_GRACE": "nan"}, timeout=20):
+        pass
+    assert "MEMGUARD_HARD_LIMIT_GRACE" in str(info.value) and "finite" in str(info.value)
+
+
+# ---- defect 8: a memory limit of 0 has one meaning: refused ---------------------------
+
+
+@pytest.mark.parametrize("variable", ["MEMGUARD_WORKER_MEMORY_LIMIT",
+                                      "MEMGUARD_WORKER_MEMORY_HARD_LIMIT",
+                                      "MEMGUARD_TOTAL_MEMORY_LIMIT"])
+@pytest.mark.parametrize("value", ["0", "0MiB", "0%"])
+def test_a_zero_memory_limit_is_refused_on_both_sides(variable: str, value: str) -> None:
+    sections = ["gunicorn"] if variable == "MEMGUARD_TOTAL_MEMORY_LIMIT" else [
+        "memory", "gunicorn"]
+    for section in sections:
+        with pytest.raises(ValueError, match=f"{variable}.*write \"off\" for no limit"):
+            config.resolve([section], {}, environ={variable: value})
+
+
+def test_the_gunicorn_start_line_says_none_only_for_no_limit() -> None:
+    from memguard.gunicorn.limits import resolve_limits
+
+    limits = resolve_limits({}, environ={"MEMGUARD_WORKER_MEMORY_LIMIT": "off",
+                                         "MEMGUARD_WORKER_MEMORY_HARD_LIMIT": "1",
+                                         "MEMGUARD_TOTAL_MEMORY_LIMIT": "off"})
+    assert limits.describe().startswith("worker soft limit none, hard limit 1 B, "
+                                        "pool budget none")
+
+
+# ---- defect 10: no endpoint may shadow the app ----------------------------------------
+
+
+@pytest.mark.parametrize("options", [
+    {"leak_admin_path": "/", "leak_admin_token": "t"},
+    {"leak_admin_path": "//", "leak_admin_token": "t"},
+    {"readiness_path": "/"},
+    {"metrics_path": "/"},
+    {"liveness_path": "/"},
+    {"readiness_path": "/health", "liveness_path": "/health"},
+    {"leak_admin_path": "/admin", "leak_admin_token": "t", "metrics_path": "/admin/metrics"},
+    {"leak_admin_path": "/admin"},  # no token
+    {"metrics_path": "/me trics"},
+])
+def test_endpoint_paths_that_would_shadow_the_app_are_refused(options: dict[str, Any]) -> None:
+    from memguard import MemGuardMiddleware
+
+    with pytest.raises(ValueError, match="memguard option"):
+        MemGuardMiddleware(lambda *args: None, **options)
+
+
+# ---- cross-field rules live with the registry -----------------------------------------
+
+
+@pytest.mark.parametrize(("section", "soft", "hard"), [
+    ("memory", "MEMGUARD_WORKER_MEMORY_LIMIT", "MEMGUARD_WORKER_MEMORY_HARD_LIMIT"),
+    ("gunicorn", "MEMGUARD_WORKER_MEMORY_LIMIT", "MEMGUARD_WORKER_MEMORY_HARD_LIMIT"),
+])
+@pytest.mark.parametrize(("soft_value", "hard_value"), [("200MiB", "100MiB"),
+                                                        ("50%", "25%")])
+def test_a_hard_limit_below_the_soft_one_is_refused(section: str, soft: str, hard: str,
+                                                    soft_value: str, hard_value: str) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        config.resolve([section], {}, environ={soft: soft_value, hard: hard_value})

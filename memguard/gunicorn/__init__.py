@@ -92,7 +92,7 @@ class Guard:
                 "memguard: this cgroup has memory.oom.group=1: one worker's OOM kill ends the "
                 "whole container, the master included; recycling before the limit is the "
                 "only protection%s",
-                "" if limits.soft or limits.hard else
+                "" if limits.soft is not None or limits.hard is not None else
                 " (set MEMGUARD_WORKER_MEMORY_LIMIT)")
         if limits.gc_freeze and not server.cfg.preload_app:
             server.log.warning("memguard: MEMGUARD_GC_FREEZE only helps with --preload: "

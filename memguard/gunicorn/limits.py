@@ -55,9 +55,11 @@ class Limits:
         return self.total + max(self.container - self.total, 0) // 2
 
     def describe(self) -> str:
-        return (f"worker soft limit {format_size(self.soft) if self.soft else 'none'}, "
-                f"hard limit {format_size(self.hard) if self.hard else 'none'}, "
-                f"pool budget {format_size(self.total) if self.total else 'none'} "
+        def size(value: int | None) -> str:
+            return "none" if value is None else format_size(value)
+
+        return (f"worker soft limit {size(self.soft)}, hard limit {size(self.hard)}, "
+                f"pool budget {size(self.total)} "
                 f"({self.total_source}); container limit {format_size(self.container)} "
                 f"({self.container_source})")
 
