@@ -249,7 +249,8 @@ class LeakAdmin:
         scheme, _, given = authorization.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
                                                                  self._token):
-            log.warning("leak admin: wrong token for %s %s", method, path)
+            # repr: the path is the client's, and a newline in it must not forge a line.
+            log.warning("leak admin: wrong token for %r %r", method, path)
             return _answer(403, {"error": "wrong token"})
         action = path[len(self.path):].strip("/")
         text = "format=text" in query
@@ -292,7 +293,7 @@ class LeakAdmin:
 def _query_int(query: str, name: str) -> int | None:
     for item in query.split("&"):
         key, _, value = item.partition("=")
-        if key == name and value.isdigit():
+        if key == name and value.isascii() and value.isdigit():
             return int(value)
     return None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import tracemalloc
 from pathlib import Path
 
@@ -96,3 +97,26 @@ def test_admin_endpoint_on_a_real_server(repo: Path) -> None:
         text = body.decode()
         assert "memory_apps.py" in text  # the leaking line is among the top sites
         assert "dict" in text
+
+
+def test_a_wrong_token_log_line_cannot_be_forged_through_the_path(
+        caplog: pytest.LogCaptureFixture) -> None:
+    admin = LeakAdmin("/_memguard/leaks", "s3cret")
+    path = "/_memguard/leaks/x\n2026-01-01 [CRITICAL] fake line"
+    with caplog.at_level(logging.WARNING, logger="memguard.leaks"):
+        assert admin.handle("POST", path, "Bearer wrong")[0] == 403
+    (record,) = [r for r in caplog.records if r.name == "memguard.leaks"]
+    message = record.getMessage()
+    assert "\n" not in message and "x\\n2026" in message
+
+
+def test_frames_accept_ascii_digits_only() -> None:
+    admin = LeakAdmin("/_memguard/leaks", "s3cret")
+    try:
+        status, _, _ = admin.handle("POST", "/_memguard/leaks/start", "Bearer s3cret",
+                                    "frames=\u00b2")
+        assert status == 200  # superscript two is not a number: the default depth
+        assert admin.reporter.frames == 10
+    finally:
+        if admin.reporter.active:
+            admin.reporter.stop()

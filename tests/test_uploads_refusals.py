@@ -231,3 +231,20 @@ def test_a_refused_job_still_queued_at_discard_logs_no_asyncio_error(
         gate.set()
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert listing(updir) == []
+
+
+# ---- defect 12: the client's text cannot forge a log line -----------------------------
+
+
+def test_an_upload_refusal_log_line_keeps_the_clients_text_on_one_line(
+        updir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A raw CR LF cannot be in a part header; what can is every other line break a log
+    # viewer honours (U+2028, NEL) and terminal escapes.
+    form = form_body(("x\u2028\x85\x1b[2J\x0bfake", None, b"1"))
+    with caplog.at_level(logging.WARNING, logger="memguard.uploads"), \
+            pytest.raises(MalformedRequest):
+        multipart(form, updir, False, allowed_fields={"title"})
+    (record,) = [r for r in caplog.records if r.name == "memguard.uploads"]
+    message = record.getMessage()
+    assert "reason=field_not_allowed" in message
+    assert message.isprintable() and "x\\u2028\\x85\\x1b[2J\\x0bfake" in message

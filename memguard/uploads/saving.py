@@ -141,9 +141,11 @@ def _reject(exc: RequestRejected, kind: str, reject: Any) -> None:
     if getattr(exc, "_memguard_upload_seen", False):
         return  # raised by the middleware's body wrapper, which reports its own
     exc._memguard_upload_seen = True  # type: ignore[attr-defined]
+    # Figures may hold the client's text (field names, a content type): repr() keeps
+    # each record on one line, whatever the client sent.
     logger.warning("upload refused (%s): %s status=%s reason=%s %s", kind, exc.detail,
                    exc.status, exc.reason,
-                   " ".join(f"{k}={v}" for k, v in sorted(exc.figures.items())))
+                   " ".join(f"{k}={v!r}" for k, v in sorted(exc.figures.items())))
     counters.increment("uploads", exc.reason)
     events.emit("refusal", area="uploads", reason=exc.reason, status=exc.status,
                 **{k: v for k, v in exc.figures.items() if isinstance(v, (int, float, str))})
