@@ -256,6 +256,13 @@ def resolve(
     return values
 
 
+def default(name: str) -> Any:
+    """The parsed default of option ``name``: what a component's constructor defaults to,
+    so that built by hand or from :func:`resolve`, it behaves the same."""
+    s = SETTINGS[name]
+    return None if s.default is None else s.parse(s.default)
+
+
 def describe(name: str) -> str:
     """``'name' (MEMGUARD_NAME)``: how an error message names an option."""
     env = SETTINGS[name].env
@@ -579,6 +586,11 @@ setting("readiness_path", MEMORY, None, parse_path,
         "Path answered by the middleware with readiness: 200, or 503 under memory "
         "pressure. Defaults to off.",
         env="MEMGUARD_READINESS_PATH")
+setting("readiness_details", MEMORY, False, parse_bool,
+        "Readiness answers with the worker's pid, memory figures and limits besides "
+        "ready/not ready. Off, anyone who can reach the path learns only whether the worker "
+        "is ready; turn it on where the path is not public. Defaults to false.",
+        env="MEMGUARD_READINESS_DETAILS")
 setting("liveness_path", MEMORY, None, parse_path,
         "Path answered by the middleware with liveness: always 200 while the worker "
         "serves, whatever its memory. Defaults to off.",
@@ -587,6 +599,13 @@ setting("metrics_path", MEMORY, None, parse_path,
         "Path answered by the middleware with Prometheus metrics (needs prometheus-client; "
         "multiprocess mode when PROMETHEUS_MULTIPROC_DIR is set). Defaults to off.",
         env="MEMGUARD_METRICS_PATH")
+setting("metrics_cache", MEMORY, 1.0, parse_seconds,
+        "Seconds a rendered metrics scrape is served again before it is rebuilt. A scrape "
+        "reads every worker's `smaps_rollup` (a cost that grows with the workers' size and "
+        "number) and syncs the counters; the cache bounds that work to once per interval "
+        "however often, or by how many, the path is fetched. 0 rebuilds every scrape. "
+        "Defaults to 1.",
+        env="MEMGUARD_METRICS_CACHE")
 setting("leak_admin_path", MEMORY, None, parse_path,
         "Path prefix of the leak-report admin endpoint (`/start`, `/report`, `/stop`); "
         "needs leak_admin_token. Defaults to off.",

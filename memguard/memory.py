@@ -59,11 +59,13 @@ class MemoryLayer:
         endpoints: dict[str, Any] = {}
         if opts["readiness_path"] or opts["liveness_path"]:
             health = HealthEndpoint(self.admission, readiness_path=opts["readiness_path"],
-                                    liveness_path=opts["liveness_path"])
+                                    liveness_path=opts["liveness_path"],
+                                    details=opts["readiness_details"])
             for path in health.paths:
                 endpoints[path] = health
         if opts["metrics_path"]:
-            self.metrics = MetricsExporter(self.admission, self.tracker)
+            self.metrics = MetricsExporter(self.admission, self.tracker,
+                                           cache=opts["metrics_cache"])
             endpoints[opts["metrics_path"]] = self.metrics
         self.leak_admin: LeakAdmin | None = None
         if opts["leak_admin_path"]:

@@ -33,10 +33,11 @@ import glob
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from memguard import counters, probes
+from memguard import config, counters, probes
 from memguard.leaks import respond_wsgi, send_asgi
 
 if TYPE_CHECKING:
@@ -68,10 +69,12 @@ class HealthEndpoint:
     """Liveness and readiness answers for the middlewares (or mounted on their own)."""
 
     def __init__(self, admission: MemoryAdmission | None, *, readiness_path: str | None = None,
-                 liveness_path: str | None = None) -> None:
+                 liveness_path: str | None = None,
+                 details: bool = config.default("readiness_details")) -> None:
         self.admission = admission
         self.readiness_path = readiness_path
         self.liveness_path = liveness_path
+        self.details = details
         self.paths = frozenset(p for p in (readiness_path, liveness_path) if p)
 
     def answer(self, path: str) -> tuple[int, str, bytes]:
@@ -83,8 +86,9 @@ class HealthEndpoint:
         # A readiness probe must see the present, not a reading from a quiet minute ago.
         admission.refresh()
         ready = admission.ready
-        body = {"status": "ready" if ready else "not_ready", "pid": os.getpid(),
-                **admission.figures()}
+        body: dict[str, Any] = {"status": "ready" if ready else "not_ready"}
+        if self.details:  # the pid, memory and limits are for operators, not for anyone
+            body.update(pid=os.getpid(), **admission.figures())
         return (200 if ready else 503), "application/json", (json.dumps(body) + "\n").encode()
 
     async def asgi(self, scope: dict[str, Any], receive: Callable[..., Any],
@@ -111,7 +115,8 @@ class MetricsExporter:
 
     def __init__(self, admission: MemoryAdmission | None = None,
                  tracker: RequestTracker | None = None,
-                 multiprocess_dir: str | None = None) -> None:
+                 multiprocess_dir: str | None = None,
+                 cache: float = config.default("metrics_cache")) -> None:
         try:
             import prometheus_client as prom
         except ImportError:
@@ -148,6 +153,9 @@ class MetricsExporter:
             tracker.keep_samples()
         self._seen: dict[tuple[str, str], int] = {}
         self._seen_pid = os.getpid()
+        self.cache_ns = int(cache * 1e9)
+        # content type asked for -> (monotonic ns when rendered, body, content type)
+        self._rendered: dict[str, tuple[int, bytes, str]] = {}
         if self.multiprocess_dir:
             # What a worker counted since its last sync (about a second's worth) would be
             # lost at every recycle: recycled workers often live only seconds. atexit
@@ -202,11 +210,21 @@ class MetricsExporter:
         return registry
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The scrape's body and content type, rebuilt at most once per ``cache``
+        seconds: reading every worker's ``smaps_rollup`` is the costly part, and a
+        scraper (or anyone) fetching the path in a loop must not multiply it."""
         from prometheus_client import exposition
 
-        self.sync()
         encoder, content_type = exposition.choose_encoder(accept)
-        return encoder(self.registry()), content_type
+        now = time.monotonic_ns()
+        cached = self._rendered.get(content_type)
+        if cached is not None and now - cached[0] < self.cache_ns:
+            return cached[1], content_type
+        self.sync()
+        body = encoder(self.registry())
+        if self.cache_ns:
+            self._rendered[content_type] = (now, body, content_type)
+        return body, content_type
 
     async def asgi(self, scope: dict[str, Any], receive: Callable[..., Any],
                    send: Callable[..., Any]) -> None:

@@ -330,6 +330,7 @@ def test_readiness_flips_under_pressure_and_back(repo: Path) -> None:
     env = {"MEMGUARD_WORKER_MEMORY_HARD_LIMIT": "200MiB",
            "MEMGUARD_WORKER_MEMORY_LIMIT": "150MiB",
            "MEMGUARD_READINESS_PATH": "/readyz", "MEMGUARD_LIVENESS_PATH": "/livez",
+           "MEMGUARD_READINESS_DETAILS": "1",
            # Only /items is shed: /ballast must stay reachable to release the pressure.
            "MEMGUARD_MEMORY_SHED": "heavy", "MEMGUARD_HEAVY_METHODS": "",
            "MEMGUARD_HEAVY_PATHS": "/items"}

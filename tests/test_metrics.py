@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -12,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,7 +42,7 @@ def test_exporter_single_process() -> None:
     counters.increment("body", "content_length_over_limit", 3)
     counters.increment("recycle", "worker_memory_limit")
     tracker = RequestTracker(sample_interval=0, leak_window=3600)
-    exporter = MetricsExporter(MemoryAdmission(hard_limit=1 << 40), tracker)
+    exporter = MetricsExporter(MemoryAdmission(hard_limit=1 << 40), tracker, cache=0)
     tracker.end(tracker.begin(1), "/items/{id}", "/items/1", 2)
     body, ctype = exporter.render()
     text = body.decode()
@@ -166,3 +168,47 @@ def test_a_worker_counts_since_its_last_sync_are_written_at_exit(multiproc_dir: 
     text = generate_latest(registry).decode()
     assert _samples(text, "memguard_refusals_total") == {
         'memguard_refusals_total{area="body",reason="body_over_limit"}': 1.0}
+
+
+# ---- issue 16, defect 15: readiness says little; a scrape's cost is bounded ----------
+
+
+def test_readiness_says_ready_or_not_and_details_only_when_asked() -> None:
+    rss = [300 * MiB]
+    admission = MemoryAdmission(rss=lambda: rss[0], hard_limit=200 * MiB)
+    plain = HealthEndpoint(admission, readiness_path="/readyz")
+    status, _, body = plain.answer("/readyz")
+    assert status == 503 and json.loads(body) == {"status": "not_ready"}
+    rss[0] = 100 * MiB
+    assert json.loads(plain.answer("/readyz")[2]) == {"status": "ready"}
+    detailed = HealthEndpoint(admission, readiness_path="/readyz", details=True)
+    report = json.loads(detailed.answer("/readyz")[2])
+    assert report["pid"] == os.getpid() and report["rss"] == 100 * MiB
+
+
+def test_a_scrape_is_rebuilt_at_most_once_per_cache_interval(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from memguard import metrics
+
+    reads: list[int] = []
+    real = metrics.probes.process_memory
+
+    def counting(pid: int) -> Any:
+        reads.append(pid)
+        return real(pid)
+
+    monkeypatch.setattr(metrics.probes, "process_memory", counting)
+    exporter = MetricsExporter(cache=0.2)
+    first, _ = exporter.render()
+    per_scrape = len(reads)
+    assert per_scrape >= 1
+    for _ in range(50):
+        assert exporter.render()[0] == first
+    assert len(reads) == per_scrape  # fifty scrapes, one read of the workers
+    time.sleep(0.25)
+    exporter.render()
+    assert len(reads) == 2 * per_scrape
+    uncached = MetricsExporter(cache=0)
+    uncached.render()
+    uncached.render()
+    assert len(reads) == 4 * per_scrape
