@@ -8,9 +8,7 @@ BENCH_STAMP := $(VENV)/.memguard-bench-installed
 
 .PHONY: install test lint demo bench docs clean
 
-# The C extension (memguard/_speedups.c) is compiled by the editable install: a change
-# to it reinstalls.
-$(STAMP): pyproject.toml setup.py memguard/_speedups.c
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[all]" --group dev
@@ -18,13 +16,8 @@ $(STAMP): pyproject.toml setup.py memguard/_speedups.c
 
 install: $(STAMP)
 
-# The body tests run a second time on the pure-Python path (no C extension), the one
-# installs without a compiler get.
 test: $(STAMP)
 	$(BIN)/python -m pytest
-	MEMGUARD_PURE_PYTHON=1 $(BIN)/python -m pytest -q tests/test_body_asgi.py \
-		tests/test_body_property.py tests/test_body_frameworks.py tests/test_body_speedups.py \
-		tests/test_probes.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check memguard tests examples benchmarks
@@ -43,9 +36,6 @@ bench: $(BENCH_STAMP)
 	@# wrk (Debian package) drives the end-to-end overhead benchmark; installed once.
 	@command -v wrk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk) \
 		|| echo "wrk could not be installed: end-to-end figures will be skipped"
-	@# valgrind counts the body guard's instructions (benchmarks/instructions.py).
-	@command -v valgrind >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq valgrind) \
-		|| echo "valgrind could not be installed: instruction counts will be skipped"
 	$(BIN)/python -m benchmarks --quick
 
 # Generated docs (a test fails when they are stale): the options reference from

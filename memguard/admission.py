@@ -127,7 +127,7 @@ class MemoryAdmission:
         self.container_usage: int | None = None
         self.pressure_stall: float | None = None
         self.uss: int | None = None
-        self._checked_ns = -(1 << 62)
+        self.checked_ns = -(1 << 62)
         if not self.judges():
             # Nothing to hold the worker's memory against: the level stays OK, and no
             # request reads anything for it (readers of the figures refresh on demand).
@@ -177,13 +177,13 @@ class MemoryAdmission:
 
     def check(self, now: int) -> int:
         """The pressure level, refreshed when older than ``refresh_interval``."""
-        if now - self._checked_ns >= self.refresh_ns:
+        if now - self.checked_ns >= self.refresh_ns:
             self.refresh(now)
         return self.level
 
     def refresh(self, now: int | None = None) -> int:
         now = time.monotonic_ns() if now is None else now
-        self._checked_ns = now
+        self.checked_ns = now
         rss = self.rss = self._rss()
         level, reason = OK, ""
         soft, hard = self.soft_limit, self.hard_limit
@@ -246,7 +246,7 @@ class MemoryAdmission:
 
         The caller answers, logs and counts it like any :class:`RequestRejected`.
         """
-        if now - self._checked_ns >= self.refresh_ns:
+        if now - self.checked_ns >= self.refresh_ns:
             self.refresh(now)
         if self.level < CRITICAL or self.shed == "off":
             return None
@@ -268,7 +268,7 @@ class MemoryAdmission:
         """A per-request guard for the body wrapper, or ``None`` without a hard limit."""
         if self.hard_limit is None:
             return None
-        if now - self._checked_ns >= self.refresh_ns:
+        if now - self.checked_ns >= self.refresh_ns:
             self.refresh(now)
         return BodyMemoryGuard(self, content_length, self.rss)
 
@@ -289,7 +289,7 @@ class MemoryAdmission:
         soft = self.soft_limit
         if soft is None or not self.recycle_after_response:
             return False
-        if now - self._checked_ns >= self.refresh_ns:
+        if now - self.checked_ns >= self.refresh_ns:
             self.refresh(now)
         if self.rss <= soft or now - self._uss_checked_ns < self.uss_interval_ns:
             return False
@@ -347,16 +347,21 @@ class BodyMemoryGuard:
         if self.received >= self.next_check:
             self.reached(self.received)
 
-    def reached(self, received: int) -> int:
+    def reached(self, received: int, buffered: bool | None = None) -> int:
         """``received`` bytes in all have arrived and :attr:`next_check` was passed: check
         now; returns the next byte count to check at. For a wrapper that counts bytes
-        itself and only calls here when a check is due."""
+        itself and only calls here when a check is due.
+
+        ``buffered`` is what the wrapper saw of the app: ``False`` when the app let go of
+        the chunks it was handed (it streams: the worker's growth is someone else's, and
+        the body is never refused as buffering), ``True`` when it holds them, ``None``
+        when the wrapper cannot tell (judged on growth alone)."""
         self.received = received
         self.next_check = received + self.admission.body_check_every
-        self._check()
+        self._check(buffered)
         return self.next_check
 
-    def _check(self) -> None:
+    def _check(self, buffered: bool | None = None) -> None:
         admission = self.admission
         hard = admission.hard_limit
         if hard is None:
@@ -371,6 +376,8 @@ class BodyMemoryGuard:
                 "This worker is over its memory limit; retry shortly.",
                 reason="worker_over_hard_limit", headers=admission._retry_headers, **figures,
             )
+        if buffered is False:
+            return
         projected = rss + max(growth, 0)
         length = self.content_length
         # Growth since the previous check, against the bytes received since then: a
@@ -385,11 +392,13 @@ class BodyMemoryGuard:
             rate = growth / received
             projected = max(projected, int(self.baseline + rate * length + length))
         if projected > hard:
-            raise BodyTooLarge(
+            refusal = BodyTooLarge(
                 "Request body too large to buffer in this worker's memory; "
                 "the endpoint should stream it.",
                 reason="body_exceeds_worker_memory", projected=projected, **figures,
             )
+            refusal.area = "memory"
+            raise refusal
 
 
 # --------------------------------------------------------------------------------------

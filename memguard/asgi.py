@@ -1,96 +1,78 @@
-"""The ASGI middleware: memguard's body policy in front of any ASGI app.
+"""The ASGI middleware: memguard's body policy and memory layer in front of any ASGI app.
 
 ```python
 app = MemGuardMiddleware(app, max_body_size="16MiB")
 app.add_middleware(MemGuardMiddleware, max_body_size="16MiB")   # Starlette, FastAPI
 ```
 
-A request goes through these phases (:meth:`MemGuardMiddleware.__call__` dispatches:
-``_bodyless``, or for a request with a body ``_guarded_body`` with the C extension and
-``_with_body`` without; :class:`_Responder` holds the state of a request with a body):
+A request goes through these phases, top to bottom in :meth:`MemGuardMiddleware.__call__`:
 
-1. **admit**: the cached memory pressure (:mod:`memguard.admission`); under critical
-   pressure the request is shed with 503 and ``Retry-After`` before the app sees it.
-   Paths the middleware answers itself (readiness, liveness, metrics, leak admin; all
-   off by default) are answered here.
-2. **frame**: Content-Length / Transfer-Encoding checked, the route's limit found; a
-   declared length over it is answered with 413 before the first ``receive()``, so a
-   server that sends ``100 Continue`` lazily (uvicorn) never invites the body.
-3. **wrap receive**: :class:`memguard.body.ASGIBody` counts real bytes, and every few
-   MiB checks that buffering the body will not push the worker past its hard limit.
+1. **admit**: the cached memory pressure (:meth:`memguard.memory.MemoryLayer.admit`);
+   under critical pressure the request is shed with 503 and ``Retry-After`` before the
+   app sees it. Paths the middleware answers itself (readiness, liveness, metrics, leak
+   admin; all off by default) are answered here.
+2. **frame** (requests with a body, :class:`_Request`): Content-Length and
+   Transfer-Encoding checked, the route's limit found; a declared length over it is
+   answered with 413 before the first ``receive()``, so a server that sends
+   ``100 Continue`` lazily (uvicorn) never invites the body.
+3. **wrap receive** (:class:`_Body`): real bytes counted, slow bodies timed
+   (:mod:`memguard.slowbody`), the worker's memory checked every few MiB.
 4. **call app**: ``send`` is wrapped so that a refusal remembered during the request
    replaces whatever response the app or its framework makes of it (a 500, a 400).
-5. **after response**: the body's timer is cancelled; the request is counted under its
-   route template (:mod:`memguard.tracking`, sampled); a worker over its soft limit asks
-   for a graceful recycle.
+5. **end**: the request is counted under its route template; a worker over its soft
+   limit asks for a graceful recycle.
 
-A request with neither Content-Length nor Transfer-Encoding over HTTP/1 has no body:
-it goes to the app untouched (no wrapper, no allocation). Non-``http`` scopes are the
-app's own call, with no frame of ours.
+A request with neither Content-Length nor Transfer-Encoding over HTTP/1 has no body: it
+goes to the app with its own ``receive`` and ``send``. Non-``http`` scopes are the app's
+own call.
+
+Paths (route limits, the middleware's own endpoints) are the app's own: without the
+``root_path`` prefix it is mounted at, as its router sees them.
 
 When a refusal comes after the app has started its response, a second response cannot
 be sent: the rest of the app's messages are dropped and the middleware returns with the
-response incomplete, which uvicorn and gunicorn's ``asgi`` worker both answer by closing
-the connection (the client sees a truncated response, never a wrong complete one).
+response incomplete, which servers answer by closing the connection (the client sees a
+truncated response, never a wrong complete one).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections.abc
-import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from time import monotonic_ns
+import sys
+from time import monotonic, monotonic_ns
 from typing import Any
 
-from memguard.admission import CRITICAL
-from memguard.body import SPEEDUPS, ASGIBody, BodyPolicy, record, refusal_response
 from memguard.config import resolve
-from memguard.errors import RequestRejected, drop_tracebacks
+from memguard.errors import RequestRejected, RequestTimeout, drop_tracebacks
+from memguard.http import BODY_HEADERS, RequestHead, log, record, refusal_response
+from memguard.limits import BodyCounter, BodyPolicy, declared_over_limit
 from memguard.memory import MemoryLayer
+from memguard.slowbody import BodyTimer
 from memguard.tracking import asgi_route
 from memguard.types import ASGIApp, Message, Receive, Scope, Send
 
-if SPEEDUPS:
-    from memguard import _speedups
-    from memguard._speedups import Guarded
-    from memguard._speedups import guard as _guard
-    from memguard._speedups import has_body_framing as _speedups_has_body_framing
-
-    # What __call__ returns is a coroutine to asyncio (iscoroutine, create_task) as an
-    # ``async def __call__``'s result would be: it has send, throw, close and __await__.
-    collections.abc.Coroutine.register(Guarded)
-
 __all__ = ["MemGuardMiddleware"]
-
-log = logging.getLogger("memguard.body")
 
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _HTTP1 = frozenset({"1.1", "1.0"})
-_BODY_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"content-type",
-                           b"content-encoding", b"accept"})
+# After a refusal, what is read and discarded of the rest of the body before the
+# connection closes, so that a client still sending reads the answer instead of a reset
+# (nginx's lingering close).
+LINGER_BYTES = 4 << 20
+LINGER_SECONDS = 1.0
 
 
-def _has_body_framing_python(headers: Iterable[Sequence[bytes]]) -> bool:
-    """Whether the headers frame a body (Content-Length or Transfer-Encoding)."""
-    for name, _ in headers:
-        if name in _FRAMING:
-            return True
-    return False
+def app_path(path: str, root_path: str) -> str:
+    """The path as the app's router sees it: without the prefix it is mounted at (ASGI
+    servers include ``root_path`` in ``path``; some older ones do not)."""
+    if root_path and path.startswith(root_path):
+        rest = path[len(root_path):]
+        if not rest or rest[0] == "/":
+            return rest or "/"
+    return path
 
 
-# Asked of every request, and most have no body: the C function makes the bodyless
-# request 1.7k instructions cheaper than this loop (benchmarks/instructions.py, hello).
-_has_body_framing: Callable[[Iterable[Sequence[bytes]]], bool] = (
-    _speedups_has_body_framing if SPEEDUPS else _has_body_framing_python)
-
-
-# With the extension, calling the middleware is C (memguard._speedups.Dispatch): the
-# choice of path runs no Python frame. Without it, __call__ is _dispatch.
-_MiddlewareBase: type = _speedups.Dispatch if SPEEDUPS else object
-
-
-class MemGuardMiddleware(_MiddlewareBase):  # type: ignore[misc]
+class MemGuardMiddleware:
     """ASGI middleware; every keyword is a ``body`` or ``memory`` option of
     :mod:`memguard.config`."""
 
@@ -99,311 +81,173 @@ class MemGuardMiddleware(_MiddlewareBase):  # type: ignore[misc]
         values = resolve(("body", "memory"), options)
         self.policy = BodyPolicy(values)
         self.memory = MemoryLayer(values)
-        self._has_endpoints = self.memory.has_endpoints
         # Django's ASGI handler spools the body to a file before any view runs and
         # closes that file only on http.disconnect: refusals reach it as a disconnect.
         self.disconnect_on_refusal = type(app).__module__.startswith("django.")
-        # Servers tell an ASGI 3 app from an ASGI 2 one by
-        # ``iscoroutinefunction(app.__call__)`` (uvicorn, hypercorn, Starlette): the
-        # instance's ``__call__`` attribute is the coroutine implementation, while
-        # calling the instance goes through the class's ``__call__``, which returns the
-        # frame-less awaitable. Both run the same phases.
-        self.__dict__["__call__"] = self.handle
 
-    def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
-        """The request, as an awaitable (``__call__``; with the extension the same
-        choice is made in C). Not a coroutine function itself, so that a request with a
-        body can be awaited without a coroutine frame of ours (:meth:`_guarded_body`),
-        and other scopes go to the app untouched."""
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            return self.app(scope, receive, send)
-        if self._has_endpoints:
-            return self._endpoint_or_request(scope, receive, send)
-        return self._request(scope, receive, send)
-
-    def _request(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
-        """An ``http`` request the middleware does not answer itself."""
-        # 2. frame: no Content-Length and no Transfer-Encoding over HTTP/1 is no body.
-        if (not _has_body_framing(scope["headers"])
-                and scope.get("http_version", "1.1") in _HTTP1):
-            return self._bodyless(scope, receive, send)
-        if SPEEDUPS:
-            return self._guarded_body(scope, receive, send)
-        return self._with_body(scope, receive, send)
-
-    if not SPEEDUPS:
-        __call__ = _dispatch
-
-    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The request as a coroutine function: what ``iscoroutinefunction(app.__call__)``
-        looks at (see ``__init__``), and what ``app.__call__(...)`` runs."""
-        await self._dispatch(scope, receive, send)
-
-    async def _endpoint_or_request(self, scope: Scope, receive: Receive,
-                                   send: Send) -> None:
-        """A path the middleware answers itself (readiness, metrics...), or the
-        request as :meth:`__call__` would run it without endpoints."""
-        handler = self.memory.endpoint(scope["path"])
-        if handler is not None:
-            await handler.asgi(scope, receive, send)
-        else:
-            await self._request(scope, receive, send)
-
-    def _admitted(self, scope: Scope, now: int) -> RequestRejected | None:
-        """1. admit: a cached pressure level, refreshed every few ms (never per request):
-        the refusal under critical pressure, else None."""
-        admission = self.memory.admission
-        if now - admission._checked_ns >= admission.refresh_ns:
-            admission.refresh(now)
-        if admission.level >= CRITICAL:
-            return admission.admit(scope["method"], scope["path"], now)
-        return None
-
-    async def _bodyless(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """A request without a body: the hot path. Only a refusal raised by the app
-        needs us, and the accounting at the end. Admission is :meth:`_admitted` inline
-        (a Python call is a tenth of what the middleware adds to such a request)."""
+            await self.app(scope, receive, send)
+            return
         memory = self.memory
+        path = scope["path"]
+        root = scope.get("root_path", "")
+        if memory.has_endpoints:
+            handler = memory.endpoint(app_path(path, root))
+            if handler is not None:
+                await handler.asgi(scope, receive, send)
+                return
+        # 1. admit
         now = monotonic_ns()
-        admission = memory.admission
-        if now - admission._checked_ns >= admission.refresh_ns:
-            admission.refresh(now)
-        if admission.level >= CRITICAL:
-            refusal = admission.admit(scope["method"], scope["path"], now)
-            if refusal is not None and await _Responder(self, scope, receive,
-                                                        send).refuse_now(refusal):
+        if memory.judges:
+            refusal = memory.admit(scope["method"], path, now)
+            if refusal is not None and await _refuse_before_app(self, scope, send, refusal):
                 return
         sample = memory.begin(now)
-        root = scope.get("root_path", "")
+        app_scope = scope
         try:
-            await self.app(scope, receive, send)
-        except RequestRejected as exc:
-            await _Responder(self, scope, receive, send).refuse_late(exc)
+            for name, _ in scope["headers"]:
+                if name in _FRAMING:
+                    break
+            else:
+                if scope.get("http_version", "1.1") in _HTTP1:
+                    # No body: the app gets the server's own receive and send.
+                    try:
+                        await self.app(scope, receive, send)
+                    except RequestRejected as exc:
+                        await _refuse_after_app(self, scope, send, exc)
+                    return
+            # 2.-4. a request with a body
+            request = _Request(self, scope, receive, send)
+            try:
+                await request.run(now)
+            finally:
+                app_scope = request.app_scope
+                request.release()
         finally:
-            # memory.end(), its two steps inline: one Python call less per request. The
-            # start time serves the request count and the once-a-second tick (late by
-            # this request at most); the clock is read again only for the soft-limit
-            # check, which runs only when the pressure level is not OK.
-            memory.track_end(sample, asgi_route(scope, root), scope["path"], now)
-            if admission.level:
-                memory.after_response(monotonic_ns())
-            elif now >= memory.next_tick:
-                memory.after_response(now)
-
-    def _guarded_body(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
-        """A request with a body, with the C extension: awaited through
-        :func:`memguard._speedups.guard`, so that no coroutine frame of ours sits between
-        the server and the app, where it would be resumed at every suspension of the
-        request's task, once per body chunk (1% of a 64 KiB chunk in
-        benchmarks/body_guard.py). The phases are :meth:`_with_body`'s."""
-        # Admission, the responder and its framing are written out here rather than
-        # called (_admitted, _responder, prepare): after a long upload has evicted them
-        # from the caches, each call of ours costs 0.3 to 1 us (measured; more the more
-        # objects it touches), and fifteen fewer of them took 9 us off a body request.
-        now = monotonic_ns()
-        memory = self.memory
-        admission = memory.admission
-        if now - admission._checked_ns >= admission.refresh_ns:
-            admission.refresh(now)
-        if admission.level >= CRITICAL:
-            refusal = admission.admit(scope["method"], scope["path"], now)
-            if refusal is not None:
-                return self._with_body(scope, receive, send, now, refusal)  # sent there
-        responder = _Responder(self, scope, receive, send, memory.begin(now),
-                               scope.get("root_path", ""))
-        try:
-            prepared = responder.frame(now)
-        except BaseException:
-            responder.account()
-            raise
-        if isinstance(prepared, RequestRejected):
-            return responder.refuse_framing(prepared)
-        # The C receiver, unless the body is decoded (ASGIBody.app_receive).
-        return _guard(self.app, responder.app_scope, prepared.receiver()
-                      if prepared.decoder is None else prepared.receive, responder.send,
-                      _after_body, responder, prepared)
-
-    def _responder(self, scope: Scope, receive: Receive, send: Send,
-                   now: int) -> _Responder:
-        """A request with a body, admitted: its accounting begins, and its state."""
-        return _Responder(self, scope, receive, send, self.memory.begin(now),
-                          scope.get("root_path", ""))
-
-    async def _with_body(self, scope: Scope, receive: Receive, send: Send,
-                         now: int | None = None,
-                         refusal: RequestRejected | None = None) -> None:
-        """A request with a body, as a coroutine (the pure-Python path): admitted (unless
-        the caller did: ``now`` and its ``refusal``), framed, its receive wrapped, the app
-        called, and what it did answered."""
-        if now is None:
-            now = monotonic_ns()
-            refusal = self._admitted(scope, now)
-        if refusal is not None and await _Responder(self, scope, receive,
-                                                    send).refuse_now(refusal):
-            return
-        responder = self._responder(scope, receive, send, now)
-        prepared = responder.prepare(now)
-        if isinstance(prepared, RequestRejected):
-            await responder.refuse_framing(prepared)
-            return
-        # 4. call app
-        try:
-            await self.app(responder.app_scope, prepared.app_receive, responder.send)
-        except BaseException as exc:
-            tail = _after_body(exc, responder, prepared)
-        else:
-            tail = _after_body(None, responder, prepared)
-        if tail is not None:
-            await tail
+            # 5. end
+            memory.end(sample, asgi_route(app_scope, root), path, monotonic_ns())
 
 
-def _after_body(exc: BaseException | None, responder: _Responder,
-                prepared: ASGIBody) -> Awaitable[None] | None:
-    """5. after response, for a request with a body: the refusal to send (an awaitable
-    that ends the request after sending it), or the app's own error raised on."""
+async def _refuse_before_app(mw: MemGuardMiddleware, scope: Scope, send: Send,
+                             exc: RequestRejected) -> bool:
+    """A refusal decided before the app ran (memory admission); False when report-only
+    lets the request go on."""
+    report_only = mw.policy.report_only
+    record(exc, scope["method"], scope["path"], report_only)
+    if report_only:
+        return False
+    await _send_response(send, exc, _accept(scope))
+    drop_tracebacks(exc)
+    return True
+
+
+async def _refuse_after_app(mw: MemGuardMiddleware, scope: Scope, send: Send,
+                            exc: RequestRejected) -> None:
+    """A refusal the app raised on a bodyless request: answered if the server still
+    accepts a response start, else the connection ends."""
+    record(exc, scope["method"], scope["path"], False)
     try:
-        if exc is None:
-            refuse = responder.rejection is not None
-        elif isinstance(exc, Exception):
-            refuse = responder.explains(exc)
-        else:
-            # Our slow-body timer cancels the task that read the first chunk; when
-            # another task reads the body, the cancellation reaches the app elsewhere
-            # than in receive(). Any other cancellation is not ours.
-            refuse = (isinstance(exc, asyncio.CancelledError)
-                      and prepared.cancelled_by_timeout())
-    except BaseException:
-        responder.end(prepared)
-        raise
-    if refuse:
-        return responder.finish_then_end(prepared)
-    responder.end(prepared)
-    if exc is not None:
-        raise exc
+        await _send_response(send, exc, _accept(scope))
+    except RuntimeError:
+        log.warning("response to %s had started: connection ends without it (%s)",
+                    scope["method"], exc.reason)
+    drop_tracebacks(exc)
+
+
+def _accept(scope: Scope) -> bytes | None:
+    for name, value in scope["headers"]:
+        if name == b"accept":
+            return bytes(value)
     return None
 
 
-class _Responder:
+async def _send_response(send: Send, exc: RequestRejected, accept: bytes | None,
+                         more_body: bool = False) -> None:
+    status, headers, body = refusal_response(exc, accept, close=True)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]})
+    await send({"type": "http.response.body", "body": body, "more_body": more_body})
+
+
+class _Request:
     """One request with a body: its state lives here, never on the middleware."""
 
-    __slots__ = ("mw", "scope", "app_scope", "receive", "_send", "started", "rejection",
-                 "logged", "replaced", "accept", "sample", "root")
+    __slots__ = ("mw", "scope", "app_scope", "_send", "receive", "head", "body",
+                 "started", "rejection", "logged", "replaced")
 
     def __init__(self, mw: MemGuardMiddleware, scope: Scope, receive: Receive,
-                 send: Send, sample: Any = None, root: str = "") -> None:
+                 send: Send) -> None:
         self.mw = mw
-        self.sample = sample  # the accounting's (memguard.tracking), ended with the request
-        self.root = root      # root_path as the middleware saw it (asgi_route)
         self.scope = scope
-        self.app_scope = scope  # the copy the app gets (the route is found in it)
+        self.app_scope = scope  # the copy the app gets (its router records the route there)
         self.receive = receive
         self._send = send
-        self.started = False          # the app's http.response.start went out
+        self.head = RequestHead()
+        self.body: _Body | None = None
+        self.started = False         # the app's http.response.start went out
         self.rejection: RequestRejected | None = None
         self.logged: RequestRejected | None = None
-        self.replaced = False         # our refusal went out in place of the app's response
-        self.accept: bytes | None = None
+        self.replaced = False        # our refusal went out in place of the app's response
 
-    def prepare(self, now: int) -> ASGIBody | RequestRejected:
-        """:meth:`frame`, with the request's accounting ended if it fails unexpectedly."""
-        try:
-            return self.frame(now)
-        except BaseException:
-            self.account()
-            raise
-
-    def account(self, prepared: ASGIBody | None = None) -> None:
-        """5. after response: the body's timer stops (``prepared``, once framed), and
-        the request is counted under the route the app found.
-
-        The app's scope is let go here: its ``reject`` (the memguard extension) is one
-        of this responder's methods, so holding it made a reference cycle per request,
-        freed only by the cycle collector, and with it the scope and all the app put in
-        it (promoted to an older generation when a collection ran during the request).
-        So are the refusals' tracebacks (errors.drop_tracebacks)."""
-        if prepared is not None:
-            prepared.close()
-        app_scope, self.app_scope = self.app_scope, self.scope
-        if self.logged is not None:
-            drop_tracebacks(self.rejection)
-            drop_tracebacks(self.logged)
-        # MemoryLayer.end(), its two steps inline (one Python call less per request).
-        memory = self.mw.memory
-        now = monotonic_ns()
-        memory.track_end(self.sample, asgi_route(app_scope, self.root), self.scope["path"],
-                         now)
-        if memory.admission.level or now >= memory.next_tick:
-            memory.after_response(now)
-
-    end = account  # the request is over, its body framed
-
-    async def finish_then_end(self, prepared: ASGIBody) -> None:
-        try:
-            await self.finish_refusal()
-        finally:
-            self.end(prepared)
-
-    async def refuse_framing(self, exc: RequestRejected) -> None:
-        """The request is refused on its headers: the app is never called."""
-        try:
-            await self.send_refusal(exc)
-        finally:
-            self.account()  # app_scope is still the scope: frame() refused before copying
-
-    def frame(self, now: int) -> ASGIBody | RequestRejected:
-        """2. frame and 3. wrap receive: the body wrapper the app reads through, or the
-        refusal to send instead of calling the app (admission ran before)."""
-        policy = self.mw.policy
+    async def run(self, now: int) -> None:
+        mw = self.mw
+        policy = mw.policy
         scope = self.scope
-        lengths: list[bytes] = []
-        codings: list[bytes] = []
-        content_type = encoding = None
+        head = self.head
         for name, value in scope["headers"]:
-            if name in _BODY_HEADERS:
-                if name == b"content-length":
-                    lengths.append(value)
-                elif name == b"transfer-encoding":
-                    codings.append(value)
-                elif name == b"content-type":
-                    content_type = value
-                elif name == b"content-encoding":
-                    encoding = value if encoding is None else encoding + b"," + value
-                else:
-                    self.accept = value
-        limit = reader_limit = policy.limit_for(scope.get("path", ""), content_type)
+            if name in BODY_HEADERS:
+                head.add(name, value)
+        limit = reader_limit = policy.limit_for(
+            app_path(scope["path"], scope.get("root_path", "")), head.content_type)
         declared: int | None = None
+        decoder = None
         try:
-            declared = policy.declared_length(lengths, codings)
+            declared = head.declared_length()
             if declared is not None and limit is not None and declared > limit:
-                policy.check_declared(declared, limit)
-            decoder = policy.decoder_for(encoding, limit) if encoding is not None else None
+                raise declared_over_limit(declared, limit)
+            decoder = policy.decoder_for(head.encoding, limit)
         except RequestRejected as exc:
             self.note(exc, policy.report_only)
             if not policy.report_only:
-                return exc
-            reader_limit, decoder = None, None  # reported once is enough
-        # A copy of the scope telling the app the limit that applies (for uploads), and
-        # a reject(exc) that makes exc the response whatever the framework does with it.
-        # (Written here, not called: see _guarded_body.)
+                await self.send_refusal(exc)
+                return
+            reader_limit = None  # reported once is enough
+        # The app's copy of the scope tells it the limit that applies (for uploads), and
+        # gives it reject(exc), which makes exc the response whatever the framework does.
         memguard = {"max_body_size": limit, "reject": self.refused_by_app}
         extensions = scope.get("extensions")
-        scope = self.app_scope = {**scope, "extensions": {**extensions, "memguard": memguard}
-                                  if extensions else {"memguard": memguard}}
+        app_scope = self.app_scope = {
+            **scope, "extensions": {**extensions, "memguard": memguard}
+            if extensions else {"memguard": memguard}}
         if decoder is not None:
-            scope["headers"] = [(k, v) for k, v in scope["headers"]
-                                if k not in (b"content-encoding", b"content-length")]
-        memory = self.mw.memory
-        return ASGIBody(self.receive, reader_limit, policy, self.reject, decoder,
-                        self.mw.disconnect_on_refusal,
-                        memory.body_guard(declared, now) if memory.guards_bodies else None)
+            app_scope["headers"] = [(k, v) for k, v in scope["headers"]
+                                    if k not in (b"content-encoding", b"content-length")]
+        memory = mw.memory
+        body = self.body = _Body(self, reader_limit, decoder,
+                                 memory.body_guard(declared, now))
+        # 4. call app
+        try:
+            await mw.app(app_scope, body.receive if decoder is None else body.receive_decoded,
+                         self.send)
+        except Exception as exc:
+            if isinstance(exc, RequestRejected) and self.rejection is None:
+                self.refused_by_app(exc)
+            if self.rejection is None:
+                raise
+        finally:
+            body.close()
+        if self.rejection is not None:
+            await self.finish_refusal()
 
-    def explains(self, exc: Exception) -> bool:
-        """The app raised ``exc``: True when a refusal is the answer to send (the app
-        raised one, or one was pending and the app failed because of it), False when
-        ``exc`` is the app's own error to re-raise."""
-        if isinstance(exc, RequestRejected) and self.rejection is None:
-            self.refused_by_app(exc)
-        return self.rejection is not None
+    def release(self) -> None:
+        """The request is over: no reference cycle may outlive it. The app's scope holds
+        ``reject`` (one of this request's methods), the body wrapper holds the request;
+        both are let go, and so are the refusals' tracebacks."""
+        self.app_scope = self.scope
+        self.body = None
+        drop_tracebacks(self.rejection)
+        drop_tracebacks(self.logged)
 
     # ---- refusals ------------------------------------------------------------------
 
@@ -412,7 +256,7 @@ class _Responder:
         if self.logged is exc:
             return
         self.logged = exc
-        record(exc, self.scope.get("method", ""), self.scope.get("path", ""), report_only)
+        record(exc, self.scope["method"], self.scope["path"], report_only)
 
     def reject(self, exc: RequestRejected) -> None:
         """A refusal found by the body wrapper: remember it (report-only: just note it)."""
@@ -434,46 +278,29 @@ class _Responder:
         if self.replaced:
             return
         if self.started:
-            log.warning("response to %s %s had started: connection ends without it (%s)",
-                        self.scope.get("method"), self.scope.get("path"), exc.reason)
+            log.warning("response to %s had started: connection ends without it (%s)",
+                        self.scope["method"], exc.reason)
             return
         await self.send_refusal(exc)
 
     async def send_refusal(self, exc: RequestRejected) -> None:
+        """Our answer, then, while the client may still be sending the body, a bounded
+        drain of it, so that it reads the answer rather than a reset."""
         self.replaced = True
-        status, headers, body = refusal_response(exc, self.accept)
-        await self._send({"type": "http.response.start", "status": status,
-                          "headers": [(k.encode("latin-1"), v.encode("latin-1"))
-                                      for k, v in headers]})
-        await self._send({"type": "http.response.body", "body": body, "more_body": False})
-
-    async def refuse_now(self, exc: RequestRejected) -> bool:
-        """A refusal decided before the app ran (memory admission); False when
-        report-only lets the request go on."""
-        report_only = self.mw.policy.report_only
-        self.note(exc, report_only)
-        if report_only:
-            return False
-        for name, value in self.scope["headers"]:
-            if name == b"accept":
-                self.accept = value
-        await self.send_refusal(exc)
-        return True
-
-    async def refuse_late(self, exc: RequestRejected) -> None:
-        """A refusal raised by the app on a body-less request (no send wrapper there):
-        answer it if the server still accepts a response start, else let it end."""
-        self.note(exc)
-        for name, value in self.scope["headers"]:
-            if name == b"accept":
-                self.accept = value
+        body = self.body
+        # A body refused on its headers was never invited (100 Continue); a timed-out
+        # one is not arriving.
+        if body is None or body.done or isinstance(exc, RequestTimeout):
+            await _send_response(self._send, exc, self.head.accept)
+            return
+        await _send_response(self._send, exc, self.head.accept, more_body=True)
         try:
-            await self.send_refusal(exc)
-        except RuntimeError:
-            log.warning("response to %s %s had started: connection ends without it (%s)",
-                        self.scope.get("method"), self.scope.get("path"), exc.reason)
+            await _drain(self.receive)
+        finally:
+            await self._send({"type": "http.response.body", "body": b"",
+                              "more_body": False})
 
-    def send(self, message: Message) -> Awaitable[None]:
+    def send(self, message: Message) -> Any:
         """The app's ``send``: while no refusal is pending, the server's own awaitable,
         with no coroutine frame of ours per response message."""
         if self.rejection is None:
@@ -490,3 +317,180 @@ class _Responder:
         if message["type"] == "http.response.start":
             assert self.rejection is not None
             await self.send_refusal(self.rejection)
+
+
+async def _drain(receive: Receive) -> None:
+    """Read and discard the rest of a refused body: at most LINGER_BYTES, for at most
+    LINGER_SECONDS (asyncio only; elsewhere nothing is drained)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    deadline = monotonic() + LINGER_SECONDS
+    drained = 0
+    while drained < LINGER_BYTES:
+        left = deadline - monotonic()
+        if left <= 0:
+            return
+        try:
+            message = await asyncio.wait_for(receive(), left)
+        except (asyncio.TimeoutError, OSError, RuntimeError):
+            return
+        if message.get("type") != "http.request":
+            return
+        drained += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+class _Body:
+    """Wraps one request's ``receive``: counts real bytes, times slow bodies, checks the
+    worker's memory every few MiB, decodes when asked. A refusal is raised into the app
+    *and* remembered by the request, so that whatever the app or its framework does with
+    the exception, the client gets the refusal."""
+
+    __slots__ = ("request", "_receive", "counter", "decoder", "memory", "memory_at",
+                 "held", "timer", "done", "error", "disconnect")
+
+    def __init__(self, request: _Request, limit: int | None, decoder: Any,
+                 memory: Any) -> None:
+        self.request = request
+        self._receive = request.receive
+        self.counter = BodyCounter(limit)
+        self.decoder = decoder
+        # memguard.admission.BodyMemoryGuard: the worker's memory against its hard
+        # limit, read every few MiB (None: no hard limit).
+        self.memory = memory
+        self.memory_at = memory.next_check if memory is not None else sys.maxsize
+        # Chunks handed to the app, kept to see whether it still holds them at the next
+        # memory check (it buffers the body) or let go of them (it streams it).
+        self.held: list[bytes] = []
+        policy = request.mw.policy
+        self.timer = (BodyTimer(policy, self.counter, request.reject)
+                      if policy.timed else None)
+        self.done = False
+        self.error: RequestRejected | None = None
+        # True: a refusal reaches the app as http.disconnect instead of an exception
+        # (Django's ASGI handler leaks its spooled body file on any other exception).
+        self.disconnect = request.mw.disconnect_on_refusal
+
+    async def _wait(self) -> Message:
+        """The server's next message, with the slow-body timer around the wait."""
+        timer = self.timer
+        if timer is None:
+            return await self._receive()
+        if not timer.enter():
+            self.timer = None
+            return await self._receive()
+        try:
+            return await self._receive()
+        except asyncio.CancelledError:
+            timeout = timer.cancelled()
+            if timeout is None:
+                raise
+            return self._refuse(timeout)
+        finally:
+            timer.leave()
+
+    async def receive(self) -> Message:
+        if self.done:
+            if self.error is not None:
+                return self._signal(self.error)
+            return await self._receive()
+        message = await self._wait()
+        if self.done or message["type"] != "http.request":
+            self._finish()
+            return message
+        chunk = message.get("body", b"")
+        try:
+            self.counter.add(len(chunk))
+            if self.counter.received >= self.memory_at:
+                self._check_memory(chunk)
+        except RequestRejected as exc:
+            if self.request.mw.policy.report_only:
+                self.request.reject(exc)
+                self.counter.limit = self.memory = None
+                self.memory_at = sys.maxsize
+            else:
+                return self._refuse(exc)
+        if not self.held and chunk:
+            self.held.append(chunk)
+        if not message.get("more_body", False):
+            self._finish()
+        return message
+
+    async def receive_decoded(self) -> Message:
+        decoder = self.decoder
+        if self.done:
+            if self.error is not None:
+                return self._signal(self.error)
+            return await self._receive()
+        try:
+            if decoder.pending:
+                out = decoder.feed(b"")
+                more = True
+            else:
+                message = await self._wait()
+                if self.done or message["type"] != "http.request":
+                    self._finish()
+                    return message
+                data = message.get("body", b"")
+                self.counter.add(len(data))
+                out = decoder.feed(data)
+                more = message.get("more_body", False)
+            if self.counter.received >= self.memory_at or (
+                    self.memory is not None and decoder.decoded >= self.memory_at):
+                # What the app may buffer is the decoded size.
+                self._check_memory(out, decoder.decoded)
+            more = more or decoder.pending
+            if not more:
+                decoder.finish()
+                self._finish()
+            return {"type": "http.request", "body": out, "more_body": more}
+        except RequestRejected as exc:
+            if not self.request.mw.policy.report_only:
+                return self._refuse(exc)
+            self.request.reject(exc)
+            self.counter.limit = self.memory = None
+            self.memory_at = sys.maxsize
+            decoder.lift_limits()
+            return {"type": "http.request", "body": b"", "more_body": True}
+
+    def _check_memory(self, chunk: bytes, received: int | None = None) -> None:
+        """A memory check is due: does the app still hold the chunks it was handed?"""
+        held = self.held
+        buffered: bool | None = None
+        if held:
+            # A held chunk's references: the list, the loop variable, the call's argument.
+            buffered = any(sys.getrefcount(c) > 3 for c in held)
+        if chunk:
+            held.append(chunk)
+            if len(held) > 4:
+                del held[0]
+        assert self.memory is not None
+        self.memory_at = self.memory.reached(
+            self.counter.received if received is None else received, buffered)
+
+    def _refuse(self, exc: RequestRejected) -> Message:
+        self.request.reject(exc)
+        self.error = exc
+        self._finish()
+        return self._signal(exc)
+
+    def _signal(self, exc: RequestRejected) -> Message:
+        if self.disconnect:
+            return {"type": "http.disconnect"}
+        raise exc
+
+    def _finish(self) -> None:
+        self.done = True
+        self.held.clear()
+        if self.timer is not None:
+            self.timer.close()
+
+    def close(self) -> None:
+        """The app has returned: the timer stops, the chunks are let go."""
+        self.held.clear()
+        if self.timer is not None:
+            self.timer.close()
+            self.timer = None

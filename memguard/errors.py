@@ -37,6 +37,9 @@ class RequestRejected(MemGuardError):
 
     status: int = 400
     default_reason: str = "rejected"
+    #: Where the refusal is counted (:mod:`memguard.counters`): ``body`` for the body
+    #: policy, ``memory`` for the worker's or the container's memory.
+    area: str = "body"
 
     def __init__(
         self,
@@ -83,6 +86,7 @@ class MemoryPressure(RequestRejected):
 
     status = 503
     default_reason = "memory_pressure"
+    area = "memory"
 
 
 class InsufficientStorage(RequestRejected):

@@ -3,16 +3,16 @@
 
 - **admit** (:meth:`MemoryLayer.admit`): the cached pressure level; under critical
   pressure, the 503 to answer instead of calling the app;
-- **wrap receive**: :meth:`MemoryLayer.body_guard` for requests that have a body (the
+- **begin** (:attr:`MemoryLayer.begin`): the request's accounting sample, when one is due;
+- **body check**: :meth:`MemoryLayer.body_guard` for requests that have a body (the
   per-chunk "would buffering this push the worker past its hard limit" check);
-- **call app**: :meth:`MemoryLayer.begin` before, :meth:`MemoryLayer.end` after, with
-  the route template the framework recorded;
-- **after response**: inside :meth:`end`, the soft-limit check that asks for a recycle,
-  and, about once a second, the slow work (metrics sync).
+- **end** (:meth:`MemoryLayer.end`): the request counted under the route template the
+  framework recorded; then, when due, the soft-limit check that asks for a recycle and,
+  about once a second, the slow work (metrics sync).
 
 Paths the middleware answers itself (readiness, liveness, metrics, leak admin) are
 looked up with :meth:`endpoint`, only when one is configured. Everything here is built
-to cost a handful of attribute reads per request; see benchmarks/overhead.py.
+to cost a handful of attribute reads per request; see benchmarks/end_to_end.py.
 """
 
 from __future__ import annotations
@@ -78,12 +78,12 @@ class MemoryLayer:
         self.endpoints = endpoints
         # Read per request: a plain attribute, not a property (a Python call each time).
         self.has_endpoints = bool(endpoints) or self.leak_admin is not None
-        # Bound once: the middleware calls these per request.
+        # begin(now): a request starts; the sample to end with it, or None. Bound once.
         self.begin = self.tracker.begin if self.tracker is not None else self._no_sample
-        self.track_end = self.tracker.end if self.tracker is not None else self._no_track
-        # Whether body_guard() can return a guard (a hard limit): without one, a request
-        # with a body does not call it.
-        self.guards_bodies = self.admission.hard_limit is not None
+        self.completed = self.tracker.completed if self.tracker is not None else None
+        # Whether anything can move the pressure level (a limit, a reading): without,
+        # the middlewares skip admit().
+        self.judges = self.admission.judges()
         # When after_response() is next due whatever the pressure level (the slow tick).
         self.next_tick = time.monotonic_ns() + _SLOW_TICK_NS
         a = self.admission
@@ -103,29 +103,32 @@ class MemoryLayer:
     # ---- the phases ---------------------------------------------------------------------
 
     def admit(self, method: str, path: str, now: int) -> MemoryPressure | None:
-        a = self.admission
-        if now - a._checked_ns >= a.refresh_ns:
-            a.refresh(now)
-        if a.level < CRITICAL:
+        """The refusal (503 + Retry-After) when the worker is shedding this request, else
+        ``None``. The pressure level is cached: read again at most every
+        ``memory_refresh_interval``."""
+        admission = self.admission
+        if admission.check(now) < CRITICAL:
             return None
-        return a.admit(method, path, now)
+        return admission.admit(method, path, now)
 
     def body_guard(self, content_length: int | None, now: int) -> BodyMemoryGuard | None:
+        """The per-chunk memory check of a request with a body (``None`` without a hard
+        limit)."""
         return self.admission.body_guard(content_length, now)
 
     @staticmethod
     def _no_sample(now: int) -> Sample | None:
         return None
 
-    @staticmethod
-    def _no_track(sample: Sample | None, template: str | None, path: str, now: int) -> None:
-        return None
-
     def end(self, sample: Sample | None, template: str | None, path: str, now: int) -> None:
-        """The request is over: count it under its route (:attr:`track_end`), then, when
-        it is due, :meth:`after_response`. The ASGI middleware's bodyless path makes the
-        same two steps itself, to save a Python call on every request."""
-        self.track_end(sample, template, path, now)
+        """The request is over: count it under its route (``template``, else ``path``),
+        then, when due, :meth:`after_response`. Per request this is an append: the
+        route table is updated on the clock (:meth:`memguard.tracking.RequestTracker.flush`)."""
+        completed = self.completed
+        if completed is not None:
+            completed.append((template, path))
+            if sample is not None:
+                self.tracker.end_sample(sample, template, path, now)  # type: ignore[union-attr]
         if self.admission.level or now >= self.next_tick:
             self.after_response(now)
 
@@ -139,6 +142,8 @@ class MemoryLayer:
 
     def _slow_tick(self, now: int) -> None:
         self.next_tick = now + _SLOW_TICK_NS
+        if self.tracker is not None:
+            self.tracker.tick(now)
         if self.metrics is not None:
             try:
                 self.metrics.sync()

@@ -1,6 +1,6 @@
 """What memguard reads about the machine and its processes.
 
-Three speeds, cheapest first (see DESIGN.md, "Measuring memory"):
+Three speeds, cheapest first:
 
 - :func:`current_rss` reads this process's resident set from a kept-open
   ``/proc/self/statm`` descriptor with one ``os.pread``: a few microseconds, fit for
@@ -25,14 +25,8 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import psutil
-
-from memguard import extensions
-
-if TYPE_CHECKING:
-    from memguard._rss import StatmRss
 
 __all__ = [
     "CgroupInfo",
@@ -61,12 +55,6 @@ _UNLIMITED_THRESHOLD = 1 << 60
 # This process's RSS, fast
 
 
-# The same read as _StatmReader.rss in one C call, when memguard._rss was built (see its
-# source for why; memguard.extensions).
-_rss = extensions.load("_rss")
-_StatmRss: type[StatmRss] | None = _rss.StatmRss if _rss is not None else None
-
-
 class _StatmReader:
     """``/proc/self/statm`` through a descriptor kept open, reopened in forked children.
 
@@ -77,12 +65,10 @@ class _StatmReader:
     system call per read.
     """
 
-    __slots__ = ("_fd", "fast")
+    __slots__ = ("_fd",)
 
     def __init__(self) -> None:
         self._fd = -1
-        # The C reader of the same descriptor (None without memguard._rss).
-        self.fast: StatmRss | None = None
         self._open()
 
     def _open(self) -> None:
@@ -90,11 +76,6 @@ class _StatmReader:
             self._fd = os.open("/proc/self/statm", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError:
             self._fd = -1
-        if _StatmRss is not None:
-            if self.fast is None:
-                self.fast = _StatmRss(self._fd, PAGE_SIZE, _psutil_rss)
-            else:
-                self.fast.fd = self._fd
 
     def reopen_after_fork(self) -> None:
         old = self._fd
@@ -124,11 +105,9 @@ if _statm is not None and hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_statm.reopen_after_fork)
 
 
-# This process's resident set size in bytes (Linux: one ``pread``, about 1 us): the statm
-# reader's C reader, or its bound method, itself: one call per read rather than two (the
-# request accounting reads it twice per sampled request).
-current_rss: Callable[[], int] = (
-    _psutil_rss if _statm is None else _statm.fast if _statm.fast is not None else _statm.rss)
+# This process's resident set size in bytes (Linux: one ``pread`` on a kept-open
+# descriptor; elsewhere psutil).
+current_rss: Callable[[], int] = _psutil_rss if _statm is None else _statm.rss
 
 
 def current_peak_rss(root: str = "/") -> int | None:

@@ -196,12 +196,11 @@ class RequestTracker:
         self.min_window_samples = min_window_samples
         self._rss = rss
         # An RSS reading taken at a request's start by someone else (the middleware's
-        # admission layer: ``_checked_ns`` and ``rss``), reused by a sample starting at
+        # admission layer: ``checked_ns`` and ``rss``), reused by a sample starting at
         # that same instant instead of a second read (see :meth:`begin`).
         self.shared: Any = None
         self._on_leak = on_leak
         self._starts = itertools.count()
-        self._finishes = itertools.count()
         self._started_n = 0
         self._finished_n = 0
         self._next_sample_ns = 0
@@ -214,6 +213,9 @@ class RequestTracker:
         # Intervals per window: about a hundred, each closed by a ~50 us collection.
         self.anchor_interval_ns = min(max(self.leak_window_ns // 100, 5 * _MS), 500 * _MS)
         self._ring = [0] * _RING_SIZE
+        # Finished requests as (template, path), counted on the clock (flush()): a
+        # request's end costs an append; the route table is touched in batches.
+        self.completed: deque[tuple[str | None, str]] = deque()
         self._routes: dict[str, RouteStats] = {}
         self._by_index: list[RouteStats] = []
         self._raw_paths = 0
@@ -234,56 +236,93 @@ class RequestTracker:
 
     # ---- the hot path ----------------------------------------------------------------
 
-    # A sampled request's begin and end are written out in one function each: when the
-    # request follows others that ran long enough to evict its code and data from the
-    # caches (a 64 MiB upload), each Python call costs 0.3 to 1 us (measured), and a
-    # sampled begin about 5 us besides its /proc read (8 us then).
+    # On a real server a request's code and data are cold: each object the accounting
+    # touches per request costs a cache miss. So a request's end is an append to
+    # ``completed``; the route table is updated in batches (flush()), on the clock.
 
     def begin(self, now: int) -> Sample | None:
         seq = next(self._starts)
         self._started_n = seq + 1
         if now < self._next_sample_ns:
             return None
-        alone = self._finished_n == seq
+        finished = self._finished_n + len(self.completed)
+        alone = finished == seq
         if not alone and now < self._next_sample_ns + self._patience_ns:
             return None  # due, but wait a little for a request that starts alone
         # RSS at the start: the shared reading when it was taken at this same instant
         # (one /proc read fewer: the first request after both the admission refresh and
         # the sample interval are due gets both), else a read of its own.
         shared = self.shared
-        if shared is not None and shared._checked_ns == now:
+        if shared is not None and shared.checked_ns == now:
             rss = int(shared.rss)
         else:
             rss = self._rss()
         if alone and now - self._anchor_ns >= self.anchor_interval_ns:
+            self.flush()
             self._quiet_point(seq, now, rss)
         self._next_sample_ns = now + self.sample_interval_ns
         return _new_tuple(Sample, (seq, alone, rss))
 
     def end(self, sample: Sample | None, template: str | None, path: str, now: int) -> None:
         """Count a finished request under ``template`` (else its raw ``path``); a sample
-        adds its growth."""
-        fin = next(self._finishes)
-        self._finished_n = fin + 1
+        adds its growth. (:class:`memguard.memory.MemoryLayer` appends to
+        :attr:`completed` itself and calls :meth:`end_sample` only for samples.)"""
+        self.completed.append((template, path))
+        if sample is not None:
+            self.end_sample(sample, template, path, now)
+        elif now - self._window_start_ns >= self.leak_window_ns:
+            self.flush()
+            self.close_window(now)
+
+    def end_sample(self, sample: Sample, template: str | None, path: str,
+                   now: int) -> None:
+        """A sampled request has ended (and is in :attr:`completed`): its growth."""
+        rss = self._rss()
+        self.flush()
+        stats = self._stats_for(template, path)
+        seq, alone, start_rss = sample
+        growth = rss - start_rss
+        stats.samples += 1
+        stats.growth_sum += growth
+        if growth > stats.growth_max:
+            stats.growth_max = growth
+        if alone and self._started_n == seq + 1:
+            stats.exclusive += 1
+            stats.exclusive_sum += growth
+        if self.pending is not None:
+            self.pending.append((stats.route, growth))
+        if now - self._window_start_ns >= self.leak_window_ns:
+            self.close_window(now)
+
+    def tick(self, now: int) -> None:
+        """The once-a-second look (:class:`memguard.memory.MemoryLayer`): the finished
+        requests counted, the leak window closed when due."""
+        self.flush()
+        if now - self._window_start_ns >= self.leak_window_ns:
+            self.close_window(now)
+
+    def flush(self) -> None:
+        """Count the finished requests waiting in :attr:`completed` under their routes,
+        in the order they finished (the ring the quiet points read)."""
+        completed = self.completed
+        ring = self._ring
+        fin = self._finished_n
+        while completed:
+            try:
+                template, path = completed.popleft()
+            except IndexError:  # another thread flushed it
+                break
+            stats = self._stats_for(template, path)
+            stats.count += 1
+            ring[fin & _RING_MASK] = stats.index
+            fin += 1
+        self._finished_n = fin
+
+    def _stats_for(self, template: str | None, path: str) -> RouteStats:
         stats = self._routes.get(path if template is None else template)
         if stats is None:
             stats = self._new_route(template, path)
-        stats.count += 1
-        self._ring[fin & _RING_MASK] = stats.index
-        if sample is not None:
-            seq, alone, rss = sample
-            growth = self._rss() - rss
-            stats.samples += 1
-            stats.growth_sum += growth
-            if growth > stats.growth_max:
-                stats.growth_max = growth
-            if alone and self._started_n == seq + 1:
-                stats.exclusive += 1
-                stats.exclusive_sum += growth
-            if self.pending is not None:
-                self.pending.append((stats.route, growth))
-        if now - self._window_start_ns >= self.leak_window_ns:
-            self.close_window(now)
+        return stats
 
     # ---- quiet points (at most one per anchor_interval) ---------------------------------
 
@@ -328,6 +367,7 @@ class RequestTracker:
     def close_window(self, now: int | None = None) -> None:
         """End the current window: estimate what each route kept, judge leaks."""
         now = time.monotonic_ns() if now is None else now
+        self.flush()
         rss = self._rss()
         worker_growth = rss - self._window_rss if self._window_rss >= 0 else 0
         self._window_rss = rss
@@ -441,15 +481,18 @@ class RequestTracker:
         return self.pending
 
     def routes(self) -> list[RouteStats]:
+        self.flush()
         return list(self._by_index)
 
     def get(self, route: str) -> RouteStats | None:
+        self.flush()
         return self._routes.get(route)
 
     def suspected(self) -> list[RouteStats]:
         return [s for s in self._by_index if s.suspected]
 
     def snapshot(self) -> dict[str, Any]:
+        self.flush()
         return {
             "requests": self._finished_n,
             "windows": self.windows_closed,

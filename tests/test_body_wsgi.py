@@ -48,7 +48,8 @@ def test_declared_over_limit_is_refused_without_reading() -> None:
     status, headers, body = wsgi_call(app, environ={"CONTENT_LENGTH": "200",
                                                     "wsgi.input": stream})
     assert status.startswith("413 ") and stream.tell() == 0
-    assert headers["connection"] == "close" and body.startswith(b"413 ")
+    # No Connection header: PEP 3333 forbids hop-by-hop headers from an application.
+    assert "connection" not in headers and body.startswith(b"413 ")
     assert counters.get("body", "content_length_over_limit") == 1
 
 
@@ -203,7 +204,8 @@ def test_gzip_decoded_and_bomb_refused() -> None:
     assert status == "200 OK" and body.split()[0] == str(len(raw)).encode()
     bomb = gzip_bomb(100)
     status, _, _ = wsgi_call(app, body=bomb, environ={"CONTENT_LENGTH": str(len(bomb)),
-                                                      "HTTP_CONTENT_ENCODING": "gzip"})
+                                                      "HTTP_CONTENT_ENCODING": "gzip",
+                                                      "CONTENT_TYPE": "application/gzip"})
     assert status.startswith("413") and counters.get("body", "decompression_ratio") == 1
     status, _, _ = wsgi_call(app, body=b"abc", environ={"CONTENT_LENGTH": "3",
                                                         "HTTP_CONTENT_ENCODING": "zstd"})
@@ -240,7 +242,7 @@ def test_idle_timeout_on_the_gunicorn_socket() -> None:
         with server.makefile("rb") as stream:
             status, headers, _ = wsgi_call(app, environ={
                 "CONTENT_LENGTH": "100", "wsgi.input": stream, "gunicorn.socket": server})
-        assert status.startswith("408") and headers["connection"] == "close"
+        assert status.startswith("408") and "connection" not in headers
         assert time.monotonic() - started < 5
         assert counters.get("body", "body_idle_timeout") == 1
     finally:
@@ -284,7 +286,7 @@ def test_app_raising_a_refusal_without_a_body_after_start_response() -> None:
 
     status, headers, body = wsgi_call(MemGuardWSGIMiddleware(app), "GET")
     assert status.startswith("503") and headers["retry-after"] == "2"
-    assert counters.get("body", "memory_high") == 1
+    assert counters.get("memory", "memory_high") == 1
 
 
 def _wsgi_refusing(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:

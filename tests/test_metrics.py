@@ -103,7 +103,7 @@ def test_gunicorn_two_workers_multiprocess(repo: Path, multiproc_dir: str) -> No
             shed += 1
         text = _scrape(server.url)
         refusals = _samples(text, "memguard_refusals_total")
-        key = 'memguard_refusals_total{area="body",reason="shed_worker_over_hard_limit"}'
+        key = 'memguard_refusals_total{area="memory",reason="shed_worker_over_hard_limit"}'
         deadline = time.monotonic() + 10
         # Each worker syncs its counters at most once a second, on its next request.
         while refusals.get(key, 0) < shed and time.monotonic() < deadline:

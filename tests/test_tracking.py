@@ -333,7 +333,7 @@ def test_a_sample_starting_when_admission_just_read_rss_reuses_that_reading() ->
         return 100 << 20
 
     class Shared:
-        _checked_ns = 5_000_000
+        checked_ns = 5_000_000
         rss = 90 << 20
 
     tracker = RequestTracker(sample_interval=0, rss=rss, leak_window=3600)

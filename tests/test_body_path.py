@@ -1,24 +1,20 @@
-"""The C path of the ASGI body guard (memguard/_speedups.c), where the rest of the body
-tests cannot tell it from the Python one: what the awaitable it returns does with
-cancellations, timeouts, other awaitables and references. ``make test`` runs the body
-tests again with ``MEMGUARD_PURE_PYTHON=1``; these run in both modes too."""
+"""The ASGI request path's mechanics: what its receive wrapper does with message shapes,
+cancellations, timeouts, other awaitables and references, and how the middleware sends
+each scope its way."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import inspect
-import os
-import shutil
 import sys
-import warnings
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
-from memguard import MemGuardMiddleware, body
+from memguard import MemGuardMiddleware
 from memguard.errors import BodyTooLarge
 from memguard.types import Message, Receive, Scope, Send
 from tests.body_helpers import Exchange, exchange
@@ -26,16 +22,6 @@ from tests.body_helpers import Exchange, exchange
 
 def cl(n: int) -> tuple[bytes, bytes]:
     return (b"content-length", str(n).encode())
-
-
-def test_the_c_path_is_built_where_it_can_be() -> None:
-    """CI must exercise it: on CPython with a C compiler the install builds it."""
-    if os.environ.get("MEMGUARD_PURE_PYTHON"):
-        assert not body.SPEEDUPS
-        return
-    if sys.implementation.name != "cpython" or shutil.which("cc") is None:
-        pytest.skip("no CPython or no C compiler: the pure-Python path is the one installed")
-    assert body.SPEEDUPS
 
 
 def test_app_gets_every_chunk_and_the_count_is_exact() -> None:
@@ -56,59 +42,8 @@ def test_app_gets_every_chunk_and_the_count_is_exact() -> None:
     ex = asyncio.run(exchange(MemGuardMiddleware(app, max_body_size=10**6),
                               headers=[cl(sum(map(len, chunks)))], chunks=chunks))
     assert ex.status == 200 and seen == chunks
-    if body.SPEEDUPS:
-        counter = bodies[0].body  # the app's receive is the body's C receiver
-        assert isinstance(counter, body.ASGIBody) and counter.received == sum(map(len, chunks))
-
-
-@pytest.mark.parametrize("timed", [True, False])
-def test_the_first_receive_registers_the_body_once_and_notes_the_task_reading_it(
-        timed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A timed body registers with its loop's sweeper at its first receive(), once, and
-    the task that reads it is the one a slow-body timeout would cancel. With the C
-    extension, every chunk takes the C path, the first included: no Python coroutine
-    runs per chunk, and no Python method (the last chunk included)."""
-    starts: list[body.ASGIBody] = []
-    python_reads: list[Any] = []
-    start_reading, receive_plain = body.ASGIBody._start_reading, body.ASGIBody._receive_plain
-    finish = body.ASGIBody._finish
-
-    def spy_finish(self: body.ASGIBody, message: Message) -> Message:
-        python_reads.append(message)
-        return finish(self, message)
-
-    def spy_start(self: body.ASGIBody) -> None:
-        starts.append(self)
-        start_reading(self)
-
-    def spy_plain(self: body.ASGIBody) -> Awaitable[Message]:
-        python_reads.append(self)
-        return receive_plain(self)
-
-    monkeypatch.setattr(body.ASGIBody, "_start_reading", spy_start)
-    monkeypatch.setattr(body.ASGIBody, "_receive_plain", spy_plain)
-    monkeypatch.setattr(body.ASGIBody, "_finish", spy_finish)
-    readers: list[asyncio.Task[None] | None] = []
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        async def read() -> None:  # the body is read in a task of the app's own
-            readers.append(asyncio.current_task())
-            while (await receive())["more_body"]:
-                pass
-        await asyncio.ensure_future(read())
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-    options = {} if timed else {"body_idle_timeout": 0, "body_min_rate": 0}
-    ex = asyncio.run(exchange(MemGuardMiddleware(app, **options), headers=[cl(30)],
-                              chunks=[b"a" * 10] * 3))
-    assert ex.status == 200 and len(readers) == 1
-    if timed:
-        assert len(starts) == 1 and starts[0]._task is readers[0]
-        assert starts[0]._calls == 3
-    else:
-        assert starts == []
-    assert len(python_reads) == (0 if body.SPEEDUPS else 6)  # Python: both, each chunk
+    counter = bodies[0].__self__.counter  # the app's receive is the body wrapper's
+    assert counter.received == sum(map(len, chunks))
 
 
 @pytest.mark.parametrize("last", [
@@ -139,9 +74,8 @@ def test_the_last_chunk_ends_the_body_and_later_receives_reach_the_server(
                               headers=[cl(20)], receive=receive))
     assert ex.status == 200
     assert [m["type"] for m in seen] == ["http.request", "http.request", "http.disconnect"]
-    if body.SPEEDUPS:
-        read = bodies[0].body
-        assert read.done and read.received == 20 and not read._fast
+    read = bodies[0].__self__
+    assert read.done and read.counter.received == 20
 
 
 @pytest.mark.parametrize(("last", "status"), [
@@ -423,23 +357,43 @@ FRAMING_CASES = [
 ]
 
 
+class _Name(bytes):
+    """A bytes subclass: equal to the plain name, so it frames a body too."""
+
+
+FRAMING_CASES = [
+    ([], False),
+    ([(b"host", b"x"), (b"accept", b"*/*")], False),
+    ([(b"host", b"x"), (b"content-length", b"5")], True),
+    ([(b"transfer-encoding", b"chunked")], True),
+    ([[b"content-length", b"5"]], True),                      # lists, not tuples
+    (((b"host", b"x"), (b"content-length", b"5")), True),     # a tuple of headers
+    ([(_Name(b"content-length"), b"5")], True),
+    ([(b"Content-Length", b"5")], False),   # ASGI names are lower-case: not a match
+    ([(b"content-length-x", b"5"), (b"content-lengt", b"5")], False),
+]
+
+
 @pytest.mark.parametrize(("headers", "framed"), FRAMING_CASES)
-def test_the_bodyless_request_test_agrees_in_c_and_python(headers: Any, framed: bool) -> None:
-    from memguard import asgi
+def test_only_a_framed_request_gets_the_body_wrapper(headers: Any, framed: bool) -> None:
+    """A bodyless request reaches the app with the server's own receive (nothing
+    allocated for it); a framed one with the body wrapper's."""
+    got: list[Any] = []
 
-    assert asgi._has_body_framing_python(headers) is framed
-    assert asgi._has_body_framing(headers) is framed
-    assert asgi._has_body_framing(iter(headers)) is framed  # any iterable, as ASGI allows
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        got.append(receive)
+        await _hello(scope, receive, send)
 
+    async def server_receive() -> Message:
+        return {"type": "http.request", "body": b"12345", "more_body": False}
 
-def test_the_bodyless_request_test_raises_on_headers_that_are_not_iterable() -> None:
-    from memguard import asgi
+    async def send(message: Message) -> None:
+        pass
 
-    with pytest.raises(TypeError):
-        asgi._has_body_framing(5)  # type: ignore[arg-type]
+    scope = {**GET_SCOPE, "headers": headers}
+    asyncio.run(MemGuardMiddleware(app)(scope, server_receive, send))
+    assert (got[0] is not server_receive) is framed
 
-
-# ---- the middleware's call of the app, without a coroutine frame (Guarded) ------------
 
 async def _hello(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -450,7 +404,6 @@ GET_SCOPE: dict[str, Any] = {"type": "http", "asgi": {"version": "3.0"},
                              "http_version": "1.1", "method": "GET", "path": "/",
                              "raw_path": b"/", "query_string": b"", "root_path": "",
                              "headers": []}
-# With a body: with the C extension, awaited through Guarded.
 POST_SCOPE: dict[str, Any] = {**GET_SCOPE, "method": "POST", "headers": [cl(2)]}
 
 
@@ -559,26 +512,29 @@ def test_critical_pressure_sheds_before_the_app_with_or_without_a_body(
 
 
 def test_the_dispatch_sends_each_scope_its_way() -> None:
-    """Calling the middleware (C with the extension, Python without) picks the path:
-    other scopes get the app's own call, HTTP/2 or a framed request gets the body path
-    (its scope carries the memguard extension), a plain HTTP/1 request without framing
-    gets none, and a scope that is not a plain dict is read the same way."""
-    sentinel = object()
+    """The middleware's call picks the path: other scopes get the app's own call with
+    the server's receive and send, HTTP/2 or a framed request gets the body path (its
+    scope carries the memguard extension), a plain HTTP/1 request without framing gets
+    none, and a scope that is not a plain dict is read the same way."""
     seen: list[Any] = []
 
     class Recorder:
-        def __call__(self, scope: Any, receive: Any, send: Any) -> Any:
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
             if scope["type"] != "http":
-                return sentinel
+                seen.append((scope["type"], receive, send))
+                return
             seen.append("memguard" in scope.get("extensions", {}))
-            return _hello(scope, receive, send)
+            await _hello(scope, receive, send)
 
     class Scope(dict[str, Any]):
         pass
 
     mw = MemGuardMiddleware(Recorder())
-    assert mw({"type": "websocket"}, _never_called, _discard) is sentinel
-    assert mw({"type": "lifespan"}, _never_called, _discard) is sentinel
+    asyncio.run(mw({"type": "websocket"}, _never_called, _discard))
+    asyncio.run(mw({"type": "lifespan"}, _never_called, _discard))
+    assert seen == [("websocket", _never_called, _discard),
+                    ("lifespan", _never_called, _discard)]
+    seen.clear()
 
     async def main() -> None:
         await mw(dict(GET_SCOPE), _never_called, _discard)
@@ -590,7 +546,7 @@ def test_the_dispatch_sends_each_scope_its_way() -> None:
     asyncio.run(main())
     assert seen == [False, True, True, False, True]
     with pytest.raises(KeyError):
-        mw({"headers": []}, _never_called, _discard)
+        asyncio.run(mw({"headers": []}, _never_called, _discard))
 
 
 def test_the_dispatch_and_the_body_path_leak_no_reference() -> None:
@@ -631,70 +587,3 @@ async def _reader_then_hello(scope: Scope, receive: Receive, send: Send) -> None
         while (await receive()).get("more_body"):
             pass
     await _hello(scope, receive, send)
-
-
-def test_the_awaitable_of_a_receive_the_app_let_go_of_serves_the_next() -> None:
-    """With the C path, receive() hands out the awaitable the previous call returned
-    once the app has let go of it (no allocation per chunk); one the app still holds is
-    left to it, and awaiting that one again is still an error. Every chunk is counted
-    whichever way."""
-    if not body.SPEEDUPS:
-        pytest.skip("the pure-Python receive() is a coroutine per call")
-    seen: list[bytes] = []
-    same: list[bool] = []
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        kept = receive()                 # held by the app past its await
-        seen.append((await kept)["body"])
-        second = receive()
-        same.append(second is kept)      # False: the app still holds the first
-        seen.append((await second)["body"])
-        second_id = id(second)
-        del second                       # let go
-        third = receive()
-        same.append(id(third) == second_id)  # True: the let-go one serves again
-        seen.append((await third)["body"])
-        with pytest.raises(RuntimeError, match="already awaited"):
-            await kept
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-    ex = asyncio.run(exchange(MemGuardMiddleware(app), headers=[cl(30)],
-                              chunks=[b"a" * 10, b"b" * 10, b"c" * 10]))
-    assert ex.status == 200 and seen == [b"a" * 10, b"b" * 10, b"c" * 10]
-    assert same == [False, True]
-
-
-def test_a_receive_the_app_dropped_unawaited_is_released_by_the_next() -> None:
-    """A receive() the app called and let go of without awaiting: the server's
-    awaitable it held is released when the next receive() reuses it (a Pending of its
-    own was released when dropped), and the next one reads the body normally."""
-    if not body.SPEEDUPS:
-        pytest.skip("the pure-Python receive() is a coroutine per call")
-    made: list[weakref.ref[Any]] = []
-    alive: list[bool] = []
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        receive()                        # called, never awaited, let go
-        message = receive()
-        alive.append(made[0]() is not None)  # the first server awaitable, released?
-        assert (await message)["body"] == b"x" * 10
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-    async def main() -> Exchange:
-        async def server_receive() -> Message:
-            return {"type": "http.request", "body": b"x" * 10, "more_body": False}
-
-        def counted_receive() -> Any:
-            coroutine = server_receive()
-            made.append(weakref.ref(coroutine))
-            return coroutine
-
-        return await exchange(MemGuardMiddleware(app), headers=[cl(10)],
-                              receive=counted_receive)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # "never awaited": that is the point
-        ex = asyncio.run(main())
-    assert ex.status == 200 and alive == [False] and len(made) == 2

@@ -1,6 +1,0 @@
-from collections.abc import Callable
-
-class StatmRss:
-    fd: int
-    def __init__(self, fd: int, page_size: int, fallback: Callable[[], int]) -> None: ...
-    def __call__(self) -> int: ...
