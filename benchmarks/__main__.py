@@ -15,7 +15,7 @@ import time
 from benchmarks.harness import write_result
 
 # Add new benchmarks here (module names under benchmarks/).
-BENCHMARKS: list[str] = ["probes", "body_guard", "instructions", "uploads", "recycle",
+BENCHMARKS: list[str] = ["probes", "body_guard", "end_to_end", "uploads", "recycle",
                          "overhead"]
 
 
