@@ -90,7 +90,9 @@ def test_gunicorn_two_workers_multiprocess(repo: Path, multiproc_dir: str) -> No
     env = {"PROMETHEUS_MULTIPROC_DIR": multiproc_dir, "MEMGUARD_METRICS_PATH": "/metrics",
            # Every worker is over this limit: each request is shed with 503, counted.
            "MEMGUARD_WORKER_MEMORY_HARD_LIMIT": "1MiB",
-           "MEMGUARD_WORKER_MEMORY_LIMIT": "1MiB"}
+           "MEMGUARD_WORKER_MEMORY_LIMIT": "1MiB",
+           # Each scrape is read anew: the test follows the gauges as workers come and go.
+           "MEMGUARD_METRICS_CACHE": "0"}
     args = ["-w", "2", "-c", "python:tests.apps.memory_gunicorn_conf"]
     with serve("gunicorn", "tests.apps.memory_apps:wsgi_app", args, env=env, cwd=repo,
                ready_path="/metrics") as server:
