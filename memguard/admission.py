@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from memguard import events, probes, recycle
+from memguard.config import default
 from memguard.errors import BodyTooLarge, MemoryPressure
 from memguard.sizes import format_size, parse_size
 
@@ -72,15 +73,15 @@ class MemoryAdmission:
         soft_limit: int | None = None,
         hard_limit: int | None = None,
         container_limit: int | None = None,
-        container_threshold: float = 0.95,
-        psi_threshold: float | None = 10.0,
-        refresh_interval: float = 0.002,
+        container_threshold: float = default("container_memory_threshold"),
+        psi_threshold: float | None = default("memory_psi_threshold"),
+        refresh_interval: float = default("memory_refresh_interval"),
         uss_interval: float = 1.0,
-        shed: str = "all",
+        shed: str = default("memory_shed"),
         heavy_methods: Iterable[str] = ("POST", "PUT", "PATCH"),
         heavy_paths: Iterable[str] = (),
-        retry_after: int = 5,
-        body_check_every: int = 4 << 20,
+        retry_after: int = default("memory_retry_after"),
+        body_check_every: int = default("body_memory_check_every"),
         rss: Callable[[], int] = probes.current_rss,
         cgroup_usage: Callable[[], int | None] | None = None,
         psi: Callable[[], float | None] | None = None,

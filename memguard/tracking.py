@@ -54,6 +54,7 @@ from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any, NamedTuple
 
 from memguard import counters, events, probes
+from memguard.config import default
 
 __all__ = [
     "ROUTE_KEY",
@@ -173,13 +174,13 @@ class RequestTracker:
     def __init__(
         self,
         *,
-        sample_interval: float = 0.001,
-        max_routes: int = 256,
+        sample_interval: float = default("memory_sample_interval"),
+        max_routes: int = default("max_routes"),
         max_raw_paths: int = 64,
-        leak_window: float = 30.0,
-        leak_windows: int = 3,
-        leak_min_growth: int = 1 << 20,
-        leak_min_objects: float = 1.0,
+        leak_window: float = default("leak_window"),
+        leak_windows: int = default("leak_windows"),
+        leak_min_growth: int = default("leak_min_growth"),
+        leak_min_objects: float = default("leak_min_objects"),
         min_window_samples: int = 5,
         rss: Callable[[], int] = probes.current_rss,
         on_leak: Callable[[RouteStats], None] | None = None,

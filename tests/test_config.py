@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
 from typing import Any
 
 import pytest
@@ -151,3 +153,31 @@ def test_a_hard_limit_below_the_soft_one_is_refused(section: str, soft: str, har
                                                     soft_value: str, hard_value: str) -> None:
     with pytest.raises(ValueError, match="must be"):
         config.resolve([section], {}, environ={soft: soft_value, hard: hard_value})
+
+
+# ---- issue 15 item 5: a component built by hand defaults to the registry's values -----
+
+
+@pytest.mark.parametrize(("component", "parameter", "option"), [
+    ("memguard.admission:MemoryAdmission", "refresh_interval", "memory_refresh_interval"),
+    ("memguard.admission:MemoryAdmission", "container_threshold",
+     "container_memory_threshold"),
+    ("memguard.admission:MemoryAdmission", "psi_threshold", "memory_psi_threshold"),
+    ("memguard.admission:MemoryAdmission", "shed", "memory_shed"),
+    ("memguard.admission:MemoryAdmission", "retry_after", "memory_retry_after"),
+    ("memguard.admission:MemoryAdmission", "body_check_every", "body_memory_check_every"),
+    ("memguard.tracking:RequestTracker", "sample_interval", "memory_sample_interval"),
+    ("memguard.tracking:RequestTracker", "max_routes", "max_routes"),
+    ("memguard.tracking:RequestTracker", "leak_window", "leak_window"),
+    ("memguard.tracking:RequestTracker", "leak_windows", "leak_windows"),
+    ("memguard.tracking:RequestTracker", "leak_min_growth", "leak_min_growth"),
+    ("memguard.tracking:RequestTracker", "leak_min_objects", "leak_min_objects"),
+    ("memguard.metrics:HealthEndpoint", "details", "readiness_details"),
+    ("memguard.metrics:MetricsExporter", "cache", "metrics_cache"),
+])
+def test_constructor_defaults_are_the_registrys(component: str, parameter: str,
+                                                option: str) -> None:
+    module, _, name = component.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    declared = inspect.signature(cls).parameters[parameter].default
+    assert declared == config.default(option)
