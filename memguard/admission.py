@@ -412,7 +412,8 @@ def derive_worker_limits(
 ) -> tuple[int | None, int | None]:
     """Resolve the worker's soft and hard limits to bytes (``None``: off).
 
-    ``"25%"`` is a share of the container's limit. ``"auto"`` (the default) takes the
+    ``"25%"`` is a share of the container's limit (of the host's RAM without one, as
+    the gunicorn integration reads it). ``"auto"`` (the default) takes the
     limits of memguard's gunicorn integration when the worker runs under it (so the
     middleware refuses a body before the master's watchdog would stop the worker);
     otherwise it derives the soft limit from the container's limit and the worker count
@@ -455,10 +456,12 @@ def _resolve_limit(value: int | str | None, container_limit: int | None) -> int 
     if value is None or value == "auto":
         return None
     if isinstance(value, str) and value.strip().endswith("%"):
-        if container_limit is None:
-            log.warning("memory limit %s ignored: no container memory limit is known", value)
-            return None
-        return parse_size(value, total=container_limit)
+        # The total the gunicorn integration uses too (probes.memory_budget): the
+        # container's limit, or the host's RAM where there is none or it is larger, so
+        # that the master and the middleware read "25%" as the same bytes.
+        host = probes.host_memory()
+        total = host if container_limit is None else min(container_limit, host)
+        return parse_size(value, total=total)
     return parse_size(value)
 
 

@@ -510,17 +510,21 @@ def parse_path(value: Any) -> str | None:
 MEMORY = "memory"
 
 setting("worker_memory_limit", MEMORY, "auto", parse_worker_limit,
-        "This worker's soft memory limit (\"400MiB\", or \"25%\" of the container's "
-        "limit): over it (by USS), the worker asks for a graceful recycle after its "
-        "response. Defaults to `auto`: the gunicorn integration's limit under it; else 85% "
-        "of the container's limit shared by the workers plus one, when the limit and the "
-        "worker count (WEB_CONCURRENCY, -w/--workers) are known; otherwise off.",
+        "A worker's soft memory limit (\"400MiB\", or \"25%\" of the container's "
+        "limit, of the host's RAM where there is none): over it (by USS), the worker is "
+        "recycled gracefully after its response (by itself, or by the gunicorn "
+        "integration's master). Defaults to `auto`: under the gunicorn integration, none "
+        "(its pool budget still recycles); elsewhere 85% of the container's limit shared by "
+        "the workers plus one, when the limit and the worker count (WEB_CONCURRENCY, "
+        "-w/--workers) are known; otherwise off.",
         env="MEMGUARD_WORKER_MEMORY_LIMIT")
 setting("worker_memory_hard_limit", MEMORY, "auto", parse_worker_limit,
-        "This worker's hard memory limit (RSS): over it, new requests are shed with 503 "
-        "and a body whose buffering would pass it is refused with 413. Defaults to `auto`: "
-        "the gunicorn integration's hard limit under it; else 1.5x the soft limit, at most "
-        "95% of the container's limit.",
+        "A worker's hard memory limit: over it (RSS), the middleware sheds new requests "
+        "with 503 and refuses a body whose buffering would pass it with 413; the gunicorn "
+        "integration's master stops a worker over it (USS) even mid-request (SIGTERM, then "
+        "SIGKILL after the grace period). Defaults to `auto`: under the gunicorn "
+        "integration, none; elsewhere 1.5x the soft limit, at most 95% of the container's "
+        "limit.",
         env="MEMGUARD_WORKER_MEMORY_HARD_LIMIT")
 setting("container_memory_threshold", MEMORY, 0.95, parse_fraction,
         "Share of the container's memory limit, counted as its working set (usage minus "
@@ -678,23 +682,11 @@ def _endpoints_apart(values: dict[str, Any]) -> None:
 # =====================================================================================
 
 # The environment names are the contract of ``gunicorn -c python:memguard.gunicorn.conf``.
-# Option names carry a ``gunicorn_`` prefix because the ``memory`` section has its own
-# (middleware-side) ``worker_memory_limit``; ``memguard.gunicorn.install()`` also accepts
-# them without the prefix.
+# The worker limits are the ``memory`` section's ``worker_memory_limit`` and
+# ``worker_memory_hard_limit``: one variable, one setting, read by the middleware and the
+# master alike. The options here carry a ``gunicorn_`` prefix; ``install()`` also accepts
+# them without it.
 
-setting(
-    "gunicorn_worker_memory_limit", "gunicorn", None, parse_memory_limit,
-    "Soft limit of one worker's own memory (USS), as a size or a percentage of the "
-    "container's limit; a worker over it finishes its in-flight requests and is replaced. "
-    "Defaults to none (no soft recycling).",
-    env="MEMGUARD_WORKER_MEMORY_LIMIT",
-)
-setting(
-    "gunicorn_worker_memory_hard_limit", "gunicorn", None, parse_memory_limit,
-    "Hard limit of one worker's own memory (USS); the master stops a worker over it even "
-    "mid-request (SIGTERM, then SIGKILL after the grace period). Defaults to none.",
-    env="MEMGUARD_WORKER_MEMORY_HARD_LIMIT",
-)
 setting(
     "gunicorn_total_memory_limit", "gunicorn", None, parse_memory_limit,
     "The whole pool's memory budget (master, workers, one booting replacement); near it "
@@ -757,8 +749,11 @@ setting(
 
 @check("gunicorn")
 def _gunicorn_limits_in_order(values: dict[str, Any]) -> None:
-    _check_hard_above_soft(values, "gunicorn_worker_memory_limit",
-                           "gunicorn_worker_memory_hard_limit", strict=True)
+    # The master compares both limits with USS: equal limits would make the soft one
+    # useless. (Resolved with the memory section, whose values these are.)
+    if "worker_memory_limit" in values:
+        _check_hard_above_soft(values, "worker_memory_limit", "worker_memory_hard_limit",
+                               strict=True)
 
 
 # =====================================================================================

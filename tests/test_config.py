@@ -102,11 +102,14 @@ def test_gunicorn_refuses_a_nan_grace_at_startup() -> None:
                                       "MEMGUARD_TOTAL_MEMORY_LIMIT"])
 @pytest.mark.parametrize("value", ["0", "0MiB", "0%"])
 def test_a_zero_memory_limit_is_refused_on_both_sides(variable: str, value: str) -> None:
-    sections = ["gunicorn"] if variable == "MEMGUARD_TOTAL_MEMORY_LIMIT" else [
-        "memory", "gunicorn"]
-    for section in sections:
-        with pytest.raises(ValueError, match=f"{variable}.*write \"off\" for no limit"):
-            config.resolve([section], {}, environ={variable: value})
+    from memguard.gunicorn.limits import resolve_limits
+
+    message = f"{variable}.*write \"off\" for no limit"
+    with pytest.raises(ValueError, match=message):
+        resolve_limits({}, environ={variable: value})  # the master
+    if variable != "MEMGUARD_TOTAL_MEMORY_LIMIT":
+        with pytest.raises(ValueError, match=message):
+            config.resolve(["body", "memory"], {}, environ={variable: value})  # middleware
 
 
 def test_the_gunicorn_start_line_says_none_only_for_no_limit() -> None:
@@ -143,16 +146,40 @@ def test_endpoint_paths_that_would_shadow_the_app_are_refused(options: dict[str,
 # ---- cross-field rules live with the registry -----------------------------------------
 
 
-@pytest.mark.parametrize(("section", "soft", "hard"), [
-    ("memory", "MEMGUARD_WORKER_MEMORY_LIMIT", "MEMGUARD_WORKER_MEMORY_HARD_LIMIT"),
-    ("gunicorn", "MEMGUARD_WORKER_MEMORY_LIMIT", "MEMGUARD_WORKER_MEMORY_HARD_LIMIT"),
-])
+@pytest.mark.parametrize("sections", [["memory"], ["gunicorn", "memory"]])
 @pytest.mark.parametrize(("soft_value", "hard_value"), [("200MiB", "100MiB"),
                                                         ("50%", "25%")])
-def test_a_hard_limit_below_the_soft_one_is_refused(section: str, soft: str, hard: str,
-                                                    soft_value: str, hard_value: str) -> None:
+def test_a_hard_limit_below_the_soft_one_is_refused(sections: list[str], soft_value: str,
+                                                    hard_value: str) -> None:
     with pytest.raises(ValueError, match="must be"):
-        config.resolve([section], {}, environ={soft: soft_value, hard: hard_value})
+        config.resolve(sections, {}, environ={"MEMGUARD_WORKER_MEMORY_LIMIT": soft_value,
+                                              "MEMGUARD_WORKER_MEMORY_HARD_LIMIT": hard_value})
+
+
+def test_one_variable_feeds_one_setting() -> None:
+    owners: dict[str, list[str]] = {}
+    for name, s in config.SETTINGS.items():
+        if s.env:
+            owners.setdefault(s.env, []).append(name)
+    assert {env: names for env, names in owners.items() if len(names) > 1} == {}
+
+
+@pytest.mark.parametrize(("soft", "hard"), [("25%", "50%"), ("auto", "auto"),
+                                            ("100MiB", "30%")])
+def test_the_master_and_the_middleware_resolve_the_same_bytes(soft: str, hard: str) -> None:
+    """Issue 16, defect 9: without a container limit, "25%" was host RAM to the master
+    and no limit at all to the middleware reading the same variable."""
+    from memguard.admission import MemoryAdmission
+    from memguard.gunicorn.limits import resolve_limits
+
+    env = {"MEMGUARD_WORKER_MEMORY_LIMIT": soft, "MEMGUARD_WORKER_MEMORY_HARD_LIMIT": hard}
+    master = resolve_limits({}, environ=env)
+    if soft == "auto":  # the master derives none; the middleware then takes its (none)
+        assert (master.soft, master.hard) == (None, None)
+        return
+    admission = MemoryAdmission.from_options(config.resolve(["memory"], {}, environ=env))
+    assert (admission.soft_limit, admission.hard_limit) == (master.soft, master.hard)
+    assert master.soft is not None and master.hard is not None
 
 
 # ---- issue 15 item 5: a component built by hand defaults to the registry's values -----

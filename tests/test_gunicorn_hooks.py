@@ -75,7 +75,7 @@ def test_default_budget_is_ninety_percent_of_a_cgroup_limit() -> None:
 
 
 def test_bad_options_are_precise_errors() -> None:
-    with pytest.raises(TypeError, match="did you mean 'gunicorn_worker_memory_limit'"):
+    with pytest.raises(TypeError, match="did you mean 'worker_memory_limit'"):
         resolve_limits({"worker_memory_limt": "1MiB"}, environ={})
     with pytest.raises(ValueError, match="must be above"):
         resolve_limits({"worker_memory_limit": "100MiB",

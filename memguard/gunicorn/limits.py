@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -12,12 +13,18 @@ from memguard.sizes import format_size, parse_size
 
 __all__ = ["Limits", "resolve_limits", "OPTION_ALIASES"]
 
-# install(globals(), worker_memory_limit="80MiB") reads better than the registry's
-# prefixed names, which exist only to keep clear of the middleware's options.
+# The worker limits are the memory section's settings (one MEMGUARD_* variable, one
+# setting): the master and the middleware in its workers read the same values.
+WORKER_LIMITS = ("worker_memory_limit", "worker_memory_hard_limit")
+
+# install(globals(), max_concurrent_recycles=2) reads better than the registry's prefixed
+# names; the worker limits' former gunicorn_ names are still accepted.
 OPTION_ALIASES = {
-    name.removeprefix("gunicorn_"): name
-    for name, s in config.SETTINGS.items() if s.section == "gunicorn"
+    **{name.removeprefix("gunicorn_"): name
+       for name, s in config.SETTINGS.items() if s.section == "gunicorn"},
+    **{f"gunicorn_{name}": name for name in WORKER_LIMITS},
 }
+_KNOWN = frozenset(OPTION_ALIASES) | frozenset(OPTION_ALIASES.values())
 
 # The pool's default budget: this share of the cgroup's limit, leaving the rest to the
 # page cache the kernel needs and to what the master and the kernel account late.
@@ -65,7 +72,8 @@ class Limits:
 
 
 def normalize_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """Accept ``worker_memory_limit`` as well as ``gunicorn_worker_memory_limit``."""
+    """Accept ``max_concurrent_recycles`` as well as ``gunicorn_max_concurrent_recycles``
+    (and the worker limits' former ``gunicorn_`` names)."""
     return {OPTION_ALIASES.get(k, k): v for k, v in options.items()}
 
 
@@ -79,8 +87,15 @@ def resolve_limits(
     Raises ``TypeError`` for an unknown option and ``ValueError`` for a bad value or a
     hard limit that is not above the soft one.
     """
+    for key in options:
+        if key not in _KNOWN:
+            close = difflib.get_close_matches(key, _KNOWN, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"unknown memguard gunicorn option {key!r}{hint}")
     normalized = normalize_options(options)
-    values = config.resolve(["gunicorn"], normalized, environ)
+    # The memory section too: its worker limits, and its rules (checked here, in the
+    # master, before any worker starts).
+    values = config.resolve(["gunicorn", "memory"], normalized, environ)
     env = os.environ if environ is None else environ
     # "off" turns the default budget off; only an option never given gets the default.
     total_given = ("gunicorn_total_memory_limit" in normalized
@@ -92,12 +107,14 @@ def resolve_limits(
 
     def size(name: str) -> int | None:
         raw = values[name]
-        if raw is None:
+        if raw is None or raw == "auto":  # the master derives no limit of its own
             return None
+        # A percentage of the container's limit, or of the host's RAM without one: the
+        # total the middleware uses too (admission.derive_worker_limits).
         return parse_size(raw, total=container)
 
-    soft = size("gunicorn_worker_memory_limit")
-    hard = size("gunicorn_worker_memory_hard_limit")
+    soft = size("worker_memory_limit")
+    hard = size("worker_memory_hard_limit")
     total = size("gunicorn_total_memory_limit")
     total_source = "configured"
     if total is None and total_given:
@@ -108,12 +125,12 @@ def resolve_limits(
     elif total is None:
         total_source = "no cgroup limit"
     if soft is not None and hard is not None and hard <= soft:
+        # A size against a percentage: the registry's rule could not compare them.
         raise ValueError(
-            f"memguard option 'gunicorn_worker_memory_hard_limit' ({format_size(hard)}) must "
-            f"be above 'gunicorn_worker_memory_limit' ({format_size(soft)})"
+            f"memguard option {config.describe('worker_memory_hard_limit')} "
+            f"({format_size(hard)}) must be above {config.describe('worker_memory_limit')} "
+            f"({format_size(soft)})"
         )
-    if values["gunicorn_max_concurrent_recycles"] < 1:
-        raise ValueError("memguard option 'gunicorn_max_concurrent_recycles' must be at least 1")
     return Limits(
         soft=soft, hard=hard, total=total, total_source=total_source,
         container=container, container_source=budget.source,
