@@ -18,12 +18,16 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from memguard.sizes import parse_size
 
 __all__ = [
     "SETTINGS",
+    "BodyOptions",
+    "GunicornOptions",
+    "MemoryOptions",
+    "SectionOptions",
     "Setting",
     "UploadOptions",
     "parse_bool",
@@ -875,10 +879,111 @@ setting(
 )
 
 
+# =====================================================================================
+# Typed sections: what components are built from, each field one option of a section
+# =====================================================================================
+
+_Typed = TypeVar("_Typed", bound="SectionOptions")
+
+
 @dataclass(frozen=True)
-class UploadOptions:
-    """The ``uploads`` section, typed: each field is the option without its ``upload_``
-    prefix (``max_size`` is ``upload_max_size``)."""
+class SectionOptions:
+    """A section's values as a typed object: one field per option, named as the option
+    without the section's ``PREFIX``. Built only from the registry, never by hand."""
+
+    SECTION: ClassVar[str]
+    PREFIX: ClassVar[str] = ""
+
+    @classmethod
+    def resolve(cls: type[_Typed], options: Mapping[str, Any],
+                environ: Mapping[str, str] | None = None) -> _Typed:
+        """From keywords (without the prefix), then ``MEMGUARD_*`` variables, then
+        defaults; refused values raise ``ValueError`` naming the option."""
+        given = {f"{cls.PREFIX}{k}": v for k, v in options.items()}
+        return cls.from_values(resolve([cls.SECTION], given, environ))
+
+    @classmethod
+    def from_values(cls: type[_Typed], values: Mapping[str, Any]) -> _Typed:
+        """From :func:`resolve`'s dict (which may hold other sections too)."""
+        return cls(**{name.removeprefix(cls.PREFIX): value for name, value in values.items()
+                      if SETTINGS[name].section == cls.SECTION})
+
+
+@dataclass(frozen=True)
+class BodyOptions(SectionOptions):
+    """The ``body`` section."""
+
+    SECTION: ClassVar[str] = "body"
+
+    max_body_size: int | None
+    routes: dict[str, int | None | dict[str, int | None]]
+    content_types: dict[str, int | None]
+    body_idle_timeout: float
+    body_min_rate: int
+    body_rate_grace: float
+    decompress: bool
+    max_decoded_size: int | None
+    max_decompression_ratio: float
+    report_only: bool
+
+
+@dataclass(frozen=True)
+class MemoryOptions(SectionOptions):
+    """The ``memory`` section."""
+
+    SECTION: ClassVar[str] = "memory"
+
+    worker_memory_limit: int | str | None
+    worker_memory_hard_limit: int | str | None
+    container_memory_threshold: float
+    memory_psi_threshold: float
+    memory_refresh_interval: float
+    memory_shed: str
+    heavy_methods: str
+    heavy_paths: str
+    memory_retry_after: int
+    body_memory_check_every: int
+    track_memory: bool
+    memory_sample_interval: float
+    max_routes: int
+    leak_window: float
+    leak_windows: int
+    leak_min_growth: int
+    leak_min_objects: float
+    readiness_path: str | None
+    readiness_details: bool
+    liveness_path: str | None
+    metrics_path: str | None
+    metrics_cache: float
+    leak_admin_path: str | None
+    leak_admin_token: str | None
+
+
+@dataclass(frozen=True)
+class GunicornOptions(SectionOptions):
+    """The ``gunicorn`` section (the worker limits are :class:`MemoryOptions`')."""
+
+    SECTION: ClassVar[str] = "gunicorn"
+    PREFIX: ClassVar[str] = "gunicorn_"
+
+    total_memory_limit: int | str | None
+    hard_limit_grace: float
+    watchdog_interval: float
+    max_concurrent_recycles: int
+    min_worker_lifetime: float
+    gc_freeze: bool
+    gc_freeze_at_fork: bool
+    fast_exit: bool
+
+
+@dataclass(frozen=True)
+class UploadOptions(SectionOptions):
+    """The ``uploads`` section: each field is the option without its ``upload_`` prefix
+    (``max_size`` is ``upload_max_size``); per-call options to ``save_*`` use the same
+    short names."""
+
+    SECTION: ClassVar[str] = "uploads"
+    PREFIX: ClassVar[str] = "upload_"
 
     max_size: int
     fsync: bool
@@ -896,11 +1001,3 @@ class UploadOptions:
     max_part_headers: int
     parse_budget: float
     tmpfile: bool
-
-    @classmethod
-    def resolve(cls, options: Mapping[str, Any],
-                environ: Mapping[str, str] | None = None) -> UploadOptions:
-        """From per-call options (without the prefix: ``max_files=10``), then
-        ``MEMGUARD_UPLOAD_*`` variables, then defaults."""
-        values = resolve(["uploads"], {f"upload_{k}": v for k, v in options.items()}, environ)
-        return cls(**{name.removeprefix("upload_"): v for name, v in values.items()})

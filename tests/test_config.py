@@ -12,16 +12,23 @@ import pytest
 from memguard import config
 from memguard.config import UploadOptions
 
+SECTIONS = [config.BodyOptions, config.MemoryOptions, config.GunicornOptions, UploadOptions]
 
-def test_upload_options_are_the_uploads_section_without_the_prefix() -> None:
-    declared = {name.removeprefix("upload_") for name, s in config.SETTINGS.items()
-                if s.section == "uploads"}
-    assert {f.name for f in dataclasses.fields(UploadOptions)} == declared
-    defaults = UploadOptions.resolve({}, environ={})
+
+def test_every_section_has_its_typed_object() -> None:
+    assert {cls.SECTION for cls in SECTIONS} == {s.section for s in config.SETTINGS.values()}
+
+
+@pytest.mark.parametrize("cls", SECTIONS, ids=lambda cls: cls.__name__)
+def test_a_typed_section_is_its_options_without_the_prefix(
+        cls: type[config.SectionOptions]) -> None:
+    declared = {name.removeprefix(cls.PREFIX) for name, s in config.SETTINGS.items()
+                if s.section == cls.SECTION}
+    assert {f.name for f in dataclasses.fields(cls)} == declared
+    defaults = cls.resolve({}, environ={})
     for name, s in config.SETTINGS.items():
-        if s.section == "uploads":
-            expected = s.parse(s.default) if s.default is not None else None
-            assert getattr(defaults, name.removeprefix("upload_")) == expected
+        if s.section == cls.SECTION:
+            assert getattr(defaults, name.removeprefix(cls.PREFIX)) == config.default(name)
 
 
 def test_upload_options_take_keywords_then_the_environment() -> None:

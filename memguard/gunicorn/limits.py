@@ -96,6 +96,8 @@ def resolve_limits(
     # The memory section too: its worker limits, and its rules (checked here, in the
     # master, before any worker starts).
     values = config.resolve(["gunicorn", "memory"], normalized, environ)
+    memory = config.MemoryOptions.from_values(values)
+    opts = config.GunicornOptions.from_values(values)
     env = os.environ if environ is None else environ
     # "off" turns the default budget off; only an option never given gets the default.
     total_given = ("gunicorn_total_memory_limit" in normalized
@@ -105,17 +107,16 @@ def resolve_limits(
     budget = probes.memory_budget(cgroup)
     container = budget.limit
 
-    def size(name: str) -> int | None:
-        raw = values[name]
+    def size(raw: int | str | None) -> int | None:
         if raw is None or raw == "auto":  # the master derives no limit of its own
             return None
         # A percentage of the container's limit, or of the host's RAM without one: the
         # total the middleware uses too (admission.derive_worker_limits).
         return parse_size(raw, total=container)
 
-    soft = size("worker_memory_limit")
-    hard = size("worker_memory_hard_limit")
-    total = size("gunicorn_total_memory_limit")
+    soft = size(memory.worker_memory_limit)
+    hard = size(memory.worker_memory_hard_limit)
+    total = size(opts.total_memory_limit)
     total_source = "configured"
     if total is None and total_given:
         total_source = "turned off"
@@ -134,11 +135,8 @@ def resolve_limits(
     return Limits(
         soft=soft, hard=hard, total=total, total_source=total_source,
         container=container, container_source=budget.source,
-        grace=values["gunicorn_hard_limit_grace"],
-        interval=values["gunicorn_watchdog_interval"],
-        max_concurrent=values["gunicorn_max_concurrent_recycles"],
-        min_lifetime=values["gunicorn_min_worker_lifetime"],
-        gc_freeze=values["gunicorn_gc_freeze"],
-        fast_exit=values["gunicorn_fast_exit"],
-        gc_freeze_at_fork=values["gunicorn_gc_freeze_at_fork"],
+        grace=opts.hard_limit_grace, interval=opts.watchdog_interval,
+        max_concurrent=opts.max_concurrent_recycles, min_lifetime=opts.min_worker_lifetime,
+        gc_freeze=opts.gc_freeze, fast_exit=opts.fast_exit,
+        gc_freeze_at_fork=opts.gc_freeze_at_fork,
     )
