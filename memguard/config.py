@@ -334,6 +334,7 @@ def _pairs(value: Any, what: str) -> list[tuple[str, Any]]:
     raise ValueError(f"invalid {what} {value!r}: expected a mapping of pattern to size")
 
 
+@refuses("an entry without '=', a pattern not starting with '/', a '*' before the end, a bad size")
 def parse_route_limits(value: Any) -> dict[str, int | None | dict[str, int | None]]:
     """``{"/upload/*": "5GiB", "/api/*": "1MiB"}``; a value may also be a mapping of
     content types to sizes (``{"*": "64MiB", "application/json": "64MiB"}``) that
@@ -359,6 +360,7 @@ DEFAULT_CONTENT_TYPE_LIMITS: dict[str, str | None] = {
 }
 
 
+@refuses("an entry without '=', a pattern that is not type/subtype, a bad size")
 def parse_content_type_limits(value: Any) -> dict[str, int | None]:
     """Content-type caps, merged over :data:`DEFAULT_CONTENT_TYPE_LIMITS` (a value of
     ``None`` removes a default cap)."""
@@ -765,12 +767,14 @@ def _gunicorn_limits_in_order(values: dict[str, Any]) -> None:
 # =====================================================================================
 
 
+@refuses("negative")
 def parse_storage_floor(value: Any) -> int | str:
     """A size, or a percentage of the target filesystem's size ("5%"); 0 turns it off."""
     parsed = parse_optional_size(value)
     return 0 if parsed is None else parsed
 
 
+@refuses("negative, a percentage")
 def parse_optional_bytes(value: Any) -> int | None:
     """A size in bytes or ``None``/"off"; percentages make no sense here."""
     parsed = parse_optional_size(value)

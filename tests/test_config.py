@@ -215,3 +215,12 @@ def test_constructor_defaults_are_the_registrys(component: str, parameter: str,
     cls = getattr(importlib.import_module(module), name)
     declared = inspect.signature(cls).parameters[parameter].default
     assert declared == config.default(option)
+
+
+def test_the_reference_says_what_each_option_refuses(repo: Any) -> None:
+    for name, s in config.SETTINGS.items():
+        assert s.refused or s.empty_ok, f"{name}: say what its parser refuses (refuses())"
+    uploads_doc = (repo / "docs" / "uploads.md").read_text()
+    for name, s in config.SETTINGS.items():
+        if s.section == "uploads":
+            assert f"`{name}`" in uploads_doc, f"docs/uploads.md's table lacks {name}"
