@@ -253,8 +253,10 @@ async def save_body(
     route, else the ``upload_max_size`` option. ``destination``'s directory must exist.
     Without ``overwrite`` an existing file there is never replaced: ``FileExistsError``
     is raised before the body is read, or, if the name appears while the body is
-    received, at the end (the upload is then removed). ``options`` are the ``upload_*``
-    options without the prefix (``fsync=False``, ``min_free="5%"``, ...).
+    received, at the end (the upload is then removed). With it, the file there is
+    replaced atomically once the body is whole, and put back if the call still fails or
+    is cancelled. ``options`` are the ``upload_*`` options without the prefix
+    (``fsync=False``, ``min_free="5%"``, ...).
     """
     scope, receive_ = _asgi_source(request, receive)
     dest = Path(destination)
@@ -435,8 +437,10 @@ async def save_multipart(
     Files get generated names (32 hex characters), or ``name(field, filename,
     content_type)`` (the sanitised client file name) which must return one plain file
     name. ``allowed_fields`` refuses any part whose name is not in it (400). All or
-    nothing: if any part fails, files this call already saved are removed. ``options``
-    are the ``upload_*`` options without the prefix (``max_files=10``, ...).
+    nothing: the files get their names only once the whole form is read, and if naming
+    one fails, the others are undone (with ``overwrite``, the files they replaced are put
+    back). ``options`` are the ``upload_*`` options without the prefix (``max_files=10``,
+    ...).
     """
     scope, receive_ = _asgi_source(request, receive)
     folder = _form_directory(directory)
