@@ -519,8 +519,9 @@ setting("worker_memory_limit", MEMORY, "auto", parse_worker_limit,
         "A worker's soft memory limit (\"400MiB\", or \"25%\" of the container's "
         "limit, of the host's RAM where there is none): over it (by USS), the worker is "
         "recycled gracefully after its response (by itself, or by the gunicorn "
-        "integration's master). Defaults to `auto`: under the gunicorn integration, none "
-        "(its pool budget still recycles); elsewhere 85% of the container's limit shared by "
+        "integration's master). Defaults to `auto`: under the gunicorn integration in a "
+        "memory-limited container, its pool budget shared by the workers and one "
+        "replacement (without a budget, none); elsewhere 85% of the container's limit shared by "
         "the workers plus one, when the limit and the worker count (WEB_CONCURRENCY, "
         "-w/--workers) are known; otherwise off.",
         env="MEMGUARD_WORKER_MEMORY_LIMIT")
@@ -529,8 +530,8 @@ setting("worker_memory_hard_limit", MEMORY, "auto", parse_worker_limit,
         "with 503 and refuses a body whose buffering would pass it with 413; the gunicorn "
         "integration's master stops a worker over it (USS) even mid-request (SIGTERM, then "
         "SIGKILL after the grace period). Defaults to `auto`: under the gunicorn "
-        "integration, none; elsewhere 1.5x the soft limit, at most 95% of the container's "
-        "limit.",
+        "integration, 1.25x its derived soft limit (none without one); elsewhere 1.5x the "
+        "soft limit, at most 95% of the container's limit.",
         env="MEMGUARD_WORKER_MEMORY_HARD_LIMIT")
 setting("container_memory_threshold", MEMORY, 0.95, parse_fraction,
         "Share of the container's memory limit, counted as its working set (usage minus "

@@ -479,3 +479,88 @@ def test_two_workers_oom_killed_at_once_are_both_reported_with_their_memory(
         assert "in_flight=/slow-leak" in line, line
     assert {e["pid"] for e in oom_events} == workers
     assert all(e.get("uss") for e in oom_events), oom_events
+
+
+@pytest.mark.parametrize("kind", ["sync", "uvicorn_worker"])
+def test_replacement_boots_before_the_worker_it_replaces_stops(
+    kind: str, group: MemoryCgroup, repo: Path, tmp_path: Path
+) -> None:
+    """With room in the budget, a worker over its soft limit keeps serving while its
+    replacement boots (0.3 s of import here), then leaves: the pool never runs a worker
+    short, and the report's timeline shows the two lines overlap. Requests wait 50 ms
+    and keep 128 KiB: a worker grows less while it waits than the margin it has."""
+    event_log = tmp_path / "events.jsonl"
+    args, app, limit = {
+        "sync": (["-w", "2"], "tests.apps.leaky:wsgi_app", "24MiB"),
+        "uvicorn_worker": (["-w", "2", "-k", "uvicorn_worker.UvicornWorker"],
+                           "tests.apps.leaky_fastapi:app", "40MiB")}[kind]
+    env = {"MEMGUARD_WORKER_MEMORY_LIMIT": limit, "MEMGUARD_EVENTS": str(event_log),
+           "LEAKY_BOOT_SECONDS": "0.3", "LEAKY_BYTES": str(128 << 10),
+           "LEAKY_REQUEST_SECONDS": "0.05"}
+    with serve("gunicorn", app, [*CONF, *args], env=env, cwd=repo, cgroup=group,
+               ready_path="/ping", timeout=60) as server:
+        ok, failed, errors = load(server.url, count=400, clients=2)
+        assert wait_for(lambda: "(spawn_first): the pool ran short" in server.log())
+        log = server.log()
+    assert (ok, failed) == (400, 0), errors[:5]
+    assert group.oom_kills == 0
+    assert "booting it first" in log, log[-3000:]
+    ready = [line for line in log.splitlines() if "(spawn_first): the pool ran short 0.00s"
+             in line]
+    assert ready, log[-3000:]
+    recorded = events(event_log)
+    replacements = [e for e in recorded if e["kind"] == "replacement"
+                    and e["way"] == "spawn_first"]
+    assert replacements and all(e["short_seconds"] == 0 for e in replacements)
+    recycles = [e for e in recorded if e["kind"] == "recycle" and e.get("way") == "spawn_first"]
+    assert recycles and all(e["reason"] == "soft_limit" for e in recycles)
+    timeline = report.load(event_log)
+    first = replacements[0]
+    new, old = (timeline.processes[int(first[k])] for k in ("worker_pid", "replaced"))  # type: ignore[call-overload]
+    assert new.started is not None and old.ended is not None
+    assert new.started < old.ended  # the replacement's line starts before the old ends
+    assert timeline.max_concurrent_workers() == 3
+
+
+@pytest.mark.parametrize("kind", ["sync", "uvicorn_worker"])
+def test_zero_configuration_keeps_a_bursty_pool_alive(
+    kind: str, group: MemoryCgroup, repo: Path
+) -> None:
+    """Only the ready config, no MEMGUARD_* variable, in a 400 MiB group: every 25th
+    request keeps 24 MiB. The worker limits are derived from the pool's budget and the
+    worker count, said at startup, and no request fails nor any worker is OOM-killed."""
+    args, app = WORKER_CLASSES[kind]
+    env = {"LEAKY_BYTES": str(24 << 20), "LEAKY_EVERY": "25"}
+    with serve("gunicorn", app, [*CONF, *args], env=env, cwd=repo, cgroup=group,
+               ready_path="/ping") as server:
+        ok, failed, errors = load(server.url, count=1500)
+        log = server.log()
+    assert group.oom_kills == 0, log[-3000:]
+    assert (ok, failed) == (1500, 0), errors[:5]
+    start = next(line for line in log.splitlines() if "memguard: worker soft limit" in line)
+    # 90% of 400 MiB shared by 4 workers and one replacement.
+    assert "soft limit 72.0 MiB, hard limit 90.0 MiB (derived: the pool budget 360.0 MiB " \
+        "shared by 4 workers and one replacement" in start, start
+    assert "recycling worker" in log
+
+
+def test_a_limit_below_the_warmed_footprint_does_not_restart_the_pool(
+    group: MemoryCgroup, repo: Path
+) -> None:
+    """Workers start at about 24 MiB and their first three requests warm a 6 MiB cache,
+    then stay flat, over a 28 MiB soft limit. Recycling them would restart the pool
+    after every few requests: they keep serving, and it is said once, with figures."""
+    env = {"MEMGUARD_WORKER_MEMORY_LIMIT": "28MiB", "LEAKY_BORN_MIB": "20",
+           "LEAKY_WARMUP": "3"}
+    with serve("gunicorn", "tests.apps.leaky:wsgi_app", [*CONF, "-w", "2"], env=env,
+               cwd=repo, cgroup=group, ready_path="/ping") as server:
+        ok, failed, _ = load(server.url, count=300, clients=4)
+        time.sleep(2.5)  # the watchdog had time to look (and must not act)
+        log = server.log()
+        assert len(server.children()) == 2
+    assert (ok, failed) == (300, 0)
+    assert log.count("Booting worker") == 2, log[-3000:]
+    assert "recycling worker" not in log, log[-3000:]
+    reports = [line for line in log.splitlines() if "is over its memory limit" in line]
+    assert len(reports) == 1, reports
+    assert "after 3 request(s)" in reports[0] or "request(s) (it started at" in reports[0]

@@ -25,14 +25,15 @@ import importlib
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from memguard import counters, events, probes, recycle
 from memguard.gunicorn import slots as slot_states
-from memguard.gunicorn.limits import Limits, resolve_limits
+from memguard.gunicorn.limits import Limits, derive_worker_limits, resolve_limits
 from memguard.gunicorn.logs import forward_to
-from memguard.gunicorn.slots import SlotTable
+from memguard.gunicorn.slots import Doorbell, SlotTable
 from memguard.gunicorn.watchdog import Watchdog
 from memguard.gunicorn.worker import WorkerMonitor, exit_without_teardown
 
@@ -71,6 +72,7 @@ class Guard:
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.slots = SlotTable()  # made in the master, before any fork: shared
+        self.doorbell = Doorbell()
         self.watchdog: Watchdog | None = None
         self.monitor: WorkerMonitor | None = None
         self._froze = False
@@ -79,7 +81,11 @@ class Guard:
 
     def on_starting(self, server: Any) -> None:
         forward_to(server.log)
-        limits = self.limits
+        # Zero configuration: the worker limits come from the budget and the worker
+        # count, known now; the workers fork from here and inherit them.
+        limits = self.limits = derive_worker_limits(
+            self.limits, int(getattr(server, "num_workers", 0) or 0))
+        recycle.set_server((limits.soft, limits.hard))
         server.log.info("memguard: %s", limits.describe())
         # Names with "worker" are drawn per worker by `memguard report`; the others
         # against the whole pool.
@@ -100,7 +106,7 @@ class Guard:
         if limits.soft is None and limits.hard is None and limits.total is None:
             server.log.warning("memguard: no worker memory limit and no pool budget set: "
                                "workers are watched and reported, never recycled")
-        self.watchdog = Watchdog(limits, self.slots, server.log)
+        self.watchdog = Watchdog(limits, self.slots, server.log, self.doorbell)
         _import_worker_modules(getattr(server, "worker_class", None))
 
     def when_ready(self, server: Any) -> None:
@@ -129,6 +135,7 @@ class Guard:
     # ---- worker ----------------------------------------------------------------------
 
     def post_fork(self, server: Any, worker: Any) -> None:
+        forked_at = time.monotonic()
         if self.limits.gc_freeze_at_fork and not server.cfg.preload_app:
             # Everything alive now came from the master and stays for the worker's life:
             # its collections (ours at the limit included) skip it and leave its pages
@@ -140,7 +147,10 @@ class Guard:
         self.slots.set_pid(worker.age, os.getpid())
         recycler = recycle.gunicorn_recycler(worker)
         recycle.set_recycler(recycler)
-        self.monitor = WorkerMonitor(worker, self.limits, self.slots, recycler)
+        # Without the watchdog's thread nobody would answer a request for a replacement.
+        doorbell = self.doorbell if self.limits.interval > 0 else None
+        self.monitor = WorkerMonitor(worker, self.limits, self.slots, recycler, doorbell)
+        self.monitor.started_at = forked_at
 
     def post_worker_init(self, worker: Any) -> None:
         monitor = self.monitor
@@ -148,6 +158,7 @@ class Guard:
             return
         if is_uvicorn_worker(worker):
             _adapt_uvicorn_worker(worker, monitor, self.slots)
+        _listen_for_retire(worker, monitor)
         monitor.ready()
 
     def pre_request(self, worker: Any, req: Any) -> None:
@@ -236,6 +247,28 @@ def _adapt_uvicorn_worker(worker: Any, monitor: WorkerMonitor, slots: SlotTable)
         os.kill(os.getpid(), signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, on_term)
+
+
+def _listen_for_retire(worker: Any, monitor: WorkerMonitor) -> None:
+    """SIGUSR2 from the master: this worker's replacement is ready (or there is no
+    room to boot one first), so it recycles now, its own way (the worker's recycler
+    stops accepting first where its server needs that). gunicorn's workers leave
+    SIGUSR2 at its default action, which the master never sends them otherwise.
+    """
+
+    def on_retire(*_: Any) -> None:
+        try:
+            monitor.retire()
+        except Exception:  # a failing recycle must never kill the worker
+            worker.log.exception("memguard: recycle on the master's request failed")
+
+    loop = getattr(worker, "loop", None)  # gunicorn's asgi worker: its loop's handlers
+    if loop is not None and hasattr(loop, "add_signal_handler"):
+        loop.add_signal_handler(signal.SIGUSR2, on_retire)
+    else:
+        signal.signal(signal.SIGUSR2, on_retire)
+    if hasattr(signal, "siginterrupt"):
+        signal.siginterrupt(signal.SIGUSR2, False)
 
 
 _guard: Guard | None = None

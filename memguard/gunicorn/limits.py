@@ -11,7 +11,7 @@ from typing import Any
 from memguard import config, probes
 from memguard.sizes import format_size, parse_size
 
-__all__ = ["Limits", "resolve_limits", "OPTION_ALIASES"]
+__all__ = ["Limits", "resolve_limits", "derive_worker_limits", "OPTION_ALIASES"]
 
 # The worker limits are the memory section's settings (one MEMGUARD_* variable, one
 # setting): the master and the middleware in its workers read the same values.
@@ -46,6 +46,10 @@ class Limits:
     gc_freeze: bool
     fast_exit: bool = True
     gc_freeze_at_fork: bool = True
+    # Neither worker limit was given (not even "off"): they are derived from the pool's
+    # budget once the worker count is known (derive_worker_limits).
+    derive: bool = False
+    worker_source: str = "configured"
 
     @property
     def ceiling(self) -> int | None:
@@ -65,8 +69,8 @@ class Limits:
         def size(value: int | None) -> str:
             return "none" if value is None else format_size(value)
 
-        return (f"worker soft limit {size(self.soft)}, hard limit {size(self.hard)}, "
-                f"pool budget {size(self.total)} "
+        return (f"worker soft limit {size(self.soft)}, hard limit {size(self.hard)} "
+                f"({self.worker_source}), pool budget {size(self.total)} "
                 f"({self.total_source}); container limit {format_size(self.container)} "
                 f"({self.container_source})")
 
@@ -125,6 +129,10 @@ def resolve_limits(
         total_source = f"{int(DEFAULT_TOTAL_SHARE * 100)}% of the cgroup limit"
     elif total is None:
         total_source = "no cgroup limit"
+    # Zero configuration: both worker limits left at "auto" under a budget are derived
+    # once the worker count is known (derive_worker_limits, in the master's on_starting).
+    derive = (memory.worker_memory_limit == "auto" and memory.worker_memory_hard_limit == "auto"
+              and total is not None)
     if soft is not None and hard is not None and hard <= soft:
         # A size against a percentage: the registry's rule could not compare them.
         raise ValueError(
@@ -139,4 +147,30 @@ def resolve_limits(
         max_concurrent=opts.max_concurrent_recycles, min_lifetime=opts.min_worker_lifetime,
         gc_freeze=opts.gc_freeze, fast_exit=opts.fast_exit,
         gc_freeze_at_fork=opts.gc_freeze_at_fork,
+        derive=derive, worker_source="configured" if not derive else "not set",
     )
+
+
+# Derived limits: the pool's budget is shared by the workers and one replacement that
+# boots beside a worker it replaces; the hard limit is this much above the soft one.
+DERIVED_HARD_SHARE = 1.25
+
+
+def derive_worker_limits(limits: Limits, workers: int) -> Limits:
+    """Worker limits from the pool's budget, for a pool given none (zero configuration).
+
+    Each of ``workers`` and one replacement gets an equal share of the budget: the soft
+    limit. The hard limit is a quarter above it; with a worker's largest step so far
+    kept below it (the decision recycles a worker one such step ahead), the pool stays
+    under its budget even when every worker is at its soft limit and one replacement
+    boots. Explicit settings are never touched.
+    """
+    if not limits.derive or limits.total is None or workers < 1:
+        return limits
+    soft = limits.total // (workers + 1)
+    hard = int(soft * DERIVED_HARD_SHARE)
+    return dataclasses.replace(
+        limits, soft=soft, hard=hard,
+        worker_source=(f"derived: the pool budget {format_size(limits.total)} shared by "
+                       f"{workers} workers and one replacement; set "
+                       "MEMGUARD_WORKER_MEMORY_LIMIT to choose"))

@@ -19,18 +19,31 @@ slot cannot happen, a live one's can) only garbles that line of a report.
 from __future__ import annotations
 
 import mmap
+import os
+import select
 import struct
 
-__all__ = ["SlotTable", "EMPTY", "BOOTING", "SERVING", "BORN_OVER", "RECYCLING", "EXITED",
-           "RECENT", "PATH_BYTES"]
+__all__ = ["SlotTable", "Doorbell", "EMPTY", "BOOTING", "SERVING", "BORN_OVER", "RECYCLING",
+           "EXITED", "REPLACE", "SERVING_STATES", "RECENT", "PATH_BYTES",
+           "SPAWN_FIRST", "STOP_THEN_START", "WAY_NAMES"]
 
 # BORN_OVER: serving, but over its soft limit from the start, so never recycled for it.
-EMPTY, BOOTING, SERVING, RECYCLING, EXITED, BORN_OVER = 0, 1, 2, 3, 4, 5
+# REPLACE: serving, and asking the master for a replacement (it recycles once told).
+EMPTY, BOOTING, SERVING, RECYCLING, EXITED, BORN_OVER, REPLACE = 0, 1, 2, 3, 4, 5, 6
 STATE_NAMES = {EMPTY: "empty", BOOTING: "booting", SERVING: "serving",
-               RECYCLING: "recycling", EXITED: "exited", BORN_OVER: "born over its limit"}
+               RECYCLING: "recycling", EXITED: "exited", BORN_OVER: "born over its limit",
+               REPLACE: "asking for a replacement"}
+SERVING_STATES = (SERVING, BORN_OVER, REPLACE)
 
-# pid, state, figure (bytes: the worker's own estimate of its USS), requests served
-_SLOT = struct.Struct("=qqqq")
+# How the master had a worker replaced (the slot's ``way`` word, read by the worker
+# when it is told to go).
+SPAWN_FIRST, STOP_THEN_START = 1, 2
+WAY_NAMES = {SPAWN_FIRST: "spawn_first", STOP_THEN_START: "stop_then_start"}
+
+# pid, state, figure (bytes: the worker's own estimate of its USS), requests served,
+# the way the master replaces it, what the worker expects to grow while a replacement
+# boots
+_SLOT = struct.Struct("=qqqqqq")
 _SLOTS = 256
 RECENT = 32  # paths kept per worker
 PATH_BYTES = 64  # per path: a length byte, then up to 63 bytes of UTF-8
@@ -60,7 +73,7 @@ class SlotTable:
         return True
 
     def reset(self, age: int, pid: int = 0, state: int = EMPTY) -> None:
-        _SLOT.pack_into(self._map, self._offset(age), pid, state, 0, 0)
+        _SLOT.pack_into(self._map, self._offset(age), pid, state, 0, 0, 0, 0)
         _STARTED.pack_into(self._recent, (age % self.slots) * _RECENT_SLOT, 0)
 
     def note_request(self, age: int, path: str) -> None:
@@ -95,8 +108,22 @@ class SlotTable:
 
     def read(self, age: int) -> tuple[int, int, int, int]:
         """(pid, state, figure, requests) of slot ``age``."""
-        pid, state, figure, requests = _SLOT.unpack_from(self._map, self._offset(age))
+        pid, state, figure, requests, _, _ = _SLOT.unpack_from(self._map, self._offset(age))
         return int(pid), int(state), int(figure), int(requests)
+
+    def set_way(self, age: int, way: int) -> None:
+        struct.pack_into("=q", self._map, self._offset(age) + 32, way)
+
+    def set_expected_growth(self, age: int, growth: int) -> None:
+        struct.pack_into("=q", self._map, self._offset(age) + 40, growth)
+
+    def expected_growth(self, age: int) -> int:
+        (growth,) = struct.unpack_from("=q", self._map, self._offset(age) + 40)
+        return int(growth)
+
+    def way(self, age: int) -> int:
+        (way,) = struct.unpack_from("=q", self._map, self._offset(age) + 32)
+        return int(way)
 
     def pool_view(self, own_age: int) -> tuple[int, int]:
         """(memory of the workers already recycling, by their own figures; the largest
@@ -104,9 +131,42 @@ class SlotTable:
         leaving = largest = 0
         own = own_age % self.slots
         for i in range(self.slots):
-            pid, state, figure, _ = _SLOT.unpack_from(self._map, (i + 1) * _SLOT.size)
+            pid, state, figure, _, _, _ = _SLOT.unpack_from(self._map, (i + 1) * _SLOT.size)
             if state == RECYCLING:
                 leaving += figure
-            elif state in (SERVING, BORN_OVER) and i != own and figure > largest:
+            elif state in SERVING_STATES and i != own and figure > largest:
                 largest = figure
         return leaving, largest
+
+
+class Doorbell:
+    """A pipe made in the master before the first fork: a worker rings it when its
+    state changes (ready, asking for a replacement, recycling), and the master's
+    watchdog, waiting on it between its samples, acts within a millisecond instead of
+    at its next tick."""
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+
+    def ring(self) -> None:
+        try:
+            os.write(self._write, b"\0")
+        except (BlockingIOError, OSError):  # full: the master will look anyway
+            pass
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds; True if rung (every ring is consumed)."""
+        try:
+            ready, _, _ = select.select([self._read], [], [], max(timeout, 0.0))
+        except (OSError, ValueError):
+            return False
+        if not ready:
+            return False
+        try:
+            while os.read(self._read, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        return True

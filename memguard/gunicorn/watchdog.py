@@ -31,7 +31,7 @@ from typing import Any
 from memguard import counters, events, probes, recycle
 from memguard.gunicorn import slots as slot_states
 from memguard.gunicorn.limits import Limits
-from memguard.gunicorn.slots import SlotTable
+from memguard.gunicorn.slots import Doorbell, SlotTable
 from memguard.gunicorn.worker import working_set_bytes
 from memguard.sizes import format_size
 
@@ -52,6 +52,20 @@ class WorkerRecord:
     killed: bool = False  # the master sent SIGKILL
 
 
+@dataclasses.dataclass
+class Overlap:
+    """One replacement booting beside the worker it replaces (at most one at a time)."""
+
+    old_pid: int
+    old_age: int
+    reason: str
+    started: float
+    base: int  # the arbiter's worker count before this overlap
+    newest_age: int  # the replacement is the first worker younger than this
+    new_pid: int | None = None
+    retired: float | None = None
+
+
 def read_oom_kills(cgroup: probes.CgroupInfo | None) -> tuple[int, str] | None:
     """The OOM-kill counter that covers the workers: the cgroup's, else the system's."""
     if cgroup is not None:
@@ -68,9 +82,23 @@ def read_oom_kills(cgroup: probes.CgroupInfo | None) -> tuple[int, str] | None:
     return None
 
 
+# How long a worker waits for its replacement to boot, or for another worker's to, before
+# it is told to go anyway.
+REPLACEMENT_WAIT = 30.0
+
+
 class Watchdog:
-    def __init__(self, limits: Limits, slots: SlotTable, log: Any) -> None:
+    def __init__(self, limits: Limits, slots: SlotTable, log: Any,
+                 doorbell: Doorbell | None = None) -> None:
         self.limits = limits
+        self.doorbell = doorbell
+        self.overlap: Overlap | None = None
+        # Workers seen ready, and those seen leaving; stops whose replacement is not
+        # ready yet (when the pool started to run short, the worker that left, why).
+        self._ready: set[int] = set()
+        self._leaving: set[int] = set()
+        self._short: list[tuple[float, int, str]] = []
+        self._asked: dict[int, float] = {}
         self.slots = slots
         self.log = log
         self.arbiter: Any = None
@@ -102,6 +130,8 @@ class Watchdog:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.doorbell is not None:
+            self.doorbell.ring()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
@@ -114,16 +144,26 @@ class Watchdog:
         # 50% slower. Blocking them here sends them all to the main thread.
         if hasattr(signal, "pthread_sigmask"):
             signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-        delay = self.limits.interval
-        while not self._stop.wait(delay):
+        next_tick = time.monotonic() + self.limits.interval
+        while not self._stop.is_set():
+            timeout = next_tick - time.monotonic()
+            if self.doorbell is not None:
+                self.doorbell.wait(timeout)
+            elif timeout > 0:
+                self._stop.wait(timeout)
+            if self._stop.is_set():
+                return
             if os.getpid() != getattr(self.arbiter, "pid", os.getpid()):
                 return  # a forked child never runs this thread, but be sure
             try:
-                urgent = self.tick()
+                self.replacements()  # a few slot reads: on every ring
+                if time.monotonic() >= next_tick:
+                    urgent = self.tick()
+                    next_tick = time.monotonic() + (
+                        self.limits.interval / 4 if urgent else self.limits.interval)
             except Exception:  # the safety net must survive its own bugs
                 self.log.exception("memguard watchdog tick failed")
-                urgent = False
-            delay = self.limits.interval / 4 if urgent else self.limits.interval
+                next_tick = time.monotonic() + self.limits.interval
 
     # ---- one look at the pool ----------------------------------------------------------
 
@@ -262,8 +302,9 @@ class Watchdog:
         if record.recycle_sent is not None or record.hard_deadline is not None:
             return False
         _, state, _, _ = self.slots.read(record.age)
-        serving = (slot_states.SERVING, slot_states.BORN_OVER) if born_over_too else (
-            slot_states.SERVING,)
+        # A worker waiting for its replacement still serves: the pool's budget may
+        # not wait for it.
+        serving = slot_states.SERVING_STATES if born_over_too else (slot_states.SERVING,)
         if state not in serving:
             return False
         return now - record.first_seen >= self.limits.min_lifetime
@@ -284,6 +325,7 @@ class Watchdog:
                          record.pid, reason, recycle.format_figures(figures))
         record.recycle_sent = time.monotonic()
         record.recycle_reason = reason
+        self._stopped(record.pid, reason, record.recycle_sent)
         if self._signal(record.pid, signal.SIGTERM):
             counters.increment("recycle", reason)
             events.emit("recycle", pid=record.pid, reason=reason, by="master", **figures)
@@ -296,6 +338,7 @@ class Watchdog:
             record.pid, format_size(uss), format_size(self.limits.hard), grace)
         record.hard_deadline = now + grace
         record.recycle_reason = "hard_limit"
+        self._stopped(record.pid, "hard_limit", now)
         if self._signal(record.pid, signal.SIGTERM):
             counters.increment("recycle", "hard_limit")
             events.emit("recycle", pid=record.pid, reason="hard_limit", by="master", uss=uss,
@@ -309,6 +352,153 @@ class Watchdog:
                            format_size(uss))
             counters.increment("recycle", "hard_limit_kill")
 
+    # ---- replacements ------------------------------------------------------------------
+
+    def replacements(self) -> None:
+        """Answer workers asking for a replacement; retire a worker once its
+        replacement is ready; time how long the pool ran a worker short.
+
+        A replacement boots first (spawn before stop) when no other overlap is under
+        way and the pool's budget has room for one more worker of the pool's measured
+        footprint; the arbiter is asked for one more worker, and gives the number back
+        when the old one has exited. Otherwise the worker is told to go now and its
+        replacement boots after (stop then start). Only slot reads: run on every ring.
+        """
+        now = time.monotonic()
+        workers = self._workers()
+        states = {pid: (w, self.slots.read(w.age)[1]) for pid, w in workers}
+        for pid, (worker, state) in states.items():
+            if state in slot_states.SERVING_STATES and pid not in self._ready:
+                self._ready.add(pid)
+                self._replacement_ready(pid, worker, now)
+            elif state == slot_states.RECYCLING and pid not in self._leaving:
+                self._stopped(pid, "recycle", now)  # a worker that left on its own
+        with self._lock:
+            overlap = self.overlap
+        if overlap is not None and overlap.retired is None:
+            if overlap.new_pid is not None or now - overlap.started >= REPLACEMENT_WAIT:
+                self._retire(overlap.old_pid, overlap.old_age, slot_states.SPAWN_FIRST, now)
+                overlap.retired = now
+        for pid, (worker, state) in states.items():
+            if state != slot_states.REPLACE or pid in self._leaving:
+                continue
+            asked = self._asked.setdefault(pid, now)
+            if overlap is not None:
+                # One overlap at a time: the others keep serving meanwhile, each within
+                # the growth it said it could afford (past it, it leaves on its own).
+                if overlap.old_pid != pid and now - asked >= REPLACEMENT_WAIT:
+                    self._retire(pid, worker.age, slot_states.STOP_THEN_START, now)
+                continue
+            room = self._room(self.slots.expected_growth(worker.age), workers)
+            if room is not None and self._begin_overlap(pid, worker, workers, now, room):
+                overlap = self.overlap
+                continue
+            # No room: stop first, and boot the replacement after.
+            self._retire(pid, worker.age, slot_states.STOP_THEN_START, now)
+
+    def _room(self, growth: int, workers: list[tuple[int, Any]]) -> int | None:
+        """Bytes the budget has left for one more worker of the pool's footprint and
+        ``growth`` of the worker it replaces, with every serving worker counted at its
+        soft limit, which it may reach while the replacement boots (``None``: no room).
+        Without a budget there is nothing to hold it against."""
+        total = self.limits.total
+        if total is None:
+            return 1 << 62
+        usage = self._working_set()
+        if usage is None:
+            return None
+        soft = self.limits.soft or 0
+        figures = [self.slots.read(w.age)[2] for _, w in workers]
+        # What is not the workers' (the master, page cache the kernel keeps) stays.
+        committed = max(usage - sum(figures), 0) + sum(max(f, soft) for f in figures)
+        left = total - committed - self._footprint() - growth
+        return left if left >= 0 else None
+
+    def _footprint(self) -> int:
+        """A fresh worker's memory: the smallest first sample of the pool's workers (what
+        a replacement costs while it boots beside the one it replaces)."""
+        with self._lock:
+            firsts = [r.first_uss for r in self.records.values() if r.first_uss]
+        return min(firsts) if firsts else 0
+
+    def _begin_overlap(self, pid: int, worker: Any, workers: list[tuple[int, Any]],
+                       now: float, room: int) -> bool:
+        arbiter = self.arbiter
+        if arbiter is None or not hasattr(arbiter, "num_workers"):
+            return False
+        base = arbiter.num_workers
+        overlap = Overlap(old_pid=pid, old_age=worker.age, reason="replace", started=now,
+                          base=base, newest_age=max(w.age for _, w in workers))
+        with self._lock:
+            self.overlap = overlap
+        self._leaving.discard(pid)
+        self.log.info("memguard: worker %s asked for a replacement: booting it first "
+                      "(%s of the budget left with it)", pid, format_size(room))
+        # The arbiter's main loop spawns it (forks happen in its thread, never here).
+        arbiter.num_workers = base + 1
+        wakeup = getattr(arbiter, "wakeup", None)
+        if wakeup is not None:
+            wakeup()
+        return True
+
+    def _end_overlap(self, pid: int) -> None:
+        """``pid`` exited (called under the lock): an overlap it was part of ends."""
+        overlap = self.overlap
+        if overlap is None or pid not in (overlap.old_pid, overlap.new_pid):
+            return
+        if pid == overlap.new_pid and overlap.retired is None:
+            overlap.new_pid = None  # the replacement died: the next one will do
+            return
+        if pid != overlap.old_pid:
+            return
+        self.overlap = None
+        arbiter = self.arbiter
+        if arbiter is not None and arbiter.num_workers == overlap.base + 1:
+            arbiter.num_workers = overlap.base  # main thread: child_exit
+
+    def _retire(self, pid: int, age: int, way: int, now: float) -> None:
+        """Tell the worker of ``pid`` to recycle now (SIGUSR2: its own way of leaving)."""
+        self._leaving.add(pid)
+        self.slots.set_way(age, way)
+        if way == slot_states.STOP_THEN_START:
+            self._short.append((now, pid, "stop_then_start"))
+        with self._lock:
+            record = self.records.get(pid)
+            if record is not None:
+                record.recycle_sent = now
+        self._signal(pid, signal.SIGUSR2)
+
+    def _stopped(self, pid: int, why: str, now: float) -> None:
+        """``pid`` stopped serving and no replacement was booted for it first."""
+        with self._lock:
+            if pid in self._leaving:
+                return
+            self._leaving.add(pid)
+            overlap = self.overlap
+            if overlap is not None and pid == overlap.old_pid:
+                return
+            self._short.append((now, pid, why))
+
+    def _replacement_ready(self, pid: int, worker: Any, now: float) -> None:
+        with self._lock:
+            overlap = self.overlap
+            if (overlap is not None and overlap.new_pid is None
+                    and worker.age > overlap.newest_age):
+                overlap.new_pid = pid
+                replaced, short, way, booted = overlap.old_pid, 0.0, "spawn_first", (
+                    now - overlap.started)
+            elif self._short:
+                since, replaced, _ = self._short.pop(0)
+                short = booted = now - since
+                way = "stop_then_start"
+            else:
+                return  # the pool's first workers
+        self.log.info("memguard: worker %s is ready, replacing worker %s (%s): the pool "
+                      "ran short %.2fs (replacement ready %.2fs after the decision)",
+                      pid, replaced, way, short, booted)
+        events.emit("replacement", worker_pid=pid, replaced=replaced, way=way,
+                    short_seconds=round(short, 3), seconds=round(booted, 3))
+
     # ---- forensics -------------------------------------------------------------------
 
     def child_exit(self, worker: Any) -> dict[str, Any]:
@@ -316,6 +506,12 @@ class Watchdog:
         pid = worker.pid
         with self._lock:
             record = self.records.pop(pid, None)
+            self._end_overlap(pid)
+        self._stopped(pid, "exit", time.monotonic())
+        with self._lock:
+            self._ready.discard(pid)
+            self._leaving.discard(pid)
+            self._asked.pop(pid, None)
         slot_pid, state, figure, requests = self.slots.read(worker.age)
         paths, started = self.slots.recent_paths(worker.age)
         if slot_pid not in (pid, 0):  # the slot was reused: ignore what it says

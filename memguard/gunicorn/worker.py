@@ -24,11 +24,14 @@ from typing import Any
 from memguard import events, probes, recycle
 from memguard.gunicorn import slots as slot_states
 from memguard.gunicorn.limits import Limits
-from memguard.gunicorn.slots import SlotTable
+from memguard.gunicorn.slots import Doorbell, SlotTable
 from memguard.sizes import format_size
 
 __all__ = ["WorkerMonitor", "exit_without_teardown", "working_set_bytes"]
 
+# Growth allowed on top of the expected one while a replacement boots (the estimate's
+# own error: a sample is one request behind).
+_RECHECK_MARGIN = 2 << 20
 # While the cgroup's usage is over the pool's budget, the working set is read at most
 # this often.
 _POOL_CHECK_SECONDS = 0.01
@@ -80,8 +83,16 @@ class WorkerMonitor:
     decision after each request and asks the server for the recycle it decides."""
 
     def __init__(self, worker: Any, limits: Limits, slots: SlotTable,
-                 recycler: recycle.Recycler) -> None:
+                 recycler: recycle.Recycler, doorbell: Doorbell | None = None) -> None:
         self.worker = worker
+        # With the master's watchdog running, a soft-limit recycle asks it for a
+        # replacement (booted first when the budget has room) instead of leaving now.
+        self.doorbell = doorbell
+        self.asked: recycle.Verdict | None = None
+        self.asked_at = 0.0
+        # From fork to ready: what a replacement will take to boot (post_fork sets it).
+        self.started_at = time.monotonic()
+        self.boot_seconds = 0.0
         self.limits = limits
         self.slots = slots
         self.recycler = recycler
@@ -127,6 +138,7 @@ class WorkerMonitor:
         every boot, which a recycling pool pays dozens of times a minute.
         """
         self.ready_at = time.monotonic()
+        self.boot_seconds = self.ready_at - self.started_at
         if getattr(getattr(self.worker, "cfg", None), "preload_app", True):
             gc.collect()
         uss, rss = self._uss(), probes.current_rss()
@@ -137,6 +149,25 @@ class WorkerMonitor:
                     hard_limit=self.limits.hard)
         if born_over:
             self._born_over(uss, "when it became ready")
+        self._ring()  # a replacement the master waits for is ready
+
+    def _ring(self) -> None:
+        if self.doorbell is not None:
+            self.doorbell.ring()
+
+    def retire(self) -> None:
+        """The master says go (its replacement is ready, or there is no room to boot
+        one first): recycle now, for the reason this worker asked."""
+        asked = self.asked
+        if self.recycling or asked is None:
+            return
+        way = slot_states.WAY_NAMES.get(self.slots.way(self.age), "stop_then_start")
+        rss = probes.current_rss()
+        # The figures now, not when it asked: it kept serving while it waited.
+        figures = {**asked.figures, "uss": self.decision.estimate(rss), "rss": rss,
+                   "requests": self.requests,
+                   "waited_seconds": round(time.monotonic() - self.asked_at, 2)}
+        self._recycle(asked.reason, limit=asked.limit, way=way, **figures)
 
     # ---- the per-request path --------------------------------------------------------
 
@@ -219,7 +250,7 @@ class WorkerMonitor:
                                    "requests": self.requests}
         if past_ceiling:
             figures["ceiling"] = self.limits.ceiling
-        self._recycle("pool_budget", **figures)
+        self._recycle("pool_budget", way="stop_then_start", **figures)
 
     def _checkpoint(self, rss: int) -> None:
         """A fresh USS sample; the full check only if the decision says a limit is near."""
@@ -249,15 +280,52 @@ class WorkerMonitor:
         if ahead:
             figures.update(pending=self.pending, expected_growth=ahead)
         was_born_over = decision.born_over
-        verdict = decision.judge(uss, ahead, figures)
-        if verdict is not None:
-            self._recycle(verdict.reason, limit=verdict.limit, **verdict.figures)
-        elif decision.born_over and not was_born_over:
-            self._born_over(uss, "after its first request")
+        age = time.monotonic() - self.ready_at
+        verdict = decision.judge(uss, ahead, figures, age=age)
+        if verdict is None:
+            if decision.born_over and not was_born_over:
+                self._born_over(uss, f"{age:.1f}s after it started, after {self.requests} "
+                                f"request(s) (it started at "
+                                f"{format_size(decision.baseline_uss)})")
+        elif verdict.urgent or self.doorbell is None:
+            self._recycle(verdict.reason, limit=verdict.limit,
+                          way="stop_then_start", **verdict.figures)
+        elif self.asked is None:
+            self._ask_for_replacement(verdict)
+
+    def _ask_for_replacement(self, verdict: recycle.Verdict) -> None:
+        """Keep serving, and ask the master to replace this worker: it boots the
+        replacement first when the pool's budget has room for it and for what this
+        worker will grow meanwhile, then tells this one to go (:meth:`retire`). Only a
+        hard limit, the pool's budget, or growing past what it said it would make it
+        leave on its own meanwhile. A worker that would grow by more than half its
+        limit during a boot (a fast leak) leaves at once instead."""
+        rss = probes.current_rss()
+        age = max(time.monotonic() - self.ready_at, 0.1)
+        rate = max(rss - self.decision.baseline_rss, 0) / age  # bytes a second
+        # Twice the boot this worker took: a replacement boots on a busier machine.
+        expected = int(rate * 2 * self.boot_seconds) + self._ahead() + _RECHECK_MARGIN
+        if expected > verdict.limit // 2:
+            self._recycle(verdict.reason, limit=verdict.limit, way="stop_then_start",
+                          **verdict.figures)
+            return
+        self.asked = verdict
+        self.asked_at = time.monotonic()
+        uss = self.decision.estimate(rss)
+        self.decision.answered(uss, expected)
+        self.slots.set_expected_growth(self.age, expected)
+        self.slots.set_state(self.age, slot_states.REPLACE)
+        self.worker.log.info("memguard: worker %s asks for a replacement (%s): %s",
+                             os.getpid(), verdict.reason,
+                             recycle.format_figures({"limit": verdict.limit,
+                                                     **verdict.figures,
+                                                     "expected_growth": expected}))
+        self._ring()
 
     def _recycle(self, reason: str, **figures: Any) -> None:
         self.recycling = True
         self.slots.set_state(self.age, slot_states.RECYCLING)
+        self._ring()  # the master times how long the pool runs a worker short
         # False when someone else (the middleware, a signal) already started one.
         recycle.request_recycle(reason, **figures)
 

@@ -42,24 +42,21 @@ LIMIT_JITTER = 0.05
 # The smallest RSS growth between two USS samples.
 _RECHECK_MIN_STEP = 1 << 20
 
-# Reasons a worker stops at once: a soft-limit recycle may wait for a replacement to
-# boot first, these never wait.
-URGENT_REASONS = frozenset({"hard_limit", "hard_limit_ahead", "pool_budget"})
-
-
 @dataclasses.dataclass(frozen=True)
 class Verdict:
-    """Recycle, for ``reason``, against ``limit``; ``figures`` say why."""
+    """Recycle, for ``reason``, against ``limit``; ``figures`` say why. An urgent
+    verdict (a hard limit, the pool's budget, a wait for a replacement that went on too
+    long) stops the worker now; a soft one may wait for a replacement to boot first."""
 
     reason: str
     limit: int
     figures: dict[str, Any]
+    urgent: bool = False
 
-    @property
-    def urgent(self) -> bool:
-        """A hard limit (or the pool's budget) does not wait for a replacement."""
-        return self.reason in URGENT_REASONS
 
+# A worker over its soft limit this soon after its start may be warming up, not leaking.
+STORM_SECONDS = 5.0
+STORM_REQUESTS = 10
 
 class RecycleDecision:
     """One worker's recycle decision (made in the worker, or in the master per worker).
@@ -85,6 +82,10 @@ class RecycleDecision:
         self.sample_rss = 0
         self.largest_step = 0
         self.born_over = False
+        # A soft-limit verdict was given and is being acted on (a replacement boots):
+        # from now on only the hard limits are watched.
+        self.soft_answered = False
+        self.wait_until: int | None = None
         self.observed = 0  # requests observed
         self._last_rss: int | None = None
         self.next_check_rss = 0  # sample at the first observation
@@ -130,8 +131,10 @@ class RecycleDecision:
         the largest so far would pass the hard limit, whichever comes first."""
         hard = self.hard
         ahead_of_hard = hard - self.largest_step if hard is not None and self.largest_step else None
-        candidates = [x for x in (None if self.born_over else self.soft, hard, ahead_of_hard)
-                      if x is not None]
+        soft = None if self.born_over else self.soft
+        if self.soft_answered:
+            soft = self.wait_limit()
+        candidates = [x for x in (soft, hard, ahead_of_hard) if x is not None]
         return min(candidates) if candidates else None
 
     def near(self, uss: int, ahead: int = 0) -> bool:
@@ -157,38 +160,66 @@ class RecycleDecision:
         # each request.
         self.next_check_rss = self.sample_rss + max(remaining, _RECHECK_MIN_STEP)
 
-    def judge(self, uss: int, ahead: int = 0,
-              figures: dict[str, Any] | None = None) -> Verdict | None:
+    def judge(self, uss: int, ahead: int = 0, figures: dict[str, Any] | None = None,
+              age: float | None = None) -> Verdict | None:
         """The verdict on a USS read after freeing what can be freed (the hysteresis:
         a worker back under its limits after a collection keeps serving).
 
-        ``ahead`` is the growth still expected from requests in flight. A worker over
-        its soft limit after its first request is marked born over (a lazily built
-        cache, not a leak: its replacement would do the same).
+        ``ahead`` is the growth still expected from requests in flight; ``age`` the
+        seconds since the worker became ready. A worker over its soft limit after its
+        first request, or soon after its start by little (:meth:`warmed_over`), is
+        marked born over (a lazily built cache, not a leak: its replacement would do
+        the same).
         """
         hard, soft = self.hard, self.soft
         figures = {"uss": uss} if figures is None else figures
         if hard is not None and uss + ahead >= hard:
-            return Verdict("hard_limit", hard, figures)
+            return Verdict("hard_limit", hard, figures, urgent=True)
         if hard is not None and self.observed > 1 and uss + ahead + self.largest_step >= hard:
             # One more request like the largest so far would take it past the hard
             # limit, where the master stops it mid-request: with steps larger than the
             # gap between the limits every worker would otherwise live to just over it.
             return Verdict("hard_limit_ahead", hard,
-                           {"largest_request_growth": self.largest_step, **figures})
-        if soft is not None and not self.born_over and uss + ahead >= soft:
-            if self.observed != 1:
+                           {"largest_request_growth": self.largest_step, **figures}, urgent=True)
+        wait_limit = self.wait_limit()
+        if self.soft_answered and wait_limit is not None and uss + ahead >= wait_limit:
+            # Its replacement is slow to come: leave now, the pool short one worker.
+            return Verdict(self.soft_reason, wait_limit, figures, urgent=True)
+        if soft is not None and not self.born_over and not self.soft_answered and (
+                uss + ahead >= soft):
+            if self.observed != 1 and not self.warmed_over(uss, age):
                 return Verdict(self.soft_reason, soft, figures)
             if uss >= soft:
                 self.born_over = True
         self.arm()
         return None
 
+    def warmed_over(self, uss: int, age: float | None) -> bool:
+        """Over the soft limit within seconds of starting and a few requests, having
+        grown by less than half of what it started with: caches a replacement would
+        build again, not a leak. Recycling it would only restart the pool over and over
+        (a restart storm), so it is treated as born over its limit."""
+        return (age is not None and age < STORM_SECONDS and self.observed <= STORM_REQUESTS
+                and self.baseline_uss > 0
+                and uss - self.baseline_uss < self.baseline_uss // 2)
+
+    def wait_limit(self) -> int | None:
+        """Where a worker waiting for its replacement stops waiting."""
+        return self.wait_until if self.soft_answered else None
+
+    def answered(self, uss: int, allowance: int) -> None:
+        """The soft-limit verdict is being acted on by booting a replacement first: the
+        worker may grow by ``allowance`` from ``uss`` while it waits; past that (and
+        past the hard limits) it leaves at once."""
+        self.soft_answered = True
+        self.wait_until = uss + allowance
+        self.arm()
+
     def judge_sample(self, uss: int) -> Verdict | None:
         """The master's look at a worker's sampled USS (no hysteresis: the worker's own
         check has collected already, and the master cannot)."""
         if self.hard is not None and uss >= self.hard:
-            return Verdict("hard_limit", self.hard, {"uss": uss})
+            return Verdict("hard_limit", self.hard, {"uss": uss}, urgent=True)
         if self.soft is not None and uss >= self.soft:
             return Verdict(self.soft_reason, self.soft, {"uss": uss})
         return None

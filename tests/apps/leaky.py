@@ -18,8 +18,17 @@ from typing import Any
 from urllib.parse import parse_qs
 
 LEAK_BYTES = int(os.environ.get("LEAKY_BYTES", str(2 << 20)))
+REQUEST_SECONDS = float(os.environ.get("LEAKY_REQUEST_SECONDS", "0"))
+# Bursty: only every Nth request of a worker keeps LEAK_BYTES.
+LEAK_EVERY = int(os.environ.get("LEAKY_EVERY", "1"))
+# A cache warmed by the first requests: only the first N requests keep anything.
+LEAK_UNTIL = int(os.environ.get("LEAKY_WARMUP", str(1 << 62)))
+_served = [0]
 MIB = 1 << 20
 _kept: list[bytes] = []
+
+# A slow boot (an app that loads models or warms caches): seconds spent at import.
+time.sleep(float(os.environ.get("LEAKY_BOOT_SECONDS", "0")))
 
 # A worker born over its limit: the app holds this much from import on.
 _born = int(os.environ.get("LEAKY_BORN_MIB", "0"))
@@ -63,7 +72,11 @@ def _route(path: str, query: dict[str, str]) -> bytes:
         app_collectable = any(o is _kept for o in gc.get_objects())
         return f"frozen {gc.get_freeze_count()} app_collectable {app_collectable}\n".encode()
     else:
-        _keep(LEAK_BYTES)
+        _served[0] += 1
+        if _served[0] % LEAK_EVERY == 0 and _served[0] <= LEAK_UNTIL:
+            _keep(LEAK_BYTES)
+        if REQUEST_SECONDS:
+            time.sleep(REQUEST_SECONDS)  # a database call, say
     return f"ok {os.getpid()} {len(_kept)}\n".encode()
 
 
