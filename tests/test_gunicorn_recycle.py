@@ -539,8 +539,9 @@ def test_zero_configuration_keeps_a_bursty_pool_alive(
     assert (ok, failed) == (1500, 0), errors[:5]
     start = next(line for line in log.splitlines() if "memguard: worker soft limit" in line)
     # 90% of 400 MiB shared by 4 workers and one replacement.
-    assert "soft limit 72.0 MiB, hard limit 90.0 MiB (derived: the pool budget 360.0 MiB " \
-        "shared by 4 workers and one replacement" in start, start
+    assert "soft limit 72.0 MiB, hard limit 90.0 MiB, pool budget 360.0 MiB" in start, start
+    assert "worker limits derived: the pool budget 360.0 MiB shared by 4 workers and one " \
+        "replacement" in start, start
     assert "recycling worker" in log
 
 

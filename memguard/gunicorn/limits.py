@@ -69,10 +69,12 @@ class Limits:
         def size(value: int | None) -> str:
             return "none" if value is None else format_size(value)
 
-        return (f"worker soft limit {size(self.soft)}, hard limit {size(self.hard)} "
-                f"({self.worker_source}), pool budget {size(self.total)} "
+        derived = "" if self.worker_source in ("configured", "not set") else (
+            f"; worker limits {self.worker_source}")
+        return (f"worker soft limit {size(self.soft)}, hard limit {size(self.hard)}, "
+                f"pool budget {size(self.total)} "
                 f"({self.total_source}); container limit {format_size(self.container)} "
-                f"({self.container_source})")
+                f"({self.container_source}){derived}")
 
 
 def normalize_options(options: Mapping[str, Any]) -> dict[str, Any]:
