@@ -48,7 +48,7 @@ from memguard.http import BODY_HEADERS, RequestHead, log, record, refusal_respon
 from memguard.limits import BodyCounter, BodyPolicy, declared_over_limit
 from memguard.memory import MemoryLayer
 from memguard.slowbody import BodyTimer
-from memguard.tracking import asgi_route
+from memguard.tracking import asgi_key
 from memguard.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["MemGuardMiddleware"]
@@ -97,15 +97,17 @@ class MemGuardMiddleware:
             if handler is not None:
                 await handler.asgi(scope, receive, send)
                 return
-        # 1. admit
+        # 1. admit (memguard.memory.MemoryLayer's per-request protocol)
         now = monotonic_ns()
-        if memory.judges:
-            refusal = memory.admit(scope["method"], path, now)
-            if refusal is not None and await _refuse_before_app(self, scope, send, refusal):
-                return
-        sample = memory.begin(now)
+        seq = next(memory.starts)
+        sample = memory.start(seq, now) if now >= memory.due else None
         app_scope = scope
         try:
+            if memory.shedding:
+                refusal = memory.admit(scope["method"], path, now)
+                if refusal is not None and await _refuse_before_app(self, scope, send,
+                                                                    refusal):
+                    return
             for name, _ in scope["headers"]:
                 if name in _FRAMING:
                     break
@@ -126,7 +128,10 @@ class MemGuardMiddleware:
                 request.release()
         finally:
             # 5. end
-            memory.end(sample, asgi_route(app_scope, root), path, monotonic_ns())
+            key = asgi_key(app_scope, root)
+            memory.completed.append(key)
+            if sample is not None or memory.pressed:
+                memory.end(sample, key)
 
 
 async def _refuse_before_app(mw: MemGuardMiddleware, scope: Scope, send: Send,

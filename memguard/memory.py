@@ -1,14 +1,15 @@
 """The memory side of the middlewares: one object per middleware, built from the
 ``memory`` options, that the ASGI and WSGI middlewares call at their phases.
 
-- **admit** (:meth:`MemoryLayer.admit`): the cached pressure level; under critical
-  pressure, the 503 to answer instead of calling the app;
-- **begin** (:attr:`MemoryLayer.begin`): the request's accounting sample, when one is due;
+- **start** (:meth:`MemoryLayer.start`, on the clock): the pressure level refreshed,
+  the slow work (metrics sync, counting routes), a request's accounting sample;
+- **admit** (:meth:`MemoryLayer.admit`): under critical pressure, the 503 to answer
+  instead of calling the app;
 - **body check**: :meth:`MemoryLayer.body_guard` for requests that have a body (the
   per-chunk "would buffering this push the worker past its hard limit" check);
-- **end** (:meth:`MemoryLayer.end`): the request counted under the route template the
-  framework recorded; then, when due, the soft-limit check that asks for a recycle and,
-  about once a second, the slow work (metrics sync).
+- **end**: the request's route key queued for counting; for a sample or under pressure
+  (:meth:`MemoryLayer.end`), its growth and the soft-limit check that asks for a
+  recycle.
 
 Paths the middleware answers itself (readiness, liveness, metrics, leak admin) are
 looked up with :meth:`endpoint`, only when one is configured. Everything here is built
@@ -17,17 +18,19 @@ to cost a handful of attribute reads per request; see benchmarks/end_to_end.py.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from memguard.admission import CRITICAL, BodyMemoryGuard, MemoryAdmission
+from memguard.admission import CRITICAL, OK, BodyMemoryGuard, MemoryAdmission
 from memguard.config import resolve
 from memguard.errors import MemoryPressure
 from memguard.leaks import LeakAdmin
 from memguard.metrics import HealthEndpoint, MetricsExporter
-from memguard.tracking import RequestTracker, Sample
+from memguard.tracking import RequestTracker, RouteKey, Sample
 
 __all__ = ["MemoryLayer"]
 
@@ -37,7 +40,21 @@ _SLOW_TICK_NS = 1_000_000_000
 
 
 class MemoryLayer:
-    """Admission, tracking, metrics, health and the leak admin, for one middleware."""
+    """Admission, tracking, metrics, health and the leak admin, for one middleware.
+
+    The middlewares follow one protocol per request, kept to attribute reads and C
+    calls, since on a server every Python call of ours runs with cold caches::
+
+        seq = next(memory.starts)
+        sample = memory.start(seq, now) if now >= memory.due else None
+        if memory.shedding: refusal = memory.admit(method, path, now)
+        ... the app ...
+        memory.completed.append(key)        # memguard.tracking.asgi_key / wsgi_key
+        if sample is not None or memory.pressed: memory.end(sample, key)
+
+    Everything else (the pressure level, samples, counting routes, the slow work) runs
+    in :meth:`start` and :meth:`end`, on the clock or when a limit is near.
+    """
 
     def __init__(self, options: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         opts = dict(options) if options is not None else resolve(("memory",), kwargs)
@@ -78,13 +95,16 @@ class MemoryLayer:
         self.endpoints = endpoints
         # Read per request: a plain attribute, not a property (a Python call each time).
         self.has_endpoints = bool(endpoints) or self.leak_admin is not None
-        # begin(now): a request starts; the sample to end with it, or None. Bound once.
-        self.begin = self.tracker.begin if self.tracker is not None else self._no_sample
-        self.completed = self.tracker.completed if self.tracker is not None else None
-        # Whether anything can move the pressure level (a limit, a reading): without,
-        # the middlewares skip admit().
-        self.judges = self.admission.judges()
-        # When after_response() is next due whatever the pressure level (the slow tick).
+        # The per-request protocol (see the class docstring).
+        tracker = self.tracker
+        self.starts = tracker.starts if tracker is not None else itertools.count()
+        # Without tracking, a deque that keeps nothing: the append stays, and costs
+        # nothing to keep.
+        self.completed = tracker.completed if tracker is not None else deque(maxlen=0)
+        self.due = 0            # monotonic_ns when start() has work to do
+        self.shedding = False   # critical pressure: admit() may refuse
+        self.pressed = False    # over a limit: end() checks the soft limit
+        # When the slow work (metrics sync, the tracker's batches) is next due.
         self.next_tick = time.monotonic_ns() + _SLOW_TICK_NS
         a = self.admission
         log.info("memory: soft limit %s, hard limit %s, container limit %s, tracking %s",
@@ -102,43 +122,45 @@ class MemoryLayer:
 
     # ---- the phases ---------------------------------------------------------------------
 
-    def admit(self, method: str, path: str, now: int) -> MemoryPressure | None:
-        """The refusal (503 + Retry-After) when the worker is shedding this request, else
-        ``None``. The pressure level is cached: read again at most every
-        ``memory_refresh_interval``."""
+    def start(self, seq: int, now: int) -> Sample | None:
+        """Request ``seq`` starts at ``now >= due``: the pressure level refreshed, the
+        slow work done, and the request's sample when one is due."""
         admission = self.admission
-        if admission.check(now) < CRITICAL:
-            return None
-        return admission.admit(method, path, now)
+        level = admission.check(now)
+        self.shedding = level >= CRITICAL
+        self.pressed = level > OK
+        if now >= self.next_tick:
+            self._slow_tick(now)
+        sample = None
+        due = min(self.next_tick, admission.checked_ns + admission.refresh_ns)
+        tracker = self.tracker
+        if tracker is not None:
+            if now >= tracker.due_ns:
+                sample = tracker.start(seq, now)
+            due = min(due, tracker.due_ns)
+        self.due = due
+        return sample
+
+    def admit(self, method: str, path: str, now: int) -> MemoryPressure | None:
+        """Under critical pressure: the refusal (503 + Retry-After) when the worker sheds
+        this request, else ``None``."""
+        return self.admission.admit(method, path, now)
 
     def body_guard(self, content_length: int | None, now: int) -> BodyMemoryGuard | None:
         """The per-chunk memory check of a request with a body (``None`` without a hard
         limit)."""
         return self.admission.body_guard(content_length, now)
 
-    @staticmethod
-    def _no_sample(now: int) -> Sample | None:
-        return None
-
-    def end(self, sample: Sample | None, template: str | None, path: str, now: int) -> None:
-        """The request is over: count it under its route (``template``, else ``path``),
-        then, when due, :meth:`after_response`. Per request this is an append: the
-        route table is updated on the clock (:meth:`memguard.tracking.RequestTracker.flush`)."""
-        completed = self.completed
-        if completed is not None:
-            completed.append((template, path))
-            if sample is not None:
-                self.tracker.end_sample(sample, template, path, now)  # type: ignore[union-attr]
-        if self.admission.level or now >= self.next_tick:
-            self.after_response(now)
-
-    def after_response(self, now: int) -> None:
-        """Due when the pressure level is not OK (the soft-limit check that asks for a
-        recycle) or once a second (:attr:`next_tick`: the slow work)."""
-        if self.admission.level:
+    def end(self, sample: Sample | None, key: RouteKey) -> None:
+        """A sampled request, or one under pressure, has ended (its ``key`` appended to
+        :attr:`completed`): its growth, and the soft-limit check that asks for a
+        recycle."""
+        now = time.monotonic_ns()
+        if sample is not None and self.tracker is not None:
+            self.tracker.end_sample(sample, key, now)
+        if self.pressed:
             self.admission.after_response(now)
-        if now >= self.next_tick:
-            self._slow_tick(now)
+
 
     def _slow_tick(self, now: int) -> None:
         self.next_tick = now + _SLOW_TICK_NS

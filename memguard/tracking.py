@@ -1,7 +1,7 @@
 """Per-request memory accounting: which route grows the worker, and which one leaks.
 
-The budget is a few microseconds per request (DESIGN.md, "Measuring memory"), so the
-tracker never reads the process's memory twice per request. It *samples*, on a clock:
+Per request the tracker costs a number taken and an append to a queue; it never reads
+the process's memory per request. It *samples*, on a clock:
 
 - **Per-request samples.** A request that begins once ``sample_interval`` has passed
   reads RSS (one ``pread`` of ``/proc/self/statm``) at its start and at its end: the
@@ -14,8 +14,9 @@ tracker never reads the process's memory twice per request. It *samples*, on a c
   young-generation collection (~50 us; with nothing in flight it frees the cyclic
   garbage the finished requests left and promotes nothing a request still uses). The
   change of the worker's Python blocks (``sys.getallocatedblocks()``) and RSS over the
-  interval is what the requests completed in it kept. A ring of recent completions says
-  which routes those were, and a per-window non-negative least squares fit (older
+  interval is what the requests completed in it kept. The routes of the requests
+  completed in it (counted in batches, from the queue each request's end appends to)
+  say which routes those were, and a per-window non-negative least squares fit (older
   windows at half weight each) turns the intervals into "blocks and bytes kept per
   request" for each route, taken relative to the route that keeps least (what every
   route seems to keep is the server's: per-connection objects waiting for an older
@@ -49,7 +50,7 @@ import itertools
 import logging
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any, NamedTuple
 
@@ -62,7 +63,12 @@ __all__ = [
     "RequestTracker",
     "RouteStats",
     "Sample",
+    "RouteKey",
+    "asgi_key",
     "asgi_route",
+    "route_key",
+    "route_template",
+    "wsgi_key",
     "install_flask_route_hook",
     "wsgi_route",
 ]
@@ -74,12 +80,10 @@ ROUTE_KEY = "memguard.route"
 
 OTHER = "other"
 
-_RING_SIZE = 8192  # completions remembered between two quiet points; a power of two
-_RING_MASK = _RING_SIZE - 1
-_MAX_ROW = _RING_SIZE - 1  # completions in one interval; longer ones cannot be read back
 _WARMUP_WINDOWS = 2  # a route's first windows with evidence never count toward a leak
 _MS = 1_000_000
 _MAX_EXACT = 48  # routes solved exactly per window (the least-evidenced rest stay at 0)
+_RETRY_NS = _MS  # a due sample or quiet point waiting for a request that starts alone
 _PENDING_SAMPLES = 512  # samples kept for the metrics export between two syncs
 
 _blocks = sys.getallocatedblocks
@@ -201,22 +205,25 @@ class RequestTracker:
         # that same instant instead of a second read (see :meth:`begin`).
         self.shared: Any = None
         self._on_leak = on_leak
-        self._starts = itertools.count()
-        self._started_n = 0
+        # Per request: next(starts) at its start, its route key appended to completed at
+        # its end (both atomic under the GIL: no lock under gthread).
+        self.starts = itertools.count()
         self._finished_n = 0
-        self._next_sample_ns = 0
+        self.next_sample_ns = 0
+        self._next_anchor_ns = 0
+        # When start() next has work: a sample or a quiet point due.
+        self.due_ns = 0
         # A due sample waits this long for a request that starts alone (a quiet point).
         self._patience_ns = 10 * self.sample_interval_ns
-        self._anchor_fin = -1
+        self._anchored = False  # a quiet point has been seen: intervals can be closed
+        # Requests per route index finished since the last quiet point (flush()).
+        self._interval: dict[int, int] = {}
         self._anchor_rss = 0
         self._anchor_blocks = 0
-        self._anchor_ns = -(1 << 62)
         # Intervals per window: about a hundred, each closed by a ~50 us collection.
         self.anchor_interval_ns = min(max(self.leak_window_ns // 100, 5 * _MS), 500 * _MS)
-        self._ring = [0] * _RING_SIZE
-        # Finished requests as (template, path), counted on the clock (flush()): a
-        # request's end costs an append; the route table is touched in batches.
-        self.completed: deque[tuple[str | None, str]] = deque()
+        # Finished requests' route keys, counted on the clock (flush()).
+        self.completed: deque[RouteKey] = deque()
         self._routes: dict[str, RouteStats] = {}
         self._by_index: list[RouteStats] = []
         self._raw_paths = 0
@@ -237,57 +244,72 @@ class RequestTracker:
 
     # ---- the hot path ----------------------------------------------------------------
 
-    # On a real server a request's code and data are cold: each object the accounting
-    # touches per request costs a cache miss. So a request's end is an append to
-    # ``completed``; the route table is updated in batches (flush()), on the clock.
+    # On a real server a request's code and data are cold between requests: each Python
+    # call and each object the accounting touches costs cache misses. So per request the
+    # middleware only takes a number from ``starts`` and appends the request's route key
+    # to ``completed``; samples start on the clock, and the route table is updated in
+    # batches (flush()).
 
     def begin(self, now: int) -> Sample | None:
-        seq = next(self._starts)
-        self._started_n = seq + 1
-        if now < self._next_sample_ns:
-            return None
-        finished = self._finished_n + len(self.completed)
-        alone = finished == seq
-        if not alone and now < self._next_sample_ns + self._patience_ns:
-            return None  # due, but wait a little for a request that starts alone
-        # RSS at the start: the shared reading when it was taken at this same instant
-        # (one /proc read fewer: the first request after both the admission refresh and
-        # the sample interval are due gets both), else a read of its own.
-        shared = self.shared
-        if shared is not None and shared.checked_ns == now:
-            rss = int(shared.rss)
-        else:
-            rss = self._rss()
-        if alone and now - self._anchor_ns >= self.anchor_interval_ns:
-            self.flush()
-            self._quiet_point(seq, now, rss)
-        self._next_sample_ns = now + self.sample_interval_ns
-        return _new_tuple(Sample, (seq, alone, rss))
+        """A request starts (for callers without the middleware's protocol: tests)."""
+        seq = next(self.starts)
+        return self.start(seq, now) if now >= self.due_ns else None
 
     def end(self, sample: Sample | None, template: str | None, path: str, now: int) -> None:
-        """Count a finished request under ``template`` (else its raw ``path``); a sample
-        adds its growth. (:class:`memguard.memory.MemoryLayer` appends to
-        :attr:`completed` itself and calls :meth:`end_sample` only for samples.)"""
-        self.completed.append((template, path))
+        """A request ends (for callers without the middleware's protocol: tests)."""
+        key = route_key(template, path)
+        self.completed.append(key)
         if sample is not None:
-            self.end_sample(sample, template, path, now)
+            self.end_sample(sample, key, now)
         elif now - self._window_start_ns >= self.leak_window_ns:
-            self.flush()
             self.close_window(now)
 
-    def end_sample(self, sample: Sample, template: str | None, path: str,
-                   now: int) -> None:
-        """A sampled request has ended (and is in :attr:`completed`): its growth."""
+    def start(self, seq: int, now: int) -> Sample | None:
+        """Request ``seq`` starts at ``now >= due_ns``: a quiet point when one is due and
+        the request starts alone; its sample when one is due (a busy worker waits a
+        little for a request that starts alone). Sets the next :attr:`due_ns`."""
+        alone = self._finished_n + len(self.completed) == seq
+        rss = -1
+        if now >= self._next_anchor_ns:
+            if alone:
+                rss = self._read_rss(now)
+                self.flush()
+                self._quiet_point(now, rss)
+                self._next_anchor_ns = now + self.anchor_interval_ns
+            else:  # busy: look again soon, not at every request
+                self._next_anchor_ns = now + _RETRY_NS
+        sample = None
+        if now >= self.next_sample_ns:
+            if alone or now >= self.next_sample_ns + self._patience_ns:
+                if rss < 0:
+                    rss = self._read_rss(now)
+                self.next_sample_ns = now + self.sample_interval_ns
+                sample = _new_tuple(Sample, (seq, alone, rss))
+        self.due_ns = min(self._next_anchor_ns, self.next_sample_ns if sample is not None
+                          or now < self.next_sample_ns else now + _RETRY_NS)
+        return sample
+
+    def _read_rss(self, now: int) -> int:
+        # The shared reading when it was taken at this same instant (one /proc read
+        # fewer), else a read of its own.
+        shared = self.shared
+        if shared is not None and shared.checked_ns == now:
+            return int(shared.rss)
+        return self._rss()
+
+    def end_sample(self, sample: Sample, key: RouteKey, now: int) -> None:
+        """A sampled request has ended (its ``key`` is in :attr:`completed`): its growth."""
         rss = self._rss()
         self.flush()
-        stats = self._stats_for(template, path)
+        stats = self._stats_for(key)
         seq, alone, start_rss = sample
         growth = rss - start_rss
         stats.samples += 1
         stats.growth_sum += growth
         if growth > stats.growth_max:
             stats.growth_max = growth
-        if alone and self._started_n == seq + 1:
+        # Exclusive: alone at its start, and no request started after it.
+        if alone and _count_value(self.starts) == seq + 1:
             stats.exclusive += 1
             stats.exclusive_sum += growth
         if self.pending is not None:
@@ -303,23 +325,27 @@ class RequestTracker:
             self.close_window(now)
 
     def flush(self) -> None:
-        """Count the finished requests waiting in :attr:`completed` under their routes,
-        in the order they finished (the ring the quiet points read)."""
+        """Count the finished requests waiting in :attr:`completed` under their routes
+        (and in the interval the next quiet point closes). Identical keys are counted
+        together, in C: the route table is touched once per route, not per request."""
         completed = self.completed
-        ring = self._ring
-        fin = self._finished_n
-        while completed:
-            try:
-                template, path = completed.popleft()
-            except IndexError:  # another thread flushed it
-                break
-            stats = self._stats_for(template, path)
-            stats.count += 1
-            ring[fin & _RING_MASK] = stats.index
-            fin += 1
-        self._finished_n = fin
+        popleft = completed.popleft
+        # popleft, not a copy and clear(): under threads a request may end meanwhile.
+        keys = [popleft() for _ in range(len(completed))]
+        try:
+            batch = Counter(keys)
+        except TypeError:  # something unhashable in a key (an app's own route name)
+            batch = Counter(_hashable(key) for key in keys)
+        interval = self._interval
+        for key, n in batch.items():
+            stats = self._stats_for(key)
+            stats.count += n
+            interval[stats.index] = interval.get(stats.index, 0) + n
+            self._finished_n += n
 
-    def _stats_for(self, template: str | None, path: str) -> RouteStats:
+    def _stats_for(self, key: RouteKey) -> RouteStats:
+        template = route_template(key)
+        path = key[4]
         stats = self._routes.get(path if template is None else template)
         if stats is None:
             stats = self._new_route(template, path)
@@ -327,27 +353,20 @@ class RequestTracker:
 
     # ---- quiet points (at most one per anchor_interval) ---------------------------------
 
-    def _quiet_point(self, seq: int, now: int, rss: int) -> None:
-        """No request in flight, and the interval is due (``begin`` checks both; ``rss``
+    def _quiet_point(self, now: int, rss: int) -> None:
+        """No request in flight, and the interval is due (``start`` checks both; ``rss``
         is the worker's now). The point closes the interval since the previous one,
         after a young-generation collection (about 50 us): with nothing in flight, it
         frees the cyclic garbage the finished requests left (often more blocks than a
         leak keeps) and promotes nothing that a request still uses, so both ends of
         every interval hold no garbage."""
-        self._anchor_ns = now
         if gc.isenabled():
             gc.collect(0)
         blocks = _blocks()
-        start = self._anchor_fin
-        if start >= 0 and seq - start <= _MAX_ROW:
-            row: dict[int, int] = {}
-            ring = self._ring
-            for i in range(start, seq):
-                index = ring[i & _RING_MASK]
-                row[index] = row.get(index, 0) + 1
-            if row:
-                self._add_row(row, rss - self._anchor_rss, blocks - self._anchor_blocks)
-        self._anchor_fin, self._anchor_rss, self._anchor_blocks = seq, rss, blocks
+        row, self._interval = self._interval, {}
+        if self._anchored and row:
+            self._add_row(row, rss - self._anchor_rss, blocks - self._anchor_blocks)
+        self._anchored, self._anchor_rss, self._anchor_blocks = True, rss, blocks
 
     def _add_row(self, row: dict[int, int], rss_growth: int, block_growth: int) -> None:
         self._yy_blocks += float(block_growth) * block_growth
@@ -571,35 +590,68 @@ def _gauss(xtx: Mapping[int, Mapping[int, float]], xty: Mapping[int, float],
 # Route templates
 
 
-def asgi_route(scope: Mapping[str, Any], root_path: str = "") -> str | None:
-    """The route template of an ASGI request, once the app has routed it.
+#: What a request's end records, resolved to a route template later (flush()):
+#: ``(route_format, named, inner_root, root, path)``: the ``path_format`` of the
+#: framework's route (``scope["route"]``; ``None`` without a route, False for a route
+#: without one), the name under :data:`ROUTE_KEY`, the scope's ``root_path`` after the
+#: app ran, the one the middleware saw, and the request's path. Hashable: identical
+#: keys are counted together.
+RouteKey = tuple[Any, Any, Any, Any, str]
+
+
+def route_key(template: str | None, path: str) -> RouteKey:
+    """The key of a request whose template is known already (or ``None``: raw path)."""
+    return (None, template, None, None, path)
+
+
+def route_template(key: RouteKey) -> str | None:
+    """The route template a key names, once the app has routed the request.
 
     Starlette (and FastAPI) set ``scope["route"]`` to the matched route, whose
-    ``path_format`` is the template without converters (``/items/{id}``). ``root_path``
-    is the scope's ``root_path`` as the middleware saw it: a ``Mount`` extends it with
-    the mount's matched prefix, which is put back in front of the inner template.
-    Otherwise the ``memguard.route`` key a hook or the app set is used.
+    ``path_format`` is the template without converters (``/items/{id}``). A ``Mount``
+    extends the scope's ``root_path`` with the mount's matched prefix, which is put back
+    in front of the inner template. Otherwise the :data:`ROUTE_KEY` name a hook or the
+    app set is used.
     """
-    # Called once per request: subscripts in try blocks (free when nothing is raised)
-    # instead of get() and getattr() calls, which made this a tenth of the bodyless
-    # request's cost in the middleware.
-    try:
-        template: str | None = scope["route"].path_format
-    except (KeyError, AttributeError):
-        if scope.get("route") is not None:
-            return None  # a route object without a template
-        named = scope.get(ROUTE_KEY)
-        return None if named is None else str(named)
+    template, named, inner_root, root, _ = key
     if template is None:
-        return None
-    try:
-        inner_root = scope["root_path"]
-    except KeyError:
-        return template
-    if inner_root != root_path and isinstance(inner_root, str):
-        if inner_root.startswith(root_path):
-            return inner_root[len(root_path):] + template
+        return None if named is None else str(named)
+    if not isinstance(template, str):
+        return None  # a route object without a template
+    if (isinstance(inner_root, str) and isinstance(root, str) and inner_root != root
+            and inner_root.startswith(root)):
+        return inner_root[len(root):] + template
     return template
+
+
+def _hashable(key: RouteKey) -> RouteKey:
+    template, named, inner_root, root, path = (
+        x if isinstance(x, (str, int, type(None))) else str(x) for x in key)
+    return (template, named, inner_root, root, str(path))
+
+
+def _count_value(counter: itertools.count[int]) -> int:
+    """The next number ``counter`` will give, without taking it (its repr is
+    ``count(N)``)."""
+    return int(repr(counter)[6:-1])
+
+
+def asgi_key(scope: Mapping[str, Any], root_path: str) -> RouteKey:
+    """The route key of an ASGI request that has ended (``root_path``: the scope's as
+    the middleware saw it, before the app's router extended it)."""
+    route = scope.get("route")
+    return (None if route is None else getattr(route, "path_format", False),
+            scope.get(ROUTE_KEY), scope.get("root_path"), root_path, scope.get("path", ""))
+
+
+def asgi_route(scope: Mapping[str, Any], root_path: str = "") -> str | None:
+    """The route template of an ASGI request, once the app has routed it."""
+    return route_template(asgi_key(scope, root_path))
+
+
+def wsgi_key(environ: Mapping[str, Any], path: str) -> RouteKey:
+    """The route key of a WSGI request that has ended."""
+    return (None, environ.get(ROUTE_KEY), None, None, path)
 
 
 def wsgi_route(environ: Mapping[str, Any]) -> str | None:

@@ -55,7 +55,7 @@ from memguard.errors import (
 from memguard.http import declared_length, record, refusal_response, status_line
 from memguard.limits import BodyCounter, BodyPolicy, declared_over_limit
 from memguard.memory import MemoryLayer
-from memguard.tracking import ROUTE_KEY, install_flask_route_hook
+from memguard.tracking import install_flask_route_hook, wsgi_key
 
 __all__ = ["MemGuardWSGIMiddleware", "WSGIInput"]
 
@@ -89,18 +89,19 @@ class MemGuardWSGIMiddleware:
             if handler is not None:
                 answer: Iterable[bytes] = handler.wsgi(environ, start_response)
                 return answer
-        # 1. admit
+        # 1. admit (memguard.memory.MemoryLayer's per-request protocol)
         now = monotonic_ns()
-        if memory.judges:
-            refusal = memory.admit(environ.get("REQUEST_METHOD", ""), _full_path(environ),
-                                   now)
-            if refusal is not None:
-                request = _Request(self, environ, start_response)
-                request.note(refusal, self.policy.report_only)
-                if not self.policy.report_only:
-                    return request.refused(refusal)
-        sample = memory.begin(now)
+        seq = next(memory.starts)
+        sample = memory.start(seq, now) if now >= memory.due else None
         try:
+            if memory.shedding:
+                refusal = memory.admit(environ.get("REQUEST_METHOD", ""),
+                                       _full_path(environ), now)
+                if refusal is not None:
+                    request = _Request(self, environ, start_response)
+                    request.note(refusal, self.policy.report_only)
+                    if not self.policy.report_only:
+                        return request.refused(refusal)
             # 2. frame: no Content-Length and no Transfer-Encoding is no body.
             if "CONTENT_LENGTH" not in environ and "HTTP_TRANSFER_ENCODING" not in environ:
                 try:
@@ -112,7 +113,10 @@ class MemGuardWSGIMiddleware:
             return _Request(self, environ, start_response).run(now)
         finally:
             # 5. end (the app has built its response): account it under its route.
-            memory.end(sample, environ.get(ROUTE_KEY), _full_path(environ), monotonic_ns())
+            key = wsgi_key(environ, _full_path(environ))
+            memory.completed.append(key)
+            if sample is not None or memory.pressed:
+                memory.end(sample, key)
 
 
 def _full_path(environ: Environ) -> str:

@@ -70,3 +70,4 @@ flask_passthrough = WSGIPassThrough(flask_app())
 flask_guarded = MemGuardWSGIMiddleware(flask_app())
 # Without the per-request accounting: where its share of the cost shows.
 guarded_untracked = MemGuardMiddleware(starlette_app(), track_memory=False)
+guarded_s50 = MemGuardMiddleware(starlette_app(), memory_sample_interval=0.05)
