@@ -44,7 +44,15 @@ from typing import Any
 
 from memguard.config import resolve
 from memguard.errors import RequestRejected, RequestTimeout, drop_tracebacks
-from memguard.http import BODY_HEADERS, RequestHead, log, record, refusal_response
+from memguard.http import (
+    BODY_HEADERS,
+    LINGER_BYTES,
+    LINGER_SECONDS,
+    RequestHead,
+    log,
+    record,
+    refusal_response,
+)
 from memguard.limits import BodyCounter, BodyPolicy, declared_over_limit
 from memguard.memory import MemoryLayer
 from memguard.slowbody import BodyTimer
@@ -55,11 +63,6 @@ __all__ = ["MemGuardMiddleware"]
 
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _HTTP1 = frozenset({"1.1", "1.0"})
-# After a refusal, what is read and discarded of the rest of the body before the
-# connection closes, so that a client still sending reads the answer instead of a reset
-# (nginx's lingering close).
-LINGER_BYTES = 4 << 20
-LINGER_SECONDS = 1.0
 
 
 def app_path(path: str, root_path: str) -> str:

@@ -21,6 +21,8 @@ from memguard.errors import MalformedRequest, RequestRejected
 
 __all__ = [
     "BODY_HEADERS",
+    "LINGER_BYTES",
+    "LINGER_SECONDS",
     "RequestHead",
     "declared_length",
     "log_value",
@@ -32,6 +34,11 @@ __all__ = [
 
 log = logging.getLogger("memguard.body")
 
+# After a refusal, what is read and discarded of the rest of the body before the
+# connection closes, so that a client still sending reads the answer instead of a reset
+# (nginx's lingering close).
+LINGER_BYTES = 4 << 20
+LINGER_SECONDS = 1.0
 # More digits than this is beyond any limit (and beyond int()'s comfort).
 _MAX_DIGITS = 18
 _ASCII_DIGITS = frozenset(b"0123456789")

@@ -52,7 +52,14 @@ from memguard.errors import (
     RequestTimeout,
     drop_tracebacks,
 )
-from memguard.http import declared_length, record, refusal_response, status_line
+from memguard.http import (
+    LINGER_BYTES,
+    LINGER_SECONDS,
+    declared_length,
+    record,
+    refusal_response,
+    status_line,
+)
 from memguard.limits import BodyCounter, BodyPolicy, declared_over_limit
 from memguard.memory import MemoryLayer
 from memguard.tracking import install_flask_route_hook, wsgi_key
@@ -64,9 +71,6 @@ ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 StartResponse = Callable[..., Callable[[bytes], object]]
 WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 
-# After a refusal, what is read and discarded of the rest of the body (see above).
-LINGER_BYTES = 4 << 20
-LINGER_SECONDS = 1.0
 
 
 class MemGuardWSGIMiddleware:
