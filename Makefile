@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[all]" --group dev
+	$(BIN)/python -m pip install -q --group uwsgi \
+		|| echo "warning: uWSGI did not install (it needs gcc); its tests are skipped"
 	touch $(STAMP)
 
 install: $(STAMP)

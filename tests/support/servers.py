@@ -171,6 +171,55 @@ def http_request(
         conn.close()
 
 
+SERVER_KINDS = ("gunicorn", "uvicorn", "hypercorn", "granian", "daphne", "waitress", "uwsgi")
+
+
+_SERVER_PACKAGES = {"gunicorn": "gunicorn", "uvicorn": "uvicorn", "hypercorn": "hypercorn",
+                    "granian": "granian", "daphne": "daphne", "waitress": "waitress"}
+
+
+def server_unavailable_reason(kind: str) -> str | None:
+    """``None`` when ``kind`` can be started here, otherwise why not (for a skip)."""
+    if kind == "uwsgi":
+        if not Path(sys.executable).with_name("uwsgi").exists():
+            return ("uWSGI is not installed: it compiles with gcc on install "
+                    "(`make install` tries; see its warning)")
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec(_SERVER_PACKAGES[kind]) is None:
+        return f"{kind} is not installed (it is in the dev dependency group: make install)"
+    return None
+
+
+def _server_argv(kind: str, app: str, args: Sequence[str], *, fd: int, host: str, port: int,
+                 cwd: str | Path | None) -> list[str]:
+    """The command line that runs ``app`` under ``kind`` on the listening socket ``fd``
+    (for uWSGI, with ``UWSGI_RELOADS`` set in its environment: see :func:`serve`)."""
+    python = sys.executable
+    if kind == "gunicorn":
+        return [python, "-m", "gunicorn", "--bind", f"fd://{fd}", *args, app]
+    if kind == "uvicorn":
+        return [python, "-m", "uvicorn", "--fd", str(fd), *args, app]
+    if kind == "hypercorn":
+        return [python, "-m", "hypercorn", "--bind", f"fd://{fd}", *args, app]
+    if kind == "granian":
+        return [python, "-m", "granian", "--host", host, "--port", str(port), *args, app]
+    if kind == "daphne":
+        return [python, "-m", "daphne", "--fd", str(fd), *args, app]
+    if kind == "waitress":
+        # waitress-serve takes no descriptor; its serve() takes sockets.
+        return [python, "-m", "tests.support.waitress_fd", str(fd), *args, app]
+    if kind == "uwsgi":
+        module, _, attr = app.partition(":")
+        return [str(Path(python).with_name("uwsgi")), "--http-socket", f"{host}:{port}",
+                "--module", f"{module}:{attr or 'application'}", "--home", sys.prefix,
+                "--pythonpath", str(cwd or os.getcwd()), "--need-app", "--die-on-term",
+                "--strict", *args]
+    raise ValueError(f"unknown server kind {kind!r}: expected one of {SERVER_KINDS}")
+
+
+
 @contextlib.contextmanager
 def serve(
     kind: str,
@@ -184,32 +233,36 @@ def serve(
     timeout: float = 30,
     host: str = "127.0.0.1",
 ) -> Iterator[Server]:
-    """Run ``gunicorn`` or ``uvicorn`` serving ``app`` on a loopback port until exit.
+    """Run the server ``kind`` (one of :data:`SERVER_KINDS`) serving ``app`` on a
+    loopback port until exit.
 
-    The listening socket is bound to port 0 here and handed to the server by descriptor
-    (``--bind fd://N`` for gunicorn, ``--fd N`` for uvicorn), so the port is known
-    before the server starts and no two tests can race for one. The server runs in its
-    own session; on exit it gets SIGTERM (gunicorn's graceful stop), then its whole
-    process group gets SIGKILL, and the function waits until the group is gone.
+    The listening socket is bound to port 0 here and handed to the server by descriptor,
+    so the port is known before the server starts and no two tests can race for one
+    (Granian alone takes no descriptor: it is given the port, freed just before). The
+    server runs in its own session; on exit it gets SIGTERM (a graceful stop), then its
+    whole process group gets SIGKILL, and the function waits until the group is gone.
     """
     sock = _free_listener(host)
     fd = sock.fileno()
     port = sock.getsockname()[1]
-    if kind == "gunicorn":
-        argv = [sys.executable, "-m", "gunicorn", "--bind", f"fd://{fd}", *args, app]
-    elif kind == "uvicorn":
-        argv = [sys.executable, "-m", "uvicorn", "--fd", str(fd), *args, app]
-    else:
-        raise ValueError(f"unknown server kind {kind!r}: expected 'gunicorn' or 'uvicorn'")
+    argv = _server_argv(kind, app, args, fd=fd, host=host, port=port, cwd=cwd)
+    pass_fds: tuple[int, ...] = (fd,)
+    if kind == "granian":
+        sock.close()
+        pass_fds = ()
     log_fd, log_name = tempfile.mkstemp(prefix="memguard-server-", suffix=".log")
     log_path = Path(log_name)
     full_env = dict(os.environ)
     full_env.update(env or {})
     full_env.setdefault("PYTHONUNBUFFERED", "1")
+    if kind == "uwsgi":
+        # uWSGI adopts an inherited socket that an --http-socket names only when it
+        # believes it was re-executed by itself, which this variable tells it.
+        full_env["UWSGI_RELOADS"] = "1"
     if cgroup is not None:
         argv = cgroup.wrap(argv)
     proc = subprocess.Popen(
-        argv, stdout=log_fd, stderr=log_fd, stdin=subprocess.DEVNULL, pass_fds=(fd,),
+        argv, stdout=log_fd, stderr=log_fd, stdin=subprocess.DEVNULL, pass_fds=pass_fds,
         cwd=cwd, env=full_env, start_new_session=True,
     )
     os.close(log_fd)
