@@ -404,6 +404,14 @@ class WSGIInput:
                                       reason="body_idle_timeout", idle_timeout=self.idle,
                                       received=self.received))
             raise  # report-only: the server's read failed all the same
+        except OSError as exc:
+            # uWSGI's own read timeout (--socket-timeout) is a bare OSError, no errno.
+            if exc.errno is not None or "timeout" not in str(exc):
+                raise
+            self._fail(RequestTimeout("no request body data arrived within the server's "
+                                      "read timeout", reason="body_idle_timeout",
+                                      received=self.received))
+            raise
         n = len(data)
         if n == 0:
             self._eof = True

@@ -250,6 +250,29 @@ def test_idle_timeout_on_the_gunicorn_socket() -> None:
         server.close()
 
 
+class UwsgiTimingOut(io.RawIOBase):
+    """uWSGI's wsgi.input once its --socket-timeout expires: a bare OSError, no errno."""
+
+    def read(self, size: int = -1) -> bytes:
+        raise OSError(f"timeout during read({size}) on wsgi.input")
+
+
+class ServerFailing(io.RawIOBase):
+    def read(self, size: int = -1) -> bytes:
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+
+def test_the_servers_own_read_timeout_is_408() -> None:
+    app = MemGuardWSGIMiddleware(wsgi_echo, body_idle_timeout=1)
+    status, headers, body = wsgi_call(app, environ={"CONTENT_LENGTH": "100",
+                                                    "wsgi.input": UwsgiTimingOut()})
+    assert status.startswith("408") and b"read timeout" in body
+    assert counters.get("body", "body_idle_timeout") == 1
+    # Any other failure of the server's stream is not taken for a timeout.
+    with pytest.raises(ConnectionResetError):
+        wsgi_call(app, environ={"CONTENT_LENGTH": "100", "wsgi.input": ServerFailing()})
+
+
 def test_socket_timeout_restored_after_a_whole_body() -> None:
     client, server = socket.socketpair()
     try:
