@@ -158,7 +158,8 @@ def flask_form() -> Any:
 
 # ---- under the body guard: no try/except, the middleware answers refusals -------------
 
-GUARD_ROUTES = {"/g/body": "300MiB", "/g/form": "300MiB", "/g/small": "2MiB"}
+GUARD_ROUTES = {"/g/body": "300MiB", "/g/form": "300MiB", "/g/drain": "300MiB",
+                "/g/small": "2MiB"}
 
 
 async def guarded_body(request: Request) -> Response:
@@ -172,6 +173,14 @@ async def guarded_form(request: Request) -> Response:
     return JSONResponse(result_json(result))
 
 
+async def guarded_drain(request: Request) -> Response:
+    """Reads the body and keeps none of it: what a server costs by itself for a body."""
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+    return JSONResponse({"size": size})
+
+
 def _guarded_asgi() -> Any:
     from memguard import MemGuardMiddleware
 
@@ -180,6 +189,7 @@ def _guarded_asgi() -> Any:
         Route("/g/body", guarded_body, methods=["POST"]),
         Route("/g/small", guarded_body, methods=["POST"]),
         Route("/g/form", guarded_form, methods=["POST"]),
+        Route("/g/drain", guarded_drain, methods=["POST"]),
     ])
     return MemGuardMiddleware(inner, max_body_size="1MiB", routes=GUARD_ROUTES)
 

@@ -80,14 +80,16 @@ async def run_lifespan(receive: Any, send: Any) -> None:
 
 def stream_upload(port: int, path: str, total: int, *, chunk: int = 256 * 1024,
                   chunked: bool = False, timeout: float = 120, host: str = "127.0.0.1",
-                  ) -> tuple[int | None, bytes, int]:
+                  half_close: bool = True) -> tuple[int | None, bytes, int]:
     """POST ``total`` bytes (Content-Length declared, or chunked) from a generator,
     reading the response while sending, on a second thread.
 
     A server that refuses mid-body answers, then closes with the rest of the body unread,
     which sends a reset: a client that reads only after sending everything (http.client)
     loses the answer to it. Browsers and curl read early; so does this.
-    Returns (status or None, response bytes, bytes sent)."""
+    Once all is sent, the client half-closes (shuts its side down) unless
+    ``half_close`` is false: Twisted (under Daphne) takes that for a client gone and
+    drops the answer. Returns (status or None, response bytes, bytes sent)."""
     sock = socket.create_connection((host, port), timeout=timeout)
     response = bytearray()
     done = threading.Event()
@@ -99,6 +101,8 @@ def stream_upload(port: int, path: str, total: int, *, chunk: int = 256 * 1024,
                 if not data:
                     break
                 response.extend(data)
+                if not half_close and _complete(response):
+                    break
         except OSError:
             pass
         finally:
@@ -124,8 +128,9 @@ def stream_upload(port: int, path: str, total: int, *, chunk: int = 256 * 1024,
             sock.sendall(b"0\r\n\r\n")
     except OSError:
         pass  # the server stopped reading: its answer is what matters
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_WR)
+    if half_close:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
     done.wait(timeout)
     sock.close()
     status: int | None = None
@@ -133,6 +138,18 @@ def stream_upload(port: int, path: str, total: int, *, chunk: int = 256 * 1024,
     if head.startswith(b"HTTP/1."):
         status = int(head.split(b" ", 2)[1])
     return status, bytes(response), sent
+
+
+def _complete(response: bytearray) -> bool:
+    """Whether ``response`` holds a whole final response with a Content-Length."""
+    head, sep, body = bytes(response).partition(b"\r\n\r\n")
+    if not sep or head.startswith(b"HTTP/1.1 100"):
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return False
 
 
 def _free_listener(host: str) -> socket.socket:
