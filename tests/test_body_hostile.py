@@ -23,7 +23,13 @@ import pytest
 
 from tests.body_helpers import gzip_bomb
 from tests.support.rawhttp import exchange, read_response, request_head, server_closed
-from tests.support.servers import Server, http_request, serve, server_unavailable_reason
+from tests.support.servers import (
+    Server,
+    http_request,
+    serve,
+    server_unavailable_reason,
+    unexpected_errors,
+)
 
 pytestmark = pytest.mark.server
 
@@ -56,6 +62,8 @@ class Served:
     # The server reads the whole body before it calls the app: a body refused for its
     # size is refused once it has all arrived, and a stalled body never reaches the app.
     buffers_body: bool = False
+    # Exceptions the server itself logs, for reasons of its own (its tests say which).
+    known_errors: tuple[str, ...] = ()
 
 
 SERVERS = {
@@ -64,8 +72,12 @@ SERVERS = {
     "gunicorn-gthread": Served("gunicorn", WSGI, ("-w", "1", "-k", "gthread", "--threads", "4")),
     "gunicorn-asgi": Served("gunicorn", ASGI, ("-w", "1", "-k", "asgi"), lazy_continue=True),
     "hypercorn": Served("hypercorn", ASGI, ("-w", "1")),
+    # Hypercorn's trio worker sends "100 Continue" from its reading task, and its close
+    # (send_eof) takes no send lock: once the refusal's response is out, the two can
+    # meet on the socket and it logs trio.BusyResourceError. The client has its answer.
     "hypercorn-trio": Served("hypercorn", ASGI, ("-w", "1", "-k", "trio"),
-                             stall_pending="slow-body timeouts do not run under trio yet"),
+                             stall_pending="slow-body timeouts do not run under trio yet",
+                             known_errors=("trio.BusyResourceError",)),
     "granian": Served("granian", ASGI, ("--interface", "asgi", "--workers", "1"),
                       lazy_continue=True, length_with_chunked="chunked"),
     # A stalled body: uWSGI's own read timeout (--socket-timeout, 4 s) ends the read.
@@ -218,7 +230,5 @@ def test_still_serving_with_the_same_workers(running: Running) -> None:
     assert srv.proc.poll() is None
     assert {srv.pid, *srv.children()} == running.processes, "a worker died or was replaced"
     log = srv.log()
-    for sign in ("Traceback", "Exception in ASGI", "Error handling request",
-                 "Internal Server Error"):
-        assert sign not in log, log[-3000:]
+    assert unexpected_errors(log, running.served.known_errors) == [], log[-3000:]
     assert "refused POST / with 413 content_length_over_limit" in log

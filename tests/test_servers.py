@@ -24,6 +24,7 @@ from tests.support.servers import (
     serve,
     server_unavailable_reason,
     stream_upload,
+    unexpected_errors,
 )
 
 pytestmark = pytest.mark.server
@@ -195,21 +196,6 @@ def test_body_over_the_route_limit_is_refused(running: Running) -> None:
                                         chunked=True, half_close=half_close)
     assert status == running.served.chunked_over_limit, response[:300]
     assert list(running.updir.iterdir()) == []
-
-
-def unexpected_errors(log: str) -> list[str]:
-    """The exceptions in ``log`` other than memguard's refusals. A framework may log the
-    refusal the app raised (Flask does) while the middleware answers it with its status."""
-    found = []
-    for segment in log.split("Traceback (most recent call last):")[1:]:
-        lines = [line for line in segment.splitlines()[1:] if line.strip()]
-        raised = next((line for line in lines if not line.startswith((" ", "\t"))), "")
-        if not raised.startswith("memguard.errors."):
-            found.append(raised)
-    for sign in ("Exception in ASGI", "Error handling request", "Internal Server Error"):
-        if sign in log:
-            found.append(sign)
-    return found
 
 
 def test_the_same_worker_serves_on_with_no_error_logged(running: Running) -> None:

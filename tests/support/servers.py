@@ -191,6 +191,22 @@ def http_request(
 SERVER_KINDS = ("gunicorn", "uvicorn", "hypercorn", "granian", "daphne", "waitress", "uwsgi")
 
 
+def unexpected_errors(log: str, known: Sequence[str] = ()) -> list[str]:
+    """The errors in a server's ``log`` other than memguard's refusals (a framework may
+    log the refusal the app raised, as Flask does, while the middleware answers it with
+    its status) and the exception types in ``known`` (a server's own, documented)."""
+    found = []
+    for segment in log.split("Traceback (most recent call last):")[1:]:
+        lines = [line for line in segment.splitlines()[1:] if line.strip()]
+        raised = next((line for line in lines if not line.startswith((" ", "\t"))), "")
+        if not raised.startswith(("memguard.errors.", *(f"{k}:" for k in known))):
+            found.append(raised)
+    for sign in ("Exception in ASGI", "Error handling request", "Internal Server Error"):
+        if sign in log:
+            found.append(sign)
+    return found
+
+
 _SERVER_PACKAGES = {"gunicorn": "gunicorn", "uvicorn": "uvicorn", "hypercorn": "hypercorn",
                     "granian": "granian", "daphne": "daphne", "waitress": "waitress"}
 
