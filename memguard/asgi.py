@@ -56,7 +56,7 @@ from memguard.http import (
 from memguard.limits import BodyCounter, BodyPolicy, declared_over_limit
 from memguard.memory import MemoryLayer
 from memguard.slowbody import BodyTimer
-from memguard.tracking import asgi_key
+from memguard.tracking import ROUTE_KEY
 from memguard.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["MemGuardMiddleware"]
@@ -130,8 +130,12 @@ class MemGuardMiddleware:
                 app_scope = request.app_scope
                 request.release()
         finally:
-            # 5. end
-            key = asgi_key(app_scope, root)
+            # 5. end: the request's route key (memguard.tracking.RouteKey), built here
+            # rather than in a function: on a server each Python call of ours per
+            # request costs cache misses (benchmarks/end_to_end.py).
+            route = app_scope.get("route")
+            key = (None if route is None else getattr(route, "path_format", False),
+                   app_scope.get(ROUTE_KEY), app_scope.get("root_path"), root, path)
             memory.completed.append(key)
             if sample is not None or memory.pressed:
                 memory.end(sample, key)

@@ -49,7 +49,7 @@ class MemoryLayer:
         sample = memory.start(seq, now) if now >= memory.due else None
         if memory.shedding: refusal = memory.admit(method, path, now)
         ... the app ...
-        memory.completed.append(key)        # memguard.tracking.asgi_key / wsgi_key
+        memory.completed.append(key)        # a memguard.tracking.RouteKey
         if sample is not None or memory.pressed: memory.end(sample, key)
 
     Everything else (the pressure level, samples, counting routes, the slow work) runs

@@ -64,8 +64,6 @@ __all__ = [
     "RouteStats",
     "Sample",
     "RouteKey",
-    "asgi_key",
-    "asgi_route",
     "route_key",
     "route_template",
     "wsgi_key",
@@ -83,7 +81,9 @@ OTHER = "other"
 _WARMUP_WINDOWS = 2  # a route's first windows with evidence never count toward a leak
 _MS = 1_000_000
 _MAX_EXACT = 48  # routes solved exactly per window (the least-evidenced rest stay at 0)
-_RETRY_NS = _MS  # a due sample or quiet point waiting for a request that starts alone
+# How soon a due sample or quiet point looks again for a request that starts alone: on
+# a worker that is never idle, each look is a call of start() that finds none.
+_RETRY_NS = 10 * _MS
 _PENDING_SAMPLES = 512  # samples kept for the metrics export between two syncs
 
 _blocks = sys.getallocatedblocks
@@ -634,19 +634,6 @@ def _count_value(counter: itertools.count[int]) -> int:
     """The next number ``counter`` will give, without taking it (its repr is
     ``count(N)``)."""
     return int(repr(counter)[6:-1])
-
-
-def asgi_key(scope: Mapping[str, Any], root_path: str) -> RouteKey:
-    """The route key of an ASGI request that has ended (``root_path``: the scope's as
-    the middleware saw it, before the app's router extended it)."""
-    route = scope.get("route")
-    return (None if route is None else getattr(route, "path_format", False),
-            scope.get(ROUTE_KEY), scope.get("root_path"), root_path, scope.get("path", ""))
-
-
-def asgi_route(scope: Mapping[str, Any], root_path: str = "") -> str | None:
-    """The route template of an ASGI request, once the app has routed it."""
-    return route_template(asgi_key(scope, root_path))
 
 
 def wsgi_key(environ: Mapping[str, Any], path: str) -> RouteKey:

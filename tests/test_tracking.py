@@ -17,7 +17,7 @@ from starlette.routing import Mount, Route
 from werkzeug.test import Client
 
 from memguard import MemGuardMiddleware, MemGuardWSGIMiddleware
-from memguard.tracking import OTHER, RequestTracker, _solve, asgi_route
+from memguard.tracking import OTHER, RequestTracker, _solve
 from tests.support.servers import http_request, serve
 
 MS = 1_000_000
@@ -137,14 +137,23 @@ def _call(app: Any, path: str, root_path: str = "") -> dict[str, Any]:
     return scope
 
 
+def _recorded(app: MemGuardMiddleware) -> set[str]:
+    tracker = app.memory.tracker
+    assert tracker is not None
+    return {stats.route for stats in tracker.routes() if stats.count}
+
+
 def test_starlette_route_templates_with_mounts() -> None:
-    app = Starlette(routes=[
+    app = MemGuardMiddleware(Starlette(routes=[
         Route("/items/{item_id:int}", _ok),
         Mount("/api", routes=[Route("/users/{name}", _ok)]),
-    ])
-    assert asgi_route(_call(app, "/items/42")) == "/items/{item_id}"
-    assert asgi_route(_call(app, "/api/users/bob")) == "/api/users/{name}"
-    assert asgi_route(_call(app, "/missing")) is None
+    ]))
+    _call(app, "/items/42")
+    assert _recorded(app) == {"/items/{item_id}"}
+    _call(app, "/api/users/bob")
+    assert _recorded(app) == {"/items/{item_id}", "/api/users/{name}"}
+    _call(app, "/missing")  # no template: the raw path
+    assert _recorded(app) == {"/items/{item_id}", "/api/users/{name}", "/missing"}
 
 
 class _Route:
@@ -165,7 +174,16 @@ class _Route:
 ])
 def test_route_template_edge_cases(scope: dict[str, Any], root: str,
                                    template: str | None) -> None:
-    assert asgi_route(scope, root) == template
+    """What the app's router (or the app) left in the scope names the request's route;
+    without a template, its raw path does."""
+    async def routed(inner: dict[str, Any], receive: Any, send: Any) -> None:
+        inner.update(scope)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    app = MemGuardMiddleware(routed)
+    _call(app, root + "/raw/7", root_path=root)
+    assert _recorded(app) == {template if template is not None else root + "/raw/7"}
 
 
 def test_middleware_counts_templates_not_paths() -> None:

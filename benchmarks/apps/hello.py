@@ -71,3 +71,4 @@ flask_guarded = MemGuardWSGIMiddleware(flask_app())
 # Without the per-request accounting: where its share of the cost shows.
 guarded_untracked = MemGuardMiddleware(starlette_app(), track_memory=False)
 guarded_s50 = MemGuardMiddleware(starlette_app(), memory_sample_interval=0.05)
+flask_guarded_untracked = MemGuardWSGIMiddleware(flask_app(), track_memory=False)
