@@ -11,6 +11,7 @@ from memguard.cli.sizing import (
     SizingInput,
     advise,
     classic_workers,
+    concurrency,
     cpu_bound,
     render_text,
 )
@@ -65,7 +66,7 @@ def test_half_a_cpu_quota_on_four_cpus() -> None:
     check_fits(advice, inp)
     # Two workers share 7 GiB: the fair share is far above what they need, and it says so.
     assert advice.worker_memory_limit > 3 * GiB
-    assert any("a lower one such as 112MiB" in note for note in advice.notes)
+    assert any("a lower one such as 100MiB" in note for note in advice.notes)
 
 
 def test_memory_decides_and_the_classic_figure_does_not_fit() -> None:
@@ -89,6 +90,7 @@ def test_memory_decides_and_the_classic_figure_does_not_fit() -> None:
 
 def test_cpu_bound_per_worker_class() -> None:
     assert cpu_bound(2, "sync") == 5
+    assert cpu_bound(2, "gthread", cpu_share=0.01) == 2
     assert cpu_bound(0.25, "sync") == 2
     assert cpu_bound(3.5, "gthread") == 4
     assert cpu_bound(8, "uvicorn_worker.UvicornWorker") == 8
@@ -186,6 +188,69 @@ def test_snippets_are_ready_to_use() -> None:
     assert advice.config in text
 
 
+def waiting(worker: int, wall: float = 0.020, cpu: float = 0.0002) -> list[Footprint]:
+    """An app that mostly waits: a 20 ms database call, 0.2 ms of computing."""
+    return [Footprint(preload=False, master=18 * MiB, boot=2 * MiB, worker=worker,
+                      request_seconds=wall, request_cpu_seconds=cpu)]
+
+
+def test_cpu_bound_follows_the_measured_share_of_computing() -> None:
+    # Computing all the time: one sync worker per CPU, plus one for the server's own work.
+    assert cpu_bound(2, "sync", cpu_share=1.0) == 3
+    assert cpu_bound(2, "sync", cpu_share=0.98) == 3  # within measuring noise of 1.0
+    # Half waiting: two per CPU, the classic figure.
+    assert cpu_bound(2, "sync", cpu_share=0.5) == 5
+    # Nearly all waiting: as many as MAX_SYNC_WORKERS_PER_CPU (16) per CPU.
+    assert cpu_bound(2, "sync", cpu_share=0.01) == 33
+    assert cpu_bound(2, "sync", cpu_share=0.0) == 33
+    assert cpu_bound(0.5, "sync", cpu_share=1.0) == 2  # never fewer than two
+    assert concurrency(4, None) == 9
+
+
+def test_footprint_cpu_share() -> None:
+    assert Footprint(False, 1, 1, 1).cpu_share is None
+    assert Footprint(False, 1, 1, 1, request_seconds=0.02,
+                     request_cpu_seconds=0.005).cpu_share == pytest.approx(0.25)
+    # Clock granularity can make CPU time exceed wall time by a little.
+    assert Footprint(False, 1, 1, 1, request_seconds=0.001,
+                     request_cpu_seconds=0.0011).cpu_share == 1.0
+    assert Footprint(False, 1, 1, 1, request_seconds=0.0,
+                     request_cpu_seconds=0.0).cpu_share == 1.0
+
+
+def test_an_app_that_waits_gets_the_workers_memory_allows() -> None:
+    # A 3 MiB worker that waits 99% of the time in a 256 MiB container on 2 CPUs.
+    inp = SizingInput(cpus=2, host_cpus=2, budget=256 * MiB, budget_source="cgroup",
+                      footprints=waiting(3 * MiB))
+    advice = advise(inp)
+    assert advice.cpu_bound == 33
+    # Pool 230 MiB (256 - 10%), minus the master (18) and one reserve for the pool
+    # (16 MiB: one request's step), leaves 196; each worker needs 3 MiB + 4 MiB allowance.
+    assert advice.modes[0]["min_worker"] == 7 * MiB
+    assert advice.memory_bound == 28 == advice.workers
+    assert advice.decided_by == "memory"
+    assert advice.inputs["cpu_share"] == pytest.approx(0.01)
+    check_fits(advice, inp)
+    # The hard limit stays one request's step above the soft one.
+    assert advice.worker_memory_hard_limit - advice.worker_memory_limit >= 16 * MiB
+    assert "1% of it computing" in render_text(advice)
+
+
+def test_an_app_that_computes_gets_one_worker_per_cpu_and_one() -> None:
+    inp = SizingInput(cpus=2, host_cpus=2, budget=1 * GiB, budget_source="cgroup",
+                      footprints=waiting(30 * MiB, wall=0.004, cpu=0.004))
+    advice = advise(inp)
+    assert advice.workers == 3 and advice.decided_by == "cpu"
+    check_fits(advice, inp)
+
+
+def test_gthread_threads_cover_what_the_app_waits() -> None:
+    advice = advise(SizingInput(cpus=2, host_cpus=2, budget=1 * GiB, budget_source="cgroup",
+                                footprints=waiting(30 * MiB), worker_class="gthread"))
+    assert advice.workers == 2
+    assert advice.threads == 8  # ceil(33 / 2), at most MAX_THREADS
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     cpus=st.floats(0.1, 64),
@@ -193,11 +258,15 @@ def test_snippets_are_ready_to_use() -> None:
     worker_mib=st.integers(5, 2000),
     master_mib=st.integers(5, 300),
     worker_class=st.sampled_from(["sync", "gthread", "uvicorn_worker.UvicornWorker"]),
+    cpu_share=st.one_of(st.none(), st.floats(0, 1)),
 )
 def test_advice_that_fits_always_fits(cpus: float, budget_mib: int, worker_mib: int,
-                                      master_mib: int, worker_class: str) -> None:
+                                      master_mib: int, worker_class: str,
+                                      cpu_share: float | None) -> None:
     fps = [Footprint(preload=False, master=master_mib * MiB, boot=2 * MiB,
-                     worker=worker_mib * MiB)]
+                     worker=worker_mib * MiB,
+                     request_seconds=None if cpu_share is None else 0.02,
+                     request_cpu_seconds=None if cpu_share is None else 0.02 * cpu_share)]
     inp = SizingInput(cpus=cpus, host_cpus=max(1, int(cpus)), budget=budget_mib * MiB,
                       budget_source="cgroup", footprints=fps, worker_class=worker_class)
     advice = advise(inp)

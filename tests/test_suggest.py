@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import subprocess
 import sys
 import time
@@ -164,3 +165,40 @@ def test_measure_runs_a_fastapi_lifespan_and_routes(repo: Path) -> None:
     assert report["modes"][0]["interface"] == "asgi"
     assert report["modes"][0]["statuses"] == ["200", "404", "200", "404"]
     assert footprints[0].worker >= 64 * MiB  # the lifespan's cache is the worker's
+
+
+def test_measure_tells_an_app_that_waits_from_one_that_computes(repo: Path) -> None:
+    (waits,), _ = measure("benchmarks.apps.shapes:io_app", requests=5, cwd=repo,
+                          preload=[False])
+    (computes,), _ = measure("benchmarks.apps.shapes:cpu_app", requests=5, cwd=repo,
+                             preload=[False])
+    assert waits.request_seconds is not None and waits.request_seconds >= 0.019
+    assert waits.cpu_share is not None and waits.cpu_share < 0.2
+    assert computes.cpu_share is not None and computes.cpu_share > 0.7
+
+
+def test_measure_on_a_busy_cpu_still_sees_an_app_that_computes(repo: Path) -> None:
+    """Time spent waiting for a CPU that another process holds is not the app waiting:
+    a CPU-bound app measured beside a busy loop on its only CPU must not look I/O-bound
+    (and be given more sync workers than the CPUs can run)."""
+    before = os.sched_getaffinity(0)
+    cpu = min(before)
+    os.sched_setaffinity(0, {cpu})  # the measuring subprocess inherits it
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                            start_new_session=True)
+    try:
+        (fp,), _ = measure("benchmarks.apps.shapes:cpu_app", requests=8, cwd=repo,
+                           preload=[False])
+    finally:
+        os.sched_setaffinity(0, before)
+        busy.kill()
+        busy.wait()
+    assert fp.cpu_share is not None and fp.cpu_share > 0.7
+
+
+def test_measure_freezes_what_the_worker_inherits(repo: Path) -> None:
+    """Without preload the measuring worker calls gc.freeze() as memguard's workers do:
+    its collection after the warm-up must not copy the master's objects into it (a
+    hello-world worker then measures a few MiB, not the ~9 MiB that copying adds)."""
+    (fp,), _ = measure("tests.apps.hello:wsgi_app", requests=3, cwd=repo, preload=[False])
+    assert fp.worker < 6 * MiB

@@ -11,10 +11,13 @@ serving mode:
 
 The warm-up requests are served in-process: a WSGI app is called directly with a minimal
 environ, an ASGI app through a minimal in-process server (lifespan startup first, then one
-``http`` scope per request). After them the worker runs ``gc.collect()``, as every real
-worker eventually does (it is what turns a preloaded master's shared pages private), and
-its USS, PSS and RSS are read from ``/proc/<pid>/smaps_rollup``. The master is measured
-before it forks, so master USS + worker USS counts every page once.
+``http`` scope per request). Without preload the child first calls ``gc.freeze()``, as
+memguard's gunicorn hooks do in every worker. After the requests the worker runs
+``gc.collect()``, as every real worker eventually does (it is what turns a preloaded
+master's shared pages private), and its USS, PSS and RSS are read from
+``/proc/<pid>/smaps_rollup``. The master is measured before it forks, so master USS +
+worker USS counts every page once. Each request's wall and CPU time are kept too: their
+ratio says whether the app computes or waits.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ import io
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -79,6 +84,46 @@ def is_asgi(app: Any) -> bool:
 # Warm-up requests, in-process
 
 
+def _runqueue_seconds() -> float:
+    """Time this thread has spent runnable, waiting for a CPU (0 where the kernel does
+    not say: ``/proc/thread-self/schedstat``'s second field)."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class RequestTimings:
+    """Wall and CPU time of each warm-up request: how much of a request's time a worker
+    spends computing rather than waiting (a database, an API), which decides how many
+    sync workers keep the CPUs busy. Time spent runnable but waiting for a CPU (other
+    processes on a busy machine) is not waiting for I/O: it is left out of the wall time,
+    or a CPU-bound app measured on a loaded machine would look like it waits."""
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self._started = (0.0, 0.0, 0.0)
+
+    def start(self) -> None:
+        self._started = (time.perf_counter(), time.process_time(), _runqueue_seconds())
+
+    def stop(self) -> None:
+        wall, cpu, queued = self._started
+        queued = _runqueue_seconds() - queued
+        self.wall.append(max(0.0, time.perf_counter() - wall - queued))
+        self.cpu.append(time.process_time() - cpu)
+
+    def medians(self) -> tuple[float | None, float | None]:
+        """(wall, cpu) seconds of a typical request; the first request is left out when
+        there are others, since it builds what the app creates on first use."""
+        wall, cpu = (self.wall[1:], self.cpu[1:]) if len(self.wall) > 1 else (self.wall, self.cpu)
+        if not wall:
+            return None, None
+        return statistics.median(wall), statistics.median(cpu)
+
+
 def _wsgi_environ(path: str) -> dict[str, Any]:
     path_info, _, query = path.partition("?")
     return {
@@ -91,7 +136,8 @@ def _wsgi_environ(path: str) -> dict[str, Any]:
     }
 
 
-def _serve_wsgi(app: Any, paths: Sequence[str], count: int) -> list[str]:
+def _serve_wsgi(app: Any, paths: Sequence[str], count: int,
+                timings: RequestTimings) -> list[str]:
     statuses: list[str] = []
     status: list[str] = []
 
@@ -101,6 +147,7 @@ def _serve_wsgi(app: Any, paths: Sequence[str], count: int) -> list[str]:
 
     for i in range(count):
         status.clear()
+        timings.start()
         try:
             result: Iterable[bytes] = app(_wsgi_environ(paths[i % len(paths)]), start_response)
             try:
@@ -113,6 +160,7 @@ def _serve_wsgi(app: Any, paths: Sequence[str], count: int) -> list[str]:
             statuses.append(status[-1] if status else "none")
         except Exception as exc:
             statuses.append(f"error: {type(exc).__name__}: {exc}")
+        timings.stop()
     return statuses
 
 
@@ -186,12 +234,16 @@ async def _asgi_request(app: Any, path: str, state: dict[str, Any]) -> str:
 
 
 def _serve_asgi(app: Any, paths: Sequence[str], count: int,
-                measure: Callable[[], ProcessMemory]) -> tuple[list[str], ProcessMemory]:
+                measure: Callable[[], ProcessMemory],
+                timings: RequestTimings) -> tuple[list[str], ProcessMemory]:
     async def main() -> tuple[list[str], ProcessMemory]:
         state: dict[str, Any] = {}
         shutdown = await _asgi_lifespan(app, state)
-        statuses = [await _asgi_request(app, paths[i % len(paths)], state)
-                    for i in range(count)]
+        statuses = []
+        for i in range(count):
+            timings.start()
+            statuses.append(await _asgi_request(app, paths[i % len(paths)], state))
+            timings.stop()
         # Measured while the app is still up: shutdown handlers may free what a running
         # worker keeps.
         figures = measure()
@@ -221,17 +273,23 @@ def _worker(spec: str | None, app: Any, paths: Sequence[str], count: int,
     """Runs in the forked child: import (without preload), warm up, measure."""
     if app is None:
         assert spec is not None
+        # As memguard's gunicorn hooks do in each worker (MEMGUARD_GC_FREEZE_AT_FORK): what
+        # the master holds leaves the collector, so collecting below turns none of it private.
+        gc.freeze()
         app = load_app(spec)
     # No gc.collect() here: a freshly booted worker has not run one yet.
     boot = _self_memory(collect=False)
     asgi = is_asgi(app) if interface == "auto" else interface == "asgi"
+    timings = RequestTimings()
     if asgi:
-        statuses, warm = _serve_asgi(app, paths, count, _self_memory)
+        statuses, warm = _serve_asgi(app, paths, count, _self_memory, timings)
     else:
-        statuses = _serve_wsgi(app, paths, count)
+        statuses = _serve_wsgi(app, paths, count, timings)
         warm = _self_memory()
+    request_seconds, request_cpu_seconds = timings.medians()
     return {"interface": "asgi" if asgi else "wsgi", "boot": _uss(boot), "worker": _uss(warm),
-            "worker_pss": warm.pss, "worker_rss": warm.rss, "statuses": statuses}
+            "worker_pss": warm.pss, "worker_rss": warm.rss, "statuses": statuses,
+            "request_seconds": request_seconds, "request_cpu_seconds": request_cpu_seconds}
 
 
 def _fork_worker(spec: str | None, app: Any, paths: Sequence[str], count: int,
@@ -335,7 +393,9 @@ def measure(
     report: dict[str, Any] = json.loads(out)
     footprints = [
         Footprint(preload=m["preload"], master=m["master"], boot=m["boot"],
-                  worker=m["worker"], worker_pss=m["worker_pss"], worker_rss=m["worker_rss"])
+                  worker=m["worker"], worker_pss=m["worker_pss"], worker_rss=m["worker_rss"],
+                  request_seconds=m.get("request_seconds"),
+                  request_cpu_seconds=m.get("request_cpu_seconds"))
         for m in report["modes"]
     ]
     return footprints, report

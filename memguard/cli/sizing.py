@@ -10,16 +10,21 @@ The arithmetic, in bytes:
 
 - ``pool`` = budget - headroom (the figure memguard's watchdog calls the total memory
   limit; 10% by default, the same margin ``MEMGUARD_TOTAL_MEMORY_LIMIT`` defaults to).
-- A worker needs at least its warmed footprint plus a growth allowance (``growth``,
-  25% and at least 16 MiB): a soft limit any lower would recycle it after every request.
-  The same allowance is how far one worker may pass its soft limit inside a request
-  before the hard limit stops it.
-- ``reserve`` = the larger of that allowance and one booting worker: room for one worker
-  between its soft and hard limits, or for a replacement that boots while the old worker
-  drains (which must not be what tips the container over).
+- A worker needs at least its warmed footprint plus a growth allowance (``growth``, 25%
+  of it, and at least 4 MiB): a soft limit any lower would recycle it as soon as it grows
+  at all. The 4 MiB also cover what the in-process warm-up cannot see: a worker under a
+  real server touches more of the master's objects (its config, logging, arbiter) and so
+  turns more of the master's pages private.
+- ``reserve`` = the largest of that allowance, one request's step (16 MiB) and one
+  booting worker: room for one worker between its soft and hard limits, or for a
+  replacement that boots while the old worker drains (which must not be what tips the
+  container over). It is kept once for the pool, not once per worker: it is what lets a
+  small worker's pool be as large as the memory allows.
 - ``room`` = pool - master - reserve; memory bound = room // the minimum worker; cpu bound
-  from effective CPUs and the worker class; workers = min of the two (never less than 1;
-  ``WEB_CONCURRENCY`` wins when it fits).
+  from effective CPUs, the worker class and how much of a request's time the app spends
+  computing (measured in the warm-up: a sync worker that waits 20 ms for every 1 ms of
+  work leaves its CPU idle, so more of them fit on one CPU); workers = min of the two
+  (never less than 1; ``WEB_CONCURRENCY`` wins when it fits).
 - soft limit = room // workers; hard limit = soft + reserve, so one worker at its hard
   limit beside the others at their soft limit still fits the pool.
 - With preload measured too, preload is advised only when it fits more workers or saves
@@ -43,15 +48,21 @@ __all__ = [
     "SizingInput",
     "advise",
     "classic_workers",
+    "concurrency",
     "cpu_bound",
     "render_text",
 ]
 
 MIB = 1024 * 1024
-MIN_GROWTH_BYTES = 16 * MIB
+# The hard limit sits at least this far above the soft one: one request's growth.
+MIN_STEP_BYTES = 16 * MIB
+MIN_ALLOWANCE_BYTES = 4 * MIB
 DEFAULT_GROWTH = 0.25
 DEFAULT_HEADROOM = 0.10
 MAX_THREADS = 8
+# Sync workers per CPU at most, however little of a request is computing: past that the
+# server's own per-request work fills the CPU, and gthread serves waits for less memory.
+MAX_SYNC_WORKERS_PER_CPU = 16
 
 # Worker classes that serve many connections from one event loop: one process per CPU.
 ASYNC_WORKER_CLASSES = frozenset({
@@ -71,6 +82,17 @@ class Footprint:
     worker: int  # a worker after the warm-up requests: what each worker really costs
     worker_pss: int | None = None  # proportional share, for the record
     worker_rss: int | None = None  # RSS (counts pages shared with the master)
+    request_seconds: float | None = None  # a warm-up request's wall time (median)
+    request_cpu_seconds: float | None = None  # its CPU time; the rest it spent waiting
+
+    @property
+    def cpu_share(self) -> float | None:
+        """The part of a request's time the worker computes (1.0: it never waits)."""
+        if self.request_seconds is None or self.request_cpu_seconds is None:
+            return None
+        if self.request_seconds <= 0:
+            return 1.0
+        return min(1.0, max(0.0, self.request_cpu_seconds / self.request_seconds))
 
 
 @dataclass(frozen=True)
@@ -119,22 +141,36 @@ def classic_workers(host_cpus: int) -> int:
     return 2 * max(1, host_cpus) + 1
 
 
-def cpu_bound(cpus: float, worker_class: str) -> int:
+def cpu_bound(cpus: float, worker_class: str, cpu_share: float | None = None) -> int:
     """How many worker processes the CPUs can keep busy, for this worker class.
 
-    A sync worker blocks on I/O, so about two per CPU (``2 x effective CPUs + 1``, with the
-    CPUs a quota really allows rather than the host's count). Threaded and event-loop
-    workers overlap their own I/O: one process per CPU is enough. At least two where the
-    CPUs allow a fraction of one more, so a recycle never takes the whole pool down.
+    A sync worker blocks while its request waits. With the app's measured ``cpu_share``
+    (CPU time over wall time of a request), ``cpus / cpu_share`` workers keep the CPUs
+    busy, plus one for the server's own work (at most ``MAX_SYNC_WORKERS_PER_CPU`` per
+    CPU); unmeasured, about two per CPU (``2 x effective CPUs + 1``, with the CPUs a quota
+    really allows rather than the host's count). Threaded and event-loop workers overlap
+    their own waits: one process per CPU is enough. At least two, so a recycle never takes
+    the whole pool down.
     """
     cpus = max(cpus, 0.01)
     if worker_class == "sync":
-        return max(2, math.floor(2 * cpus) + 1)
+        return max(2, concurrency(cpus, cpu_share))
     return max(2, math.ceil(cpus))
 
 
+def concurrency(cpus: float, cpu_share: float | None) -> int:
+    """Requests in flight that keep ``cpus`` busy when each computes ``cpu_share`` of its
+    time (``2 x cpus + 1`` when that share is unknown)."""
+    cpus = max(cpus, 0.01)
+    if cpu_share is None:
+        return math.floor(2 * cpus) + 1
+    share = max(cpu_share, 1 / MAX_SYNC_WORKERS_PER_CPU)
+    # Within a tenth of a worker counts as enough: the share is measured, not exact.
+    return math.ceil(cpus / share - 0.1) + 1
+
+
 def _allowance(footprint: Footprint, growth: float) -> int:
-    return max(int(footprint.worker * growth), MIN_GROWTH_BYTES)
+    return max(int(footprint.worker * growth), MIN_ALLOWANCE_BYTES)
 
 
 def _min_worker(footprint: Footprint, growth: float) -> int:
@@ -142,7 +178,7 @@ def _min_worker(footprint: Footprint, growth: float) -> int:
 
 
 def _reserve(footprint: Footprint, growth: float) -> int:
-    return max(footprint.boot, _allowance(footprint, growth))
+    return max(footprint.boot, MIN_STEP_BYTES, _allowance(footprint, growth))
 
 
 def _pool(inp: SizingInput) -> int:
@@ -175,7 +211,7 @@ def _choose_mode(modes: list[dict[str, Any]], by_cpu: int, pool: int) -> int:
         more = min(mode["memory_bound"], by_cpu) > min(modes[best]["memory_bound"], by_cpu)
         saved = modes[best]["total_at_cpu_bound"] - mode["total_at_cpu_bound"]
         same = min(mode["memory_bound"], by_cpu) == min(modes[best]["memory_bound"], by_cpu)
-        if more or (same and saved >= max(MIN_GROWTH_BYTES, pool // 20)):
+        if more or (same and saved >= max(MIN_STEP_BYTES, pool // 20)):
             best = i
     return best
 
@@ -185,10 +221,15 @@ def _threads(inp: SizingInput, workers: int) -> int:
         return max(1, inp.threads)
     if inp.worker_class != "gthread":
         return 1
-    # Keep total concurrency near the classic figure when memory allowed fewer processes:
-    # threads cost far less memory than processes.
-    target = math.floor(2 * max(inp.cpus, 0.01)) + 1
+    # Keep as many requests in flight as sync workers would need: threads cost far less
+    # memory than processes.
+    target = concurrency(inp.cpus, _share(inp))
     return min(MAX_THREADS, max(2, math.ceil(target / workers)))
+
+
+def _share(inp: SizingInput) -> float | None:
+    """The measured CPU share of a request, from the first footprint that has one."""
+    return next((fp.cpu_share for fp in inp.footprints if fp.cpu_share is not None), None)
 
 
 def _floor_mib(n: int) -> int:
@@ -206,7 +247,7 @@ def advise(inp: SizingInput) -> Advice:
     if inp.web_concurrency is not None and inp.web_concurrency < 1:
         raise ValueError(f"WEB_CONCURRENCY must be a positive integer, got {inp.web_concurrency}")
     pool = _pool(inp)
-    by_cpu = cpu_bound(inp.cpus, inp.worker_class)
+    by_cpu = cpu_bound(inp.cpus, inp.worker_class, _share(inp))
 
     modes: list[dict[str, Any]] = []
     for fp in inp.footprints:
@@ -218,6 +259,8 @@ def advise(inp: SizingInput) -> Advice:
             "worker": fp.worker,
             "worker_pss": fp.worker_pss,
             "worker_rss": fp.worker_rss,
+            "request_seconds": fp.request_seconds,
+            "request_cpu_seconds": fp.request_cpu_seconds,
             "min_worker": _min_worker(fp, inp.growth),
             "memory_bound": bound,
             "total_at_cpu_bound": fp.master + min(bound, by_cpu) * fp.worker,
@@ -309,6 +352,7 @@ def advise(inp: SizingInput) -> Advice:
         inputs={
             "cpus": inp.cpus,
             "cpu_source": inp.cpu_source,
+            "cpu_share": _share(inp),
             "host_cpus": inp.host_cpus,
             "budget": inp.budget,
             "budget_source": inp.budget_source,
@@ -359,6 +403,12 @@ def _snippets(inp: SizingInput, workers: int, threads: int, preload: bool, soft:
     return "\n".join(lines) + "\n", " \\\n  ".join([*env, " ".join(args)])
 
 
+def _share_text(modes: list[dict[str, Any]], share: float) -> str:
+    wall = next((m["request_seconds"] for m in modes if m["request_seconds"] is not None), 0.0)
+    return (f"{wall * 1000:.1f} ms each in the warm-up, {share:.0%} of it computing"
+            f" (the rest waiting)")
+
+
 def render_text(advice: Advice) -> str:
     """The advice for people: the answer first, then why, then the config to paste."""
     i = advice.inputs
@@ -375,6 +425,8 @@ def render_text(advice: Advice) -> str:
         "",
         f"CPUs: {i['cpus']:g} effective{' (' + i['cpu_source'] + ')' if i['cpu_source'] else ''},"
         f" {i['host_cpus']} on the host",
+        *([f"requests: {_share_text(advice.modes, i['cpu_share'])}"]
+          if i["cpu_share"] is not None else []),
         f"memory: {format_size(i['budget'])} ({i['budget_source']}), minus"
         f" {format_size(i['headroom'])} headroom = {format_size(advice.total_memory_limit)}"
         " for the pool",
