@@ -16,7 +16,7 @@ from benchmarks.harness import write_result
 
 # Add new benchmarks here (module names under benchmarks/).
 BENCHMARKS: list[str] = ["probes", "body_guard", "end_to_end", "uploads", "recycle",
-                         "overhead"]
+                         "overhead", "sizing"]
 
 
 def main(argv: list[str] | None = None) -> int:
