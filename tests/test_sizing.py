@@ -234,6 +234,8 @@ def test_an_app_that_waits_gets_the_workers_memory_allows() -> None:
     # The hard limit stays one request's step above the soft one.
     assert advice.worker_memory_hard_limit - advice.worker_memory_limit >= 16 * MiB
     assert "1% of it computing" in render_text(advice)
+    assert any("99% of their time waiting" in note and "gthread" in note
+               for note in advice.notes)
 
 
 def test_an_app_that_computes_gets_one_worker_per_cpu_and_one() -> None:
@@ -241,6 +243,7 @@ def test_an_app_that_computes_gets_one_worker_per_cpu_and_one() -> None:
                       footprints=waiting(30 * MiB, wall=0.004, cpu=0.004))
     advice = advise(inp)
     assert advice.workers == 3 and advice.decided_by == "cpu"
+    assert not any("waiting" in note for note in advice.notes)
     check_fits(advice, inp)
 
 

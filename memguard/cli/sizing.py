@@ -63,6 +63,8 @@ MAX_THREADS = 8
 # Sync workers per CPU at most, however little of a request is computing: past that the
 # server's own per-request work fills the CPU, and gthread serves waits for less memory.
 MAX_SYNC_WORKERS_PER_CPU = 16
+# Below this share of computing, a sync pool is mostly processes that wait.
+WAITING_SHARE = 0.25
 
 # Worker classes that serve many connections from one event loop: one process per CPU.
 ASYNC_WORKER_CLASSES = frozenset({
@@ -318,6 +320,12 @@ def advise(inp: SizingInput) -> Advice:
     if threads > 1:
         notes.append(f"{threads} threads per worker: the footprint was measured with one"
                      " request at a time; concurrent large requests add to it")
+
+    share = _share(inp)
+    if inp.worker_class == "sync" and share is not None and share < WAITING_SHARE:
+        notes.append(f"requests spend {1 - share:.0%} of their time waiting: with"
+                     " --worker-class gthread, threads serve as many at once in fewer"
+                     " processes, which share their memory")
 
     classic_n = classic_workers(inp.host_cpus)
     classic_needed = _needed(classic_n, fp, inp.growth)
