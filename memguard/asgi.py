@@ -96,9 +96,13 @@ class MemGuardMiddleware:
         path = scope["path"]
         root = scope.get("root_path", "")
         if memory.has_endpoints:
-            handler = memory.endpoint(app_path(path, root))
+            own_path = app_path(path, root)
+            handler = memory.endpoint(own_path)
             if handler is not None:
-                await handler.asgi(scope, receive, send)
+                # The handlers answer by path (liveness or readiness, the admin's
+                # action): they get the app's own.
+                await handler.asgi({**scope, "path": own_path} if own_path != path
+                                   else scope, receive, send)
                 return
         # 1. admit (memguard.memory.MemoryLayer's per-request protocol)
         now = monotonic_ns()
@@ -362,7 +366,7 @@ class _Body:
     the exception, the client gets the refusal."""
 
     __slots__ = ("request", "_receive", "counter", "decoder", "memory", "memory_at",
-                 "held", "timer", "done", "error", "disconnect")
+                 "held", "timer", "done", "error", "disconnect", "more")
 
     def __init__(self, request: _Request, limit: int | None, decoder: Any,
                  memory: Any) -> None:
@@ -381,6 +385,9 @@ class _Body:
         self.timer = (BodyTimer(policy, self.counter, request.reject)
                       if policy.timed else None)
         self.done = False
+        # The server has more of the body to give (its last message's more_body):
+        # decoding may still hand out pieces after the last one arrived.
+        self.more = True
         self.error: RequestRejected | None = None
         # True: a refusal reaches the app as http.disconnect instead of an exception
         # (Django's ASGI handler leaks its spooled body file on any other exception).
@@ -440,7 +447,7 @@ class _Body:
         try:
             if decoder.pending:
                 out = decoder.feed(b"")
-                more = True
+                more = self.more
             else:
                 message = await self._wait()
                 if self.done or message["type"] != "http.request":
@@ -449,7 +456,7 @@ class _Body:
                 data = message.get("body", b"")
                 self.counter.add(len(data))
                 out = decoder.feed(data)
-                more = message.get("more_body", False)
+                more = self.more = message.get("more_body", False)
             if self.counter.received >= self.memory_at or (
                     self.memory is not None and decoder.decoded >= self.memory_at):
                 # What the app may buffer is the decoded size.
