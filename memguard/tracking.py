@@ -8,10 +8,10 @@ the process's memory per request. It *samples*, on a clock:
   route's mean and max growth. A sample that ran alone (no other request in flight at
   any moment of it) is exact and counted apart (``exclusive``); one that overlapped
   others includes their growth and is marked so.
-- **Quiet points, for what a route keeps.** A sampled request that *begins* with no
-  other request in flight is a quiet point: everything that ran since the previous one
-  has finished. Every ``leak_window / 100`` a quiet point closes an interval, after a
-  young-generation collection (~50 us; with nothing in flight it frees the cyclic
+- **Quiet points, for what a route keeps.** A request that *begins* with no other
+  request in flight is a quiet point: everything that ran since the previous one has
+  finished. Every ``leak_window / 30`` a quiet point closes an interval, after a
+  young-generation collection (with nothing in flight it frees the cyclic
   garbage the finished requests left and promotes nothing a request still uses). The
   change of the worker's Python blocks (``sys.getallocatedblocks()``) and RSS over the
   interval is what the requests completed in it kept. The routes of the requests
@@ -220,8 +220,9 @@ class RequestTracker:
         self._interval: dict[int, int] = {}
         self._anchor_rss = 0
         self._anchor_blocks = 0
-        # Intervals per window: about a hundred, each closed by a ~50 us collection.
-        self.anchor_interval_ns = min(max(self.leak_window_ns // 100, 5 * _MS), 500 * _MS)
+        # Intervals per window: about thirty, each closed by a young-generation
+        # collection, which on a busy server takes a fraction of a millisecond.
+        self.anchor_interval_ns = min(max(self.leak_window_ns // 30, 5 * _MS), 2000 * _MS)
         # Finished requests' route keys, counted on the clock (flush()).
         self.completed: deque[RouteKey] = deque()
         self._routes: dict[str, RouteStats] = {}
