@@ -389,18 +389,19 @@ class Watchdog:
                 if overlap.old_pid != pid and now - asked >= REPLACEMENT_WAIT:
                     self._retire(pid, worker.age, slot_states.STOP_THEN_START, now)
                 continue
-            room = self._room(self.slots.expected_growth(worker.age), workers)
+            room = self._room(workers)
             if room is not None and self._begin_overlap(pid, worker, workers, now, room):
                 overlap = self.overlap
                 continue
             # No room: stop first, and boot the replacement after.
             self._retire(pid, worker.age, slot_states.STOP_THEN_START, now)
 
-    def _room(self, growth: int, workers: list[tuple[int, Any]]) -> int | None:
-        """Bytes the budget has left for one more worker of the pool's footprint and
-        ``growth`` of the worker it replaces, with every serving worker counted at its
-        soft limit, which it may reach while the replacement boots (``None``: no room).
-        Without a budget there is nothing to hold it against."""
+    def _room(self, workers: list[tuple[int, Any]]) -> int | None:
+        """Bytes the budget has left for one more worker of the pool's footprint, with
+        every serving worker counted at its soft limit, which it may reach meanwhile,
+        and every worker waiting for a replacement at its soft limit plus the growth it
+        said it may have while it waits (``None``: no room). Without a budget there is
+        nothing to hold it against."""
         total = self.limits.total
         if total is None:
             return 1 << 62
@@ -408,10 +409,16 @@ class Watchdog:
         if usage is None:
             return None
         soft = self.limits.soft or 0
-        figures = [self.slots.read(w.age)[2] for _, w in workers]
+        figures = committed = 0
+        for _, worker in workers:
+            _, state, figure, _ = self.slots.read(worker.age)
+            ceiling = soft
+            if state == slot_states.REPLACE:
+                ceiling += self.slots.expected_growth(worker.age)
+            figures += figure
+            committed += max(figure, ceiling)
         # What is not the workers' (the master, page cache the kernel keeps) stays.
-        committed = max(usage - sum(figures), 0) + sum(max(f, soft) for f in figures)
-        left = total - committed - self._footprint() - growth
+        left = total - max(usage - figures, 0) - committed - self._footprint()
         return left if left >= 0 else None
 
     def _footprint(self) -> int:

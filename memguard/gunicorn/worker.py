@@ -298,14 +298,15 @@ class WorkerMonitor:
         replacement first when the pool's budget has room for it and for what this
         worker will grow meanwhile, then tells this one to go (:meth:`retire`). Only a
         hard limit, the pool's budget, or growing past what it said it would make it
-        leave on its own meanwhile. A worker that would grow by more than half its
-        limit during a boot (a fast leak) leaves at once instead."""
+        leave on its own meanwhile. A worker that would grow by more than its limit
+        during a boot (a fast leak) leaves at once instead."""
         rss = probes.current_rss()
         age = max(time.monotonic() - self.ready_at, 0.1)
         rate = max(rss - self.decision.baseline_rss, 0) / age  # bytes a second
-        # Twice the boot this worker took: a replacement boots on a busier machine.
-        expected = int(rate * 2 * self.boot_seconds) + self._ahead() + _RECHECK_MARGIN
-        if expected > verdict.limit // 2:
+        # Two boots like this worker's, and half again (a replacement boots on a busier
+        # machine): its own, and the one it may wait for (one overlap at a time).
+        expected = int(rate * 3 * self.boot_seconds) + self._ahead() + _RECHECK_MARGIN
+        if expected > verdict.limit:
             self._recycle(verdict.reason, limit=verdict.limit, way="stop_then_start",
                           **verdict.figures)
             return
