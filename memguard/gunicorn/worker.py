@@ -303,9 +303,9 @@ class WorkerMonitor:
         rss = probes.current_rss()
         age = max(time.monotonic() - self.ready_at, 0.1)
         rate = max(rss - self.decision.baseline_rss, 0) / age  # bytes a second
-        # Two boots like this worker's, and half again (a replacement boots on a busier
-        # machine): its own, and the one it may wait for (one overlap at a time).
-        expected = int(rate * 3 * self.boot_seconds) + self._ahead() + _RECHECK_MARGIN
+        # Two boots like this worker's: its replacement's on a busier machine, or that
+        # and part of another's it may wait for (one overlap at a time).
+        expected = int(rate * 2 * self.boot_seconds) + self._ahead() + _RECHECK_MARGIN
         if expected > verdict.limit:
             self._recycle(verdict.reason, limit=verdict.limit, way="stop_then_start",
                           **verdict.figures)
