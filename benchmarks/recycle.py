@@ -28,6 +28,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -391,6 +392,11 @@ def run(quick: bool) -> Result:
     notes: list[str] = []
     if reason is not None:
         return Result("recycle", {"skipped": reason}, notes=[f"skipped: {reason}"])
+    if os.environ.get("RECYCLE_ONLY") == "pool":
+        pool_rows, pool_bounds, pool_notes = pool_scenarios(quick)
+        return Result("recycle_pool", figures={"rows": pool_rows, "versions": _versions()},
+                      bounds=pool_bounds, notes=pool_notes,
+                      table=[_pool_table_row(r) for r in pool_rows])
     patterns = ["steady"] if quick else list(PATTERNS)
     rows = [r for r in ROWS if not quick or r.name in QUICK_ROWS]
     # For working on one row or pattern: RECYCLE_ONLY="uwsgi" or "bursty".
@@ -428,6 +434,9 @@ def run(quick: bool) -> Result:
             bounds.append(Bound(f"{r['pattern']} {r['server']}: wall time vs plain gunicorn "
                                 f"with the same worker class", r["wall_vs_reference"],
                                 WALL_RATIO_TARGET, unit="x"))
+    pool_rows, pool_bounds, pool_notes = pool_scenarios(quick)
+    bounds += pool_bounds
+    notes += pool_notes
     skipped = sorted({r["skipped"] for r in results if "skipped" in r})
     notes += [f"skipped rows: {s}" for s in skipped]
     table = [{k: r.get(k) for k in ("pattern", "server", "failed", "huge_request", "oom_kills",
@@ -436,10 +445,200 @@ def run(quick: bool) -> Result:
         "recycle",
         figures={"group_limit_mib": GROUP_LIMIT // MiB, "workers": WORKERS,
                  "clients": CLIENTS, "rounds": rounds, "memguard_limits": limits,
-                 "rows": results,
+                 "rows": results, "pool_rows": pool_rows,
                  "versions": _versions()},
         bounds=bounds, notes=notes, table=table,
     )
+
+
+# --------------------------------------------------------------------------------------
+# The worker pool (issue 17): spawn before stop, UvicornWorker's recycle cost, zero
+# configuration. ``RECYCLE_ONLY=pool`` runs only these.
+
+# Room for the three workers at their limit, each with the growth it may have while its
+# replacement boots, and one replacement: spawn before stop needs that much.
+POOL_GROUP = 640 * MiB
+POOL_WORKERS = 3
+POOL_CLIENTS = 6  # two per worker: every worker always has a request waiting
+POOL_LIMIT = "100MiB"
+POOL_ENV = {"BOOT_SECONDS": "2", "REQUEST_SECONDS": "0.02"}
+POOL_CLASSES = {"sync": "sync", "UvicornWorker": "uvicorn_worker.UvicornWorker"}
+# --max-requests giving about memguard's restart count at the slow leak: a fresh worker's
+# ~20 MiB to the 100 MiB limit at 256 KiB a request.
+POOL_MAX_REQUESTS = 320
+
+
+def _timed_load(url: str, seconds: float, clients: int) -> dict[str, Any]:
+    """``clients`` threads sending GET /leak for ``seconds``: throughput, latencies."""
+    lock = threading.Lock()
+    latencies: list[float] = []
+    failures: Counter[str] = Counter()
+    deadline = time.monotonic() + seconds
+
+    def client() -> None:
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            try:
+                status = _get(url, "/leak", REQUEST_TIMEOUT)
+                outcome = "ok" if status == 200 else f"status {status}"
+            except (OSError, http.client.HTTPException) as exc:
+                outcome = type(exc).__name__
+            took = time.monotonic() - started
+            with lock:
+                if outcome == "ok":
+                    latencies.append(took)
+                else:
+                    failures[outcome] += 1
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - started
+    latencies.sort()
+
+    def pct(q: float) -> float:
+        return round(1000 * latencies[min(int(q * len(latencies)), len(latencies) - 1)], 1)
+
+    return {"ok": len(latencies), "failed": sum(failures.values()),
+            "failures": dict(failures), "rps": round(len(latencies) / wall, 1),
+            "p50_ms": pct(0.50) if latencies else None,
+            "p99_ms": pct(0.99) if latencies else None}
+
+
+def _pool_row(kind: str, pattern: str, seconds: float, memguard: bool) -> dict[str, Any]:
+    """One slow-boot pool run: 3 workers of ``kind``, the app booting in 2 s and waiting
+    20 ms per request, ``pattern`` ``slow`` (256 KiB kept per request) or ``none``."""
+    worker_class = POOL_CLASSES[kind]
+    args = ["-w", str(POOL_WORKERS), "-k", worker_class, "--graceful-timeout", "10"]
+    env = {**os.environ, **POOL_ENV, "LEAK_PATTERN": pattern, "PYTHONUNBUFFERED": "1"}
+    if memguard:
+        args = ["-c", "python:memguard.gunicorn.conf", *args]
+        env["MEMGUARD_WORKER_MEMORY_LIMIT"] = POOL_LIMIT
+        name = f"memguard {kind}"
+    else:
+        args += ["--max-requests", str(POOL_MAX_REQUESTS), "--max-requests-jitter", "20"]
+        name = f"gunicorn --max-requests {POOL_MAX_REQUESTS} {kind}"
+    interface = "asgi" if kind == "UvicornWorker" else "wsgi"
+    with MemoryCgroup(POOL_GROUP) as group, serve(
+            "gunicorn", f"{APP}:{interface}_app", args, env=env, cwd=REPO, cgroup=group,
+            timeout=60) as server:
+        _wait_for_pool(group, POOL_WORKERS + 1)
+        load = _timed_load(server.url, seconds, POOL_CLIENTS)
+        time.sleep(SETTLE)
+        log = server.log()
+        oom_kills = group.oom_kills
+    shorts = [float(x) for x in re.findall(r"the pool ran short ([\d.]+)s", log)]
+    return {"scenario": "slow_boot", "server": name, "pattern": pattern, **load,
+            "oom_kills": oom_kills,
+            "recycles": sum("recycling worker" in line for line in log.splitlines()),
+            "restarts_logged": log.count("Booting worker") - POOL_WORKERS,
+            "spawn_first": log.count("(spawn_first): the pool ran short"),
+            "stop_then_start": log.count("(stop_then_start): the pool ran short"),
+            "short_seconds_total": round(sum(shorts), 2)}
+
+
+def pool_scenarios(quick: bool) -> tuple[list[dict[str, Any]], list[Bound], list[str]]:
+    """The slow-boot pool, the bursty UvicornWorker comparison, and zero configuration."""
+    rounds = 1 if quick else ROUNDS
+    seconds = 8.0 if quick else 20.0
+    rows: list[dict[str, Any]] = []
+    bounds: list[Bound] = []
+    notes: list[str] = []
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for round_ in range(rounds):
+        for kind in POOL_CLASSES:
+            for pattern, memguard in (("none", True), ("slow", True), ("slow", False)):
+                if quick and not memguard:
+                    continue
+                print(f"   slow boot {kind} {pattern} memguard={memguard} "
+                      f"(round {round_ + 1}) ...", flush=True)
+                data = _pool_row(kind, pattern, seconds, memguard)
+                print(f"      {data['rps']} req/s, p99 {data['p99_ms']} ms, failed "
+                      f"{data['failed']}, OOM {data['oom_kills']}, recycles "
+                      f"{data['recycles']} ({data['spawn_first']} spawned first)", flush=True)
+                runs.setdefault((data["server"], pattern), []).append(data)
+    for done in runs.values():
+        merged = dict(done[-1])
+        for key in ("rps", "p50_ms", "p99_ms", "recycles", "spawn_first"):
+            merged[key] = median([float(r[key] or 0) for r in done])
+        merged["failed"] = max(r["failed"] for r in done)
+        merged["oom_kills"] = max(r["oom_kills"] for r in done)
+        merged["rounds"] = [{k: r[k] for k in ("rps", "p99_ms", "failed", "oom_kills",
+                                               "recycles", "spawn_first")} for r in done]
+        rows.append(merged)
+    for kind in POOL_CLASSES:
+        base = next((r for r in rows if r["server"] == f"memguard {kind}"
+                     and r["pattern"] == "none"), None)
+        leak = next((r for r in rows if r["server"] == f"memguard {kind}"
+                     and r["pattern"] == "slow"), None)
+        if base is None or leak is None or not base["rps"]:
+            continue
+        leak["throughput_vs_no_leak"] = round(leak["rps"] / base["rps"], 3)
+        leak["p99_vs_no_leak"] = round(leak["p99_ms"] / base["p99_ms"], 2)
+        label = f"slow boot, {kind}, slow leak"
+        bounds += [Bound(f"{label}: throughput with recycles / without",
+                         leak["throughput_vs_no_leak"], 0.97, at_least=True, unit="x"),
+                   Bound(f"{label}: p99 with recycles / without", leak["p99_vs_no_leak"],
+                         1.2, unit="x"),
+                   Bound(f"{label}: failed requests", leak["failed"], 0),
+                   Bound(f"{label}: OOM kills", leak["oom_kills"], 0, hard=True)]
+    # The bursty pattern under UvicornWorker: memguard at 80 MiB against a blind restart
+    # every 20 requests; and both worker classes with no MEMGUARD_* variable at all.
+    uvicorn_args = ["-k", "uvicorn_worker.UvicornWorker"]
+    conf = ["-c", "python:memguard.gunicorn.conf"]
+    bursty = [
+        (Row("memguard (UvicornWorker, 80 MiB)", "gunicorn", interface="asgi",
+             memguard=True, args=lambda p: [*conf, *uvicorn_args]),
+         {"MEMGUARD_WORKER_MEMORY_LIMIT": "80MiB"}),
+        (Row("gunicorn --max-requests 20 --max-requests-jitter 5 (UvicornWorker)",
+             "gunicorn", interface="asgi",
+             args=lambda p: [*uvicorn_args, "--max-requests", "20",
+                             "--max-requests-jitter", "5"]), {}),
+        (Row("memguard, no MEMGUARD_* variable (sync)", "gunicorn", memguard=True,
+             args=lambda p: [*conf, "-k", "sync"]), {}),
+        (Row("memguard, no MEMGUARD_* variable (UvicornWorker)", "gunicorn", interface="asgi",
+             memguard=True, args=lambda p: [*conf, *uvicorn_args]), {}),
+    ]
+    requests = PATTERNS["bursty"]["quick" if quick else "requests"]
+    bursty_runs: dict[str, list[dict[str, Any]]] = {}
+    for round_ in range(rounds):
+        for row, env in bursty:
+            print(f"   bursty {row.name} (round {round_ + 1}) ...", flush=True)
+            data = _run_row(row, "bursty", requests, env)
+            # An empty env still runs with the memguard config: no limit is passed.
+            data["scenario"] = "bursty"
+            bursty_runs.setdefault(row.name, []).append(data)
+            if "skipped" not in data:
+                print(f"      failed {data['failed']}, OOM kills {data['oom_kills']}, "
+                      f"restarts {data['restarts']}, {data['wall_s']} s", flush=True)
+    merged_bursty = {name: _merge_rounds(done) for name, done in bursty_runs.items()}
+    rows += [{**m, "scenario": "bursty"} for m in merged_bursty.values()]
+    mg = merged_bursty.get(bursty[0][0].name, {})
+    mr = merged_bursty.get(bursty[1][0].name, {})
+    if mg.get("wall_s") and mr.get("wall_s"):
+        ratio = round(mg["wall_s"] / mr["wall_s"], 2)
+        mg["wall_vs_max_requests_20"] = ratio
+        bounds.append(Bound("bursty, UvicornWorker: memguard's time / --max-requests 20",
+                            ratio, 0.5, unit="x"))
+    for row, _ in bursty[2:]:
+        m = merged_bursty.get(row.name, {})
+        if "oom_kills" in m:
+            bounds += [Bound(f"bursty, {row.name}: OOM kills", m["oom_kills"], 0, hard=True),
+                       Bound(f"bursty, {row.name}: failed requests", m["failed"], 0)]
+    notes.append(f"pool scenarios: {rounds} round(s), medians (worst round for failures "
+                 "and OOM kills); on a shared 2-core machine wall times and throughput "
+                 "move by several percent from round to round")
+    return rows, bounds, notes
+
+
+def _pool_table_row(r: dict[str, Any]) -> dict[str, Any]:
+    keys = ("scenario", "server", "pattern", "rps", "p99_ms", "failed", "oom_kills",
+            "recycles", "spawn_first", "throughput_vs_no_leak", "p99_vs_no_leak", "wall_s",
+            "restarts", "wall_vs_max_requests_20")
+    return {k: r.get(k) for k in keys if r.get(k) is not None}
 
 
 def _merge_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -3,10 +3,14 @@
 - ``steady``: every request keeps 2 MiB;
 - ``bursty``: every 25th request of a process keeps 24 MiB (about 1 MiB per request on
   average, in large steps);
+- ``slow``: every request keeps 256 KiB;
+- ``none``: requests keep nothing (the reference for ``slow``);
 - ``huge``: requests keep nothing, but ``/huge`` grows by 4 MiB every 50 ms (80 MiB/s) up
   to ``HUGE_MIB`` (640 MiB by default: more than the whole group) inside one request.
 
-Kept memory is written to (``b"\\x01" * n``): an untouched allocation would not count.
+``BOOT_SECONDS`` is slept at import (an app that loads models), ``REQUEST_SECONDS`` in
+each request (a database call). Kept memory is written to (``b"\\x01" * n``): an
+untouched allocation would not count.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ HUGE_PAUSE = 0.05
 
 _kept: list[bytes] = []
 _served = [0]
+REQUEST_SECONDS = float(os.environ.get("REQUEST_SECONDS", "0"))
+time.sleep(float(os.environ.get("BOOT_SECONDS", "0")))
 
 
 def _leak() -> None:
@@ -33,6 +39,8 @@ def _leak() -> None:
         _kept.append(b"\x01" * (2 * MiB))
     elif PATTERN == "bursty" and _served[0] % 25 == 0:
         _kept.append(b"\x01" * (24 * MiB))
+    elif PATTERN == "slow":
+        _kept.append(b"\x01" * (256 * 1024))
 
 
 def _body() -> bytes:
@@ -49,6 +57,8 @@ def wsgi_app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
     else:
         if environ.get("PATH_INFO") == "/leak":
             _leak()
+            if REQUEST_SECONDS:
+                time.sleep(REQUEST_SECONDS)
         body = _body()
     start_response("200 OK", [("Content-Type", "text/plain"),
                               ("Content-Length", str(len(body)))])
@@ -72,6 +82,8 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     else:
         if scope["path"] == "/leak":
             _leak()
+            if REQUEST_SECONDS:
+                await asyncio.sleep(REQUEST_SECONDS)
         body = _body()
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/plain"),
