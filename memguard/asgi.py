@@ -43,7 +43,7 @@ from time import monotonic, monotonic_ns
 from typing import Any
 
 from memguard.config import resolve
-from memguard.errors import RequestRejected, RequestTimeout, drop_tracebacks
+from memguard.errors import MalformedRequest, RequestRejected, RequestTimeout, drop_tracebacks
 from memguard.http import (
     BODY_HEADERS,
     LINGER_BYTES,
@@ -304,9 +304,12 @@ class _Request:
         drain of it, so that it reads the answer rather than a reset."""
         self.replaced = True
         body = self.body
-        # A body refused on its headers was never invited (100 Continue); a timed-out
-        # one is not arriving.
-        if body is None or body.done or isinstance(exc, RequestTimeout):
+        # A timed-out body is not arriving, nor is the rest of one that has ended. One
+        # refused on its headers is on its way, unless the client waits for 100 Continue
+        # (a drain would send it) or its framing is in doubt.
+        if isinstance(exc, RequestTimeout) or (
+                not body.more if body is not None
+                else self.head.expects_continue or isinstance(exc, MalformedRequest)):
             await _send_response(self._send, exc, self.head.accept)
             return
         await _send_response(self._send, exc, self.head.accept, more_body=True)
@@ -385,8 +388,9 @@ class _Body:
         self.timer = (BodyTimer(policy, self.counter, request.reject)
                       if policy.timed else None)
         self.done = False
-        # The server has more of the body to give (its last message's more_body):
-        # decoding may still hand out pieces after the last one arrived.
+        # The server has more of the body to give (its last message's more_body): a
+        # refused body is drained only then, and decoding may still hand out pieces
+        # after the last one arrived.
         self.more = True
         self.error: RequestRejected | None = None
         # True: a refusal reaches the app as http.disconnect instead of an exception
@@ -421,6 +425,8 @@ class _Body:
             self._finish()
             return message
         chunk = message.get("body", b"")
+        if not message.get("more_body", False):
+            self.more = False
         try:
             self.counter.add(len(chunk))
             if self.counter.received >= self.memory_at:
@@ -434,7 +440,7 @@ class _Body:
                 return self._refuse(exc)
         if not self.held and chunk:
             self.held.append(chunk)
-        if not message.get("more_body", False):
+        if not self.more:
             self._finish()
         return message
 

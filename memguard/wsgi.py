@@ -259,18 +259,29 @@ class _Request:
         if exc_info is None and self.started:
             exc_info = (type(exc), exc, exc.__traceback__)
         if not isinstance(exc, RequestTimeout):
-            self.linger()
+            self.linger(exc)
         self.start_response(status_line(status), headers, exc_info)
         return [body]
 
-    def linger(self) -> None:
+    def linger(self, exc: RequestRejected) -> None:
         """Drain the rest of a refused body, bounded (gunicorn only: its socket takes a
         timeout, so a client that went silent cannot hold the worker)."""
-        stream = self.input
-        sock = self.environ.get("gunicorn.socket")
-        if stream is None or sock is None or self.environ.get("HTTP_EXPECT"):
+        environ = self.environ
+        sock = environ.get("gunicorn.socket")
+        if sock is None or environ.get("HTTP_EXPECT"):
             return
-        stream.drain(sock, LINGER_BYTES, LINGER_SECONDS)
+        if self.input is not None:
+            self.input.drain(sock, LINGER_BYTES, LINGER_SECONDS)
+            return
+        if isinstance(exc, MalformedRequest):
+            return  # refused on its headers, its framing in doubt: not read at all
+        # Refused on its headers: none of the body was read, and the client sends it.
+        length = environ.get("CONTENT_LENGTH", "")
+        if length.isascii() and length.isdigit():
+            _drain(environ["wsgi.input"], sock, min(int(length), LINGER_BYTES),
+                   LINGER_SECONDS)
+        elif "HTTP_TRANSFER_ENCODING" in environ and environ.get("wsgi.input_terminated"):
+            _drain(environ["wsgi.input"], sock, LINGER_BYTES, LINGER_SECONDS)
 
     def refuse_now(self, exc: RequestRejected) -> list[bytes]:
         """A refusal the app raised on a bodyless request."""
@@ -333,6 +344,22 @@ class _Body:
 # ---- the wsgi.input wrapper ---------------------------------------------------------
 
 _READ_CHUNK = 64 * 1024
+
+
+def _drain(stream: IO[bytes], sock: Any, left: int, seconds: float) -> None:
+    """Read and discard up to ``left`` bytes of the server's body stream, for at most
+    ``seconds``. Best effort: any error of the server's stream (a reset, a malformed
+    chunk) ends it."""
+    deadline = time.monotonic() + seconds
+    try:
+        sock.settimeout(seconds)
+        while left > 0 and time.monotonic() < deadline:
+            data = stream.read(min(left, _READ_CHUNK))
+            if not data:
+                return
+            left -= len(data)
+    except Exception:
+        return
 
 
 class WSGIInput:
@@ -562,19 +589,8 @@ class WSGIInput:
     def drain(self, sock: Any, most: int, seconds: float) -> None:
         """Read and discard what is left of the body: at most ``most`` bytes, for at most
         ``seconds`` (the socket's timeout bounds each read)."""
-        if self.declared is None:
-            return
-        left = min(self.declared - self.received, most)
-        deadline = time.monotonic() + seconds
-        try:
-            sock.settimeout(seconds)
-            while left > 0 and time.monotonic() < deadline:
-                data = self._stream.read(min(left, _READ_CHUNK))
-                if not data:
-                    return
-                left -= len(data)
-        except (OSError, ValueError):
-            return
+        left = most if self.declared is None else min(self.declared - self.received, most)
+        _drain(self._stream, sock, left, seconds)
 
     def close(self) -> None:
         self._restore()

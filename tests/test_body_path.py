@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import inspect
+import logging
 import sys
 import weakref
 from collections.abc import Awaitable, Callable
@@ -119,12 +120,16 @@ def test_the_apps_receive_takes_no_arguments() -> None:
     assert ex.status == 200 and len(errors) == 2
 
 
-def test_limit_crossed_in_the_middle_of_the_c_path_is_413() -> None:
-    ex = asyncio.run(exchange(MemGuardMiddleware(_reader, max_body_size=25_000),
-                              headers=[(b"transfer-encoding", b"chunked")],
-                              chunks=[b"x" * 1000] * 40))
+def test_limit_crossed_in_the_middle_of_the_c_path_is_413(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="memguard.body"):
+        ex = asyncio.run(exchange(MemGuardMiddleware(_reader, max_body_size=25_000),
+                                  headers=[(b"transfer-encoding", b"chunked")],
+                                  chunks=[b"x" * 1000] * 40))
     assert ex.status == 413
-    assert ex.delivered == 26_000  # cut at the chunk that crossed
+    # Cut at the chunk that crossed; the rest drained after the answer.
+    assert "received=26000" in caplog.records[0].getMessage()
+    assert ex.delivered == 40_000
 
 
 def _shaped(shape: str, chunk: bytes, more: bool) -> Message:
@@ -147,7 +152,8 @@ def _shaped(shape: str, chunk: bytes, more: bool) -> Message:
 
 @pytest.mark.parametrize("shape", ["literal", "reordered", "built_keys", "extra_key",
                                    "deleted_entry"])
-def test_the_limit_holds_whatever_shape_the_server_gives_its_messages(shape: str) -> None:
+def test_the_limit_holds_whatever_shape_the_server_gives_its_messages(
+        shape: str, caplog: pytest.LogCaptureFixture) -> None:
     """The C path reads ``body`` and ``more_body`` in place where the message is the
     usual literal, and looks them up otherwise: either way every byte is counted."""
     sent = 0
@@ -158,10 +164,14 @@ def test_the_limit_holds_whatever_shape_the_server_gives_its_messages(shape: str
         await asyncio.sleep(0)
         return _shaped(shape, b"x" * 1000, sent < 40)
 
-    ex = asyncio.run(exchange(MemGuardMiddleware(_reader, max_body_size=25_000),
-                              headers=[(b"transfer-encoding", b"chunked")], receive=receive))
+    with caplog.at_level(logging.WARNING, logger="memguard.body"):
+        ex = asyncio.run(exchange(MemGuardMiddleware(_reader, max_body_size=25_000),
+                                  headers=[(b"transfer-encoding", b"chunked")],
+                                  receive=receive))
     assert ex.status == 413
-    assert sent == 26  # cut at the chunk that crossed
+    # Cut at the chunk that crossed; the rest drained after the answer.
+    assert "received=26000" in caplog.records[0].getMessage()
+    assert sent == 40
 
     sent = 0
     ex = asyncio.run(exchange(MemGuardMiddleware(_reader, max_body_size=40_000),

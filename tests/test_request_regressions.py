@@ -361,3 +361,40 @@ def test_streaming_upload_beside_a_leaking_route_is_never_refused_as_buffering()
         log = srv.log()
     no_crash_in(log)
     assert log.count("body_exceeds_worker_memory") == 1, log
+
+
+# ---- 17. lingering close: the client that sends everything before reading ------------------
+
+@pytest.mark.parametrize("kind,app", [
+    ("uvicorn", "tests.apps.body_apps:guarded_asgi"),
+    ("gunicorn", "tests.apps.body_apps:guarded_wsgi"),
+])
+def test_refused_body_is_drained_so_a_client_sending_it_whole_reads_the_413(
+        kind: str, app: str) -> None:
+    # Like http.client: the whole body goes out before the answer is read. A server that
+    # answers and closes with the body unread resets the connection under the client.
+    # The client's send buffer is small (64 KiB) so that what the kernel takes in
+    # without the server reading (4 MiB on loopback by default) does not hide that.
+    size = 3 * MiB  # within the drained 4 MiB (a 32 MiB body is still reset)
+    env = {"MEMGUARD_MAX_BODY_SIZE": "1MiB"}
+    args = UVICORN if kind == "uvicorn" else ["-w", "1"]
+    with serve(kind, app, args, env=env, cwd=REPO) as srv:
+        for path in ("/declared", "/chunked"):
+            framing = ("Transfer-Encoding: chunked" if path == "/chunked"
+                       else f"Content-Length: {size}")
+            body = b"b" * size
+            if path == "/chunked":
+                body = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 65536]), body[i:i + 65536])
+                                for i in range(0, size, 65536)) + b"0\r\n\r\n"
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+                sock.settimeout(15)
+                sock.connect(("127.0.0.1", srv.port))
+                sock.sendall(head("POST", path, "Content-Type: application/octet-stream",
+                                  framing))
+                sock.sendall(body)
+                answer = read_answer(sock)
+            assert answer.status == 413, (path, answer)
+            assert answer.body.startswith(b"413 "), answer
+        log = srv.log()
+    no_crash_in(log)
