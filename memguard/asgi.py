@@ -44,6 +44,7 @@ from typing import Any
 
 from memguard.config import resolve
 from memguard.errors import MalformedRequest, RequestRejected, RequestTimeout, drop_tracebacks
+from memguard.eventloops import under_trio
 from memguard.http import (
     BODY_HEADERS,
     LINGER_BYTES,
@@ -340,10 +341,12 @@ class _Request:
 
 async def _drain(receive: Receive) -> None:
     """Read and discard the rest of a refused body: at most LINGER_BYTES, for at most
-    LINGER_SECONDS (asyncio only; elsewhere nothing is drained)."""
+    LINGER_SECONDS (under asyncio or trio; elsewhere nothing is drained)."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
+        if under_trio():
+            await _drain_trio(receive)
         return
     deadline = monotonic() + LINGER_SECONDS
     drained = 0
@@ -360,6 +363,23 @@ async def _drain(receive: Receive) -> None:
         drained += len(message.get("body", b""))
         if not message.get("more_body", False):
             return
+
+
+async def _drain_trio(receive: Receive) -> None:
+    import trio
+
+    drained = 0
+    with trio.move_on_after(LINGER_SECONDS):
+        while drained < LINGER_BYTES:
+            try:
+                message = await receive()
+            except (OSError, RuntimeError):
+                return
+            if message.get("type") != "http.request":
+                return
+            drained += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
 
 class _Body:
@@ -403,6 +423,11 @@ class _Body:
         if timer is None:
             return await self._receive()
         if not timer.enter():
+            if timer.trio_timed:
+                try:
+                    return await timer.trio_receive(self._receive)
+                except RequestTimeout as exc:
+                    return self._refuse(exc)
             self.timer = None
             return await self._receive()
         try:

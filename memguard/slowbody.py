@@ -13,8 +13,9 @@ read the body from a task of its own, e.g. through ``asyncio.wait_for``); that
 receive() turns the cancellation into :class:`~memguard.errors.RequestTimeout`, which
 the middleware answers with 408.
 
-Outside asyncio (trio) the timeouts are off, said once in the log; counting and limits
-still apply.
+Under trio there is no loop to sweep: each wait gets trio's own cancel scope, with the
+body's deadline (a clock read and a scope per chunk, on trio only). Under any other
+library the timeouts are off, said once in the log; counting and limits still apply.
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import math
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from memguard.errors import RequestRejected, RequestTimeout
+from memguard.eventloops import under_trio
 from memguard.limits import BodyCounter, BodyPolicy
+from memguard.types import Message
 
 __all__ = ["BodyTimer", "Sweeper"]
 
@@ -36,7 +40,7 @@ log = logging.getLogger("memguard.body")
 
 _monotonic = time.monotonic
 _IDLE_PERIOD = 0.5
-_warned_no_asyncio = False
+_warned_no_timers = False
 
 
 class BodyTimer:
@@ -44,7 +48,7 @@ class BodyTimer:
 
     __slots__ = ("idle_timeout", "min_rate", "rate_grace", "period", "counter", "report",
                  "report_only", "sweeper", "start", "calls", "waiting", "seen_calls",
-                 "t_enter", "task", "timeout", "__weakref__")
+                 "t_enter", "task", "timeout", "trio", "__weakref__")
 
     def __init__(self, policy: BodyPolicy, counter: BodyCounter,
                  report: Callable[[RequestRejected], None]) -> None:
@@ -63,9 +67,16 @@ class BodyTimer:
         self.t_enter = 0.0            # when the sweeper first found the current wait
         self.task: asyncio.Task[Any] | None = None  # the task waiting in receive()
         self.timeout: RequestTimeout | None = None  # set when the sweeper cancelled it
+        self.trio: Any = None         # the trio module, when trio runs this body
+
+    @property
+    def trio_timed(self) -> bool:
+        """No sweeper here: each wait goes through :meth:`trio_receive` instead."""
+        return self.trio is not None
 
     def enter(self) -> bool:
-        """A receive() is about to wait; False when no timer can run (not asyncio)."""
+        """A receive() is about to wait; False when no sweeper can time it (not asyncio:
+        then :attr:`under_trio` says whether :meth:`trio_receive` can)."""
         if self.calls == 0 and not self._register():
             return False
         self.calls += 1
@@ -78,19 +89,53 @@ class BodyTimer:
         self.task = None
 
     def _register(self) -> bool:
+        if self.trio is not None:
+            return False
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            global _warned_no_asyncio
-            if not _warned_no_asyncio:
-                _warned_no_asyncio = True
-                log.warning("request body timeouts are off: they need an asyncio event "
-                            "loop (limits and counting still apply)")
+            if under_trio():
+                import trio
+
+                self.trio = trio
+                self.start = trio.current_time()
+                return False
+            global _warned_no_timers
+            if not _warned_no_timers:
+                _warned_no_timers = True
+                log.warning("request body timeouts are off: they need asyncio or trio "
+                            "(limits and counting still apply)")
             return False
         self.sweeper = Sweeper.of(loop)
         self.start = _monotonic()
         self.sweeper.add(self, loop, self.period)
         return True
+
+    async def trio_receive(self, receive: Callable[[], Awaitable[Message]]) -> Message:
+        """Under trio: the server's next message, awaited within this body's deadline;
+        past it, :class:`RequestTimeout` is raised (reported only, in report-only mode)."""
+        trio = self.trio
+        idle_at = trio.current_time() + self.idle_timeout if self.idle_timeout else math.inf
+        # No byte arrives during the wait: the minimum rate's deadline is fixed for it.
+        rate_at = (self.start + self.rate_grace + self.counter.received / self.min_rate
+                   if self.min_rate else math.inf)
+        with trio.CancelScope(deadline=min(idle_at, rate_at)):
+            return await receive()
+        received = self.counter.received
+        if idle_at <= rate_at:
+            exc = RequestTimeout("no request body data arrived in time",
+                                 reason="body_idle_timeout", idle_timeout=self.idle_timeout,
+                                 received=received)
+        else:
+            exc = RequestTimeout(
+                "request body is arriving too slowly", reason="body_too_slow",
+                min_rate=self.min_rate, received=received,
+                seconds=round(trio.current_time() - self.start, 2))
+        if not self.report_only:
+            raise exc
+        self.report(exc)
+        self.idle_timeout = self.min_rate = 0  # reported once; no more deadlines
+        return await receive()
 
     def cancelled(self) -> RequestTimeout | None:
         """A receive() was cancelled: the timeout when it was ours (the cancellation is

@@ -57,8 +57,6 @@ class Served:
     # The status a chunked body over the limit gets (411: the server gives no
     # wsgi.input_terminated, so memguard cannot read a chunked body to its end).
     chunked_over_limit: int = 413
-    # Why a stalled body is not answered with 408 here yet (None: it is).
-    stall_pending: str | None = None
     # The server reads the whole body before it calls the app: a body refused for its
     # size is refused once it has all arrived, and a stalled body never reaches the app.
     buffers_body: bool = False
@@ -76,7 +74,6 @@ SERVERS = {
     # (send_eof) takes no send lock: once the refusal's response is out, the two can
     # meet on the socket and it logs trio.BusyResourceError. The client has its answer.
     "hypercorn-trio": Served("hypercorn", ASGI, ("-w", "1", "-k", "trio"),
-                             stall_pending="slow-body timeouts do not run under trio yet",
                              known_errors=("trio.BusyResourceError",)),
     "granian": Served("granian", ASGI, ("--interface", "asgi", "--workers", "1"),
                       lazy_continue=True, length_with_chunked="chunked"),
@@ -187,8 +184,6 @@ def test_chunked_body_over_limit_is_cut_while_sending(running: Running) -> None:
 
 
 def test_stalled_body_is_408(running: Running) -> None:
-    if running.served.stall_pending:
-        pytest.skip(running.served.stall_pending)
     if running.served.buffers_body:
         # The server holds a stalled body itself (until its own idle timeout: Waitress's
         # channel_timeout, 120 s; Twisted's, 60 s, under Daphne): the app, so memguard,

@@ -43,8 +43,6 @@ class Served:
     # The status of a chunked body over a route's limit (411 where the server gives no
     # wsgi.input_terminated: memguard cannot read a chunked body to its end there).
     chunked_over_limit: int = 413
-    # Why uploads do not work here yet (None: they do).
-    uploads_pending: str | None = None
     # Why the server itself holds a whole body in memory (None: it streams it); the
     # upload tests then measure memguard's cost above the server's own.
     holds_body: str | None = None
@@ -58,8 +56,7 @@ SERVERS = {
     "gunicorn-gthread": Served("gunicorn", WSGI, ("-w", "1", "-k", "gthread", "--threads", "4")),
     "gunicorn-asgi": Served("gunicorn", ASGI, ("-w", "1", "-k", "asgi")),
     "hypercorn": Served("hypercorn", ASGI, ("-w", "1")),
-    "hypercorn-trio": Served("hypercorn", ASGI, ("-w", "1", "-k", "trio"),
-                             uploads_pending="save_body's writer threads wait on asyncio"),
+    "hypercorn-trio": Served("hypercorn", ASGI, ("-w", "1", "-k", "trio")),
     "granian": Served("granian", ASGI, ("--interface", "asgi", "--workers", "1")),
     "uwsgi": Served("uwsgi", WSGI, ("--master", "--workers", "1"), chunked_over_limit=411),
     "daphne": Served("daphne", ASGI, half_close=False,
@@ -95,11 +92,6 @@ def running(request: pytest.FixtureRequest,
         status, _, body = http_request(srv.url)
         assert status == 200, body
         yield Running(served, srv, int(body.split()[1]), updir, tmpdir)
-
-
-def needs_uploads(running: Running) -> None:
-    if running.served.uploads_pending:
-        pytest.skip(running.served.uploads_pending)
 
 
 def file_sha256(path: Path) -> str:
@@ -142,7 +134,6 @@ def server_cost_first(running: Running, chunks: Iterator[bytes], length: int,
 
 
 def test_streamed_upload_is_byte_identical_with_flat_memory(running: Running) -> None:
-    needs_uploads(running)
     warm_up(running)
     payload = Payload(128 * MiB)
     server_cost_first(running, payload.chunks(), payload.size)
@@ -162,7 +153,6 @@ def test_streamed_upload_is_byte_identical_with_flat_memory(running: Running) ->
 
 
 def test_multipart_upload_is_byte_identical_with_flat_memory(running: Running) -> None:
-    needs_uploads(running)
     warm_up(running)
     payload = Payload(64 * MiB)
     head, tail, length = multipart_parts(payload, fields={"title": "holiday"})

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from memguard.errors import InsufficientStorage
+from memguard.eventloops import trio_wait_done, under_asyncio
 
 __all__ = ["AsyncSpool", "ProcessQuota", "RequestBudget", "Spool", "executor", "free_bytes"]
 
@@ -498,6 +499,9 @@ def _after_quietly(prev: Future[Any] | None, func: Callable[..., Any], *args: An
 async def _result(job: Future[Any]) -> Any:
     if job.done():
         return job.result()
+    if not under_asyncio():
+        await trio_wait_done(job)  # the same guarantee as the shield below
+        return job.result()
     # Shielded: cancelling the caller must never cancel a queued job, or a later job
     # (chained on it) could run while an earlier one still writes.
     return await asyncio.shield(asyncio.wrap_future(job))
@@ -568,6 +572,9 @@ class AsyncSpool:
         tail = self.tail
         try:
             if tail is not None and not tail.done():
+                if not under_asyncio():
+                    await trio_wait_done(tail)
+                    return
                 waiter = asyncio.wrap_future(tail)
                 waiter.add_done_callback(_retrieve)
                 await asyncio.wait([waiter])
