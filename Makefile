@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.memguard-installed
 BENCH_STAMP := $(VENV)/.memguard-bench-installed
 
-.PHONY: install test test-matrix lint demo bench docs clean
+.PHONY: install test test-matrix test-extras lint demo bench docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(STAMP)
 MATRIX ?= 3.10 3.13
 test-matrix:
 	bash .ci/test-matrix.sh $(MATRIX)
+
+# Each optional extra installed alone in a fresh venv, from the wheel (slow).
+test-extras: $(STAMP)
+	$(BIN)/python -m pytest -m slow tests/test_extras.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check memguard tests examples benchmarks

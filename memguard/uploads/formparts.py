@@ -279,7 +279,12 @@ class Feeder:
 
 
 def boundary_of(content_type: str | None) -> bytes:
-    from python_multipart.multipart import parse_options_header
+    # The first step of every form upload: a missing extra is said here, by name.
+    try:
+        from python_multipart.multipart import parse_options_header
+    except ImportError:
+        raise RuntimeError("form uploads need python-multipart: "
+                           "pip install 'memguard-web[multipart]'") from None
 
     kind, params = parse_options_header(content_type)
     if kind != b"multipart/form-data":

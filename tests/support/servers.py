@@ -226,10 +226,9 @@ def server_unavailable_reason(kind: str) -> str | None:
 
 
 def _server_argv(kind: str, app: str, args: Sequence[str], *, fd: int, host: str, port: int,
-                 cwd: str | Path | None) -> list[str]:
+                 cwd: str | Path | None, python: str) -> list[str]:
     """The command line that runs ``app`` under ``kind`` on the listening socket ``fd``
     (for uWSGI, with ``UWSGI_RELOADS`` set in its environment: see :func:`serve`)."""
-    python = sys.executable
     if kind == "gunicorn":
         return [python, "-m", "gunicorn", "--bind", f"fd://{fd}", *args, app]
     if kind == "uvicorn":
@@ -246,7 +245,8 @@ def _server_argv(kind: str, app: str, args: Sequence[str], *, fd: int, host: str
     if kind == "uwsgi":
         module, _, attr = app.partition(":")
         return [str(Path(python).with_name("uwsgi")), "--http-socket", f"{host}:{port}",
-                "--module", f"{module}:{attr or 'application'}", "--home", sys.prefix,
+                "--module", f"{module}:{attr or 'application'}",
+                "--home", str(Path(python).parent.parent),
                 "--pythonpath", str(cwd or os.getcwd()), "--need-app", "--die-on-term",
                 "--strict", *args]
     raise ValueError(f"unknown server kind {kind!r}: expected one of {SERVER_KINDS}")
@@ -265,6 +265,7 @@ def serve(
     ready_path: str = "/",
     timeout: float = 30,
     host: str = "127.0.0.1",
+    python: str = sys.executable,
 ) -> Iterator[Server]:
     """Run the server ``kind`` (one of :data:`SERVER_KINDS`) serving ``app`` on a
     loopback port until exit.
@@ -274,11 +275,12 @@ def serve(
     (Granian alone takes no descriptor: it is given the port, freed just before). The
     server runs in its own session; on exit it gets SIGTERM (a graceful stop), then its
     whole process group gets SIGKILL, and the function waits until the group is gone.
+    ``python`` is the interpreter (and so the environment) the server runs from.
     """
     sock = _free_listener(host)
     fd = sock.fileno()
     port = sock.getsockname()[1]
-    argv = _server_argv(kind, app, args, fd=fd, host=host, port=port, cwd=cwd)
+    argv = _server_argv(kind, app, args, fd=fd, host=host, port=port, cwd=cwd, python=python)
     pass_fds: tuple[int, ...] = (fd,)
     if kind == "granian":
         sock.close()
