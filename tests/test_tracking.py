@@ -268,11 +268,13 @@ async def _clean(request: Any) -> PlainTextResponse:
 
 def test_leaking_route_flagged_in_process(caplog: pytest.LogCaptureFixture) -> None:
     inner = Starlette(routes=[Route("/leak", _leaky), Route("/clean/{n}", _clean)])
-    # A short window makes quiet-point intervals short (leak_window / 100).
     app = MemGuardMiddleware(inner, memory_sample_interval=0, leak_window=0.5,
                              leak_windows=3, leak_min_growth=0)
     tracker = app.memory.tracker
     assert tracker is not None
+    # Requests run one at a time here: every one may close an interval, however fast
+    # this machine runs them (a time-based interval made the rows per window vary).
+    tracker.anchor_interval_ns = 0
     rng = random.Random(7)
     caplog.set_level("WARNING", logger="memguard.tracking")
     for _window in range(8):
