@@ -85,6 +85,10 @@ def read_oom_kills(cgroup: probes.CgroupInfo | None) -> tuple[int, str] | None:
 # How long a worker waits for its replacement to boot, or for another worker's to, before
 # it is told to go anyway.
 REPLACEMENT_WAIT = 30.0
+# Share of the budget an overlap must leave free besides the replacement: serving
+# workers pass their soft limit by up to a request's growth before they notice, and
+# more of them do while an overlap lasts under load.
+OVERLAP_RESERVE = 0.15
 
 
 class Watchdog:
@@ -418,7 +422,8 @@ class Watchdog:
             figures += figure
             committed += max(figure, ceiling)
         # What is not the workers' (the master, page cache the kernel keeps) stays.
-        left = total - max(usage - figures, 0) - committed - self._footprint()
+        left = (total - max(usage - figures, 0) - committed - self._footprint()
+                - int(total * OVERLAP_RESERVE))
         return left if left >= 0 else None
 
     def _footprint(self) -> int:
