@@ -260,6 +260,9 @@ def test_install_in_a_users_config_keeps_their_hooks(repo: Path, group: MemoryCg
                ["-c", "python:tests.apps.gunicorn_user_conf", "-w", "2"], cwd=repo,
                cgroup=group, ready_path="/ping") as server:
         ok, failed, _ = load(server.url, count=200, clients=4)
+        # post_request runs after the response is sent: the client may have its answer
+        # before the hook's line is written.
+        wait_for(lambda: server.log().count("user post_request hook ran") >= 200)
         log = server.log()
     assert (ok, failed) == (200, 0)
     assert log.count("user post_request hook ran") >= 200
