@@ -198,7 +198,8 @@ def test_measure_on_a_busy_cpu_still_sees_an_app_that_computes(repo: Path) -> No
 
 def test_measure_freezes_what_the_worker_inherits(repo: Path) -> None:
     """Without preload the measuring worker calls gc.freeze() as memguard's workers do:
-    its collection after the warm-up must not copy the master's objects into it (a
-    hello-world worker then measures a few MiB, not the ~9 MiB that copying adds)."""
+    its collection after the warm-up must not copy the master's objects into it: the
+    worker grows by a fraction of a MiB from boot to warm, not by the 5 to 7 MiB that
+    copying adds (more on newer Pythons, whose interpreter is bigger)."""
     (fp,), _ = measure("tests.apps.hello:wsgi_app", requests=3, cwd=repo, preload=[False])
-    assert fp.worker < 6 * MiB
+    assert fp.worker - fp.boot < 2 * MiB, fp
