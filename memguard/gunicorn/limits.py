@@ -11,7 +11,8 @@ from typing import Any
 from memguard import config, probes
 from memguard.sizes import format_size, parse_size
 
-__all__ = ["Limits", "resolve_limits", "derive_worker_limits", "OPTION_ALIASES"]
+__all__ = ["OPTION_ALIASES", "OVERLAP_RESERVE", "Limits", "derive_worker_limits",
+           "resolve_limits"]
 
 # The worker limits are the memory section's settings (one MEMGUARD_* variable, one
 # setting): the master and the middleware in its workers read the same values.
@@ -176,3 +177,9 @@ def derive_worker_limits(limits: Limits, workers: int) -> Limits:
         worker_source=(f"derived: the pool budget {format_size(limits.total)} shared by "
                        f"{workers} workers and one replacement; set "
                        "MEMGUARD_WORKER_MEMORY_LIMIT to choose"))
+
+
+# Share of the pool's budget an overlap (a replacement booting beside the worker it
+# replaces) must leave free: serving workers pass their soft limit by up to a request's
+# growth before they notice, and more of them do while an overlap lasts under load.
+OVERLAP_RESERVE = 0.15

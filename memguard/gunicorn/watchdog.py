@@ -30,7 +30,7 @@ from typing import Any
 
 from memguard import counters, events, probes, recycle
 from memguard.gunicorn import slots as slot_states
-from memguard.gunicorn.limits import Limits
+from memguard.gunicorn.limits import OVERLAP_RESERVE, Limits
 from memguard.gunicorn.slots import Doorbell, SlotTable
 from memguard.gunicorn.worker import working_set_bytes
 from memguard.sizes import format_size
@@ -85,10 +85,6 @@ def read_oom_kills(cgroup: probes.CgroupInfo | None) -> tuple[int, str] | None:
 # How long a worker waits for its replacement to boot, or for another worker's to, before
 # it is told to go anyway.
 REPLACEMENT_WAIT = 30.0
-# Share of the budget an overlap must leave free besides the replacement: serving
-# workers pass their soft limit by up to a request's growth before they notice, and
-# more of them do while an overlap lasts under load.
-OVERLAP_RESERVE = 0.15
 
 
 class Watchdog:

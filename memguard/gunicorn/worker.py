@@ -23,7 +23,7 @@ from typing import Any
 
 from memguard import events, probes, recycle
 from memguard.gunicorn import slots as slot_states
-from memguard.gunicorn.limits import Limits
+from memguard.gunicorn.limits import OVERLAP_RESERVE, Limits
 from memguard.gunicorn.slots import Doorbell, SlotTable
 from memguard.sizes import format_size
 
@@ -306,7 +306,7 @@ class WorkerMonitor:
         # Two boots like this worker's: its replacement's on a busier machine, or that
         # and part of another's it may wait for (one overlap at a time).
         expected = int(rate * 2 * self.boot_seconds) + self._ahead() + _RECHECK_MARGIN
-        if expected > verdict.limit:
+        if expected > verdict.limit or not self._room_for_overlap(expected):
             self._recycle(verdict.reason, limit=verdict.limit, way="stop_then_start",
                           **verdict.figures)
             return
@@ -322,6 +322,19 @@ class WorkerMonitor:
                                                      **verdict.figures,
                                                      "expected_growth": expected}))
         self._ring()
+
+    def _room_for_overlap(self, expected: int) -> bool:
+        """Whether the pool's budget could hold a replacement beside this worker and what
+        it grows meanwhile: when it plainly cannot, asking the master would only keep
+        this worker serving (and growing) until the answer, stop-then-start anyway."""
+        total = self.limits.total
+        if self._pool is None or total is None:
+            return True
+        working_set = working_set_bytes(self._pool)
+        if working_set is None:
+            return True
+        needed = working_set + self.decision.baseline_uss + expected
+        return needed <= total - int(total * OVERLAP_RESERVE)
 
     def _recycle(self, reason: str, **figures: Any) -> None:
         self.recycling = True
