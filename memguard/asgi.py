@@ -358,11 +358,18 @@ async def _drain(receive: Receive) -> None:
             message = await asyncio.wait_for(receive(), left)
         except (asyncio.TimeoutError, OSError, RuntimeError):
             return
-        if message.get("type") != "http.request":
+        size = _drained(message)
+        if size < 0:
             return
-        drained += len(message.get("body", b""))
-        if not message.get("more_body", False):
-            return
+        drained += size
+
+
+def _drained(message: Message) -> int:
+    """The size of a drained body chunk, or -1 once the body (or the request) is over."""
+    if message.get("type") != "http.request":
+        return -1
+    size = len(message.get("body", b""))
+    return size if message.get("more_body", False) else -1
 
 
 async def _drain_trio(receive: Receive) -> None:
@@ -375,11 +382,10 @@ async def _drain_trio(receive: Receive) -> None:
                 message = await receive()
             except (OSError, RuntimeError):
                 return
-            if message.get("type") != "http.request":
+            size = _drained(message)
+            if size < 0:
                 return
-            drained += len(message.get("body", b""))
-            if not message.get("more_body", False):
-                return
+            drained += size
 
 
 class _Body:
