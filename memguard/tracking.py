@@ -357,7 +357,7 @@ class RequestTracker:
     def _quiet_point(self, now: int, rss: int) -> None:
         """No request in flight, and the interval is due (``start`` checks both; ``rss``
         is the worker's now). The point closes the interval since the previous one,
-        after a young-generation collection (about 50 us): with nothing in flight, it
+        after a young-generation collection: with nothing in flight, it
         frees the cyclic garbage the finished requests left (often more blocks than a
         leak keeps) and promotes nothing that a request still uses, so both ends of
         every interval hold no garbage."""
