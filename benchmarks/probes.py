@@ -29,7 +29,7 @@ def _measure(ballast_mib: int, rounds: int, batch: int) -> dict[str, Any]:
     """Runs in the child: time each probe, interleaved, ``rounds`` batches of ``batch``."""
     import psutil
 
-    from memguard.probes import current_rss, process_memory
+    from memguard.system import current_rss, process_memory
 
     # Written, so that the pages are resident (calloc'ed zero pages would not be).
     ballast = b"\x01" * (ballast_mib * MiB) if ballast_mib else b""

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import Bound, Result, median
-from memguard.probes import process_memory
+from memguard.system import process_memory
 from tests.support.cgroups import MemoryCgroup, cgroup_unavailable_reason
 from tests.support.servers import serve
 

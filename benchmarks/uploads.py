@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import Bound, Result, median
-from memguard.probes import read_vm_hwm
+from memguard.system import read_vm_hwm
 from tests.apps.upload_client import BOUNDARY, Payload, multipart_parts, post_stream
 from tests.support.servers import serve
 

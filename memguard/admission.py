@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from memguard import events, probes, recycle
+from memguard import events, recycle, system
 from memguard.config import default
 from memguard.errors import BodyTooLarge, MemoryPressure
 from memguard.sizes import format_size, parse_size
@@ -82,7 +82,7 @@ class MemoryAdmission:
         heavy_paths: Iterable[str] = (),
         retry_after: int = default("memory_retry_after"),
         body_check_every: int = default("body_memory_check_every"),
-        rss: Callable[[], int] = probes.current_rss,
+        rss: Callable[[], int] = system.current_rss,
         cgroup_usage: Callable[[], int | None] | None = None,
         psi: Callable[[], float | None] | None = None,
         uss: Callable[[], int | None] | None = None,
@@ -140,16 +140,17 @@ class MemoryAdmission:
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> MemoryAdmission:
         """Build one from resolved ``memory`` options (see :mod:`memguard.config`)."""
-        cgroup = probes.read_cgroup()
+        cgroup = system.read_cgroup()
         container_limit = cgroup.limit if cgroup is not None else None
         soft, hard = derive_worker_limits(
             options["worker_memory_limit"], options["worker_memory_hard_limit"],
             container_limit,
         )
-        reader = probes.CgroupMemoryReader(cgroup.info) if cgroup is not None else None
+        reader = system.CgroupMemoryReader(cgroup.info) if cgroup is not None else None
         psi: Callable[[], float | None] | None = None
-        if cgroup is not None and cgroup.info.version == 2 and cgroup.pressure is not None:
-            psi = _cgroup_psi_reader(cgroup.info.directory / "memory.pressure")
+        if (reader is not None and cgroup is not None and cgroup.info.version == 2
+                and cgroup.pressure is not None):
+            psi = reader.memory_stall
         heavy_methods = [m.strip() for m in options["heavy_methods"].split(",") if m.strip()]
         heavy_paths = [p.strip() for p in options["heavy_paths"].split(",") if p.strip()]
         return cls(
@@ -162,9 +163,7 @@ class MemoryAdmission:
             body_check_every=options["body_memory_check_every"],
             cgroup_usage=reader.usage if reader is not None and reader.info else None,
             psi=psi,
-            reclaimable=(_inactive_file_reader(cgroup.info.directory / "memory.stat",
-                                               cgroup.info.version)
-                         if cgroup is not None else None),
+            reclaimable=reader.inactive_file if reader is not None else None,
         )
 
     # ---- the pressure level -------------------------------------------------------------
@@ -456,10 +455,10 @@ def _resolve_limit(value: int | str | None, container_limit: int | None) -> int 
     if value is None or value == "auto":
         return None
     if isinstance(value, str) and value.strip().endswith("%"):
-        # The total the gunicorn integration uses too (probes.memory_budget): the
+        # The total the gunicorn integration uses too (system.memory_budget): the
         # container's limit, or the host's RAM where there is none or it is larger, so
         # that the master and the middleware read "25%" as the same bytes.
-        host = probes.host_memory()
+        host = system.host_memory()
         total = host if container_limit is None else min(container_limit, host)
         return parse_size(value, total=total)
     return parse_size(value)
@@ -486,35 +485,3 @@ def worker_count_from_environment(
             if arg in ("-w", "--workers") and i + 1 < len(args) and args[i + 1].isdigit():
                 return int(args[i + 1]) or None
     return None
-
-
-def _inactive_file_reader(path: Any, version: int) -> Callable[[], int]:
-    key = "total_inactive_file " if version == 1 else "inactive_file "
-
-    def read() -> int:
-        try:
-            with open(path, encoding="ascii") as f:
-                for line in f:
-                    if line.startswith(key):
-                        return int(line.split()[1])
-        except (OSError, ValueError):
-            return 0
-        return 0
-
-    return read
-
-
-def _cgroup_psi_reader(path: Any) -> Callable[[], float | None]:
-    def read() -> float | None:
-        try:
-            with open(path, encoding="ascii") as f:
-                for line in f:
-                    if line.startswith("full "):
-                        for item in line.split()[1:]:
-                            if item.startswith("avg10="):
-                                return float(item[6:])
-        except (OSError, ValueError):
-            return None
-        return None
-
-    return read

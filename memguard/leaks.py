@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from memguard import probes
+from memguard import system
 from memguard.sizes import format_size
 
 __all__ = [
@@ -170,7 +170,7 @@ class LeakReporter:
             self._types, _ = type_counts()
             self._snapshot = tracemalloc.take_snapshot().filter_traces(self._filters)
             self._started_at = time.monotonic()
-            self._rss = probes.current_rss()
+            self._rss = system.current_rss()
         log.info("leak report started in pid %s (tracemalloc, %s frames)", os.getpid(),
                  self.frames)
 
@@ -213,7 +213,7 @@ class LeakReporter:
         types.sort(key=lambda t: t.growth, reverse=True)
         return LeakReport(
             pid=os.getpid(), seconds=time.monotonic() - self._started_at,
-            rss_before=self._rss, rss_after=probes.current_rss(),
+            rss_before=self._rss, rss_after=system.current_rss(),
             traced_before=sum(t.size for t in first.traces),
             traced_after=sum(t.size for t in second.traces),
             sites=sites, types=types[: self.top], objgraph=from_objgraph,

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from memguard import config, counters, probes
+from memguard import config, counters, system
 from memguard.leaks import respond_wsgi, send_asgi
 
 if TYPE_CHECKING:
@@ -254,7 +254,7 @@ class WorkerMemoryCollector:
             labels=["pid", "kind"])
         for pid in worker_pids():
             try:
-                mem = probes.process_memory(pid)
+                mem = system.process_memory(pid)
             except (ProcessLookupError, OSError):
                 continue
             for kind, value in (("rss", mem.rss), ("uss", mem.uss), ("pss", mem.pss)):

@@ -54,7 +54,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any, NamedTuple
 
-from memguard import counters, events, probes
+from memguard import counters, events, system
 from memguard.config import default
 
 __all__ = [
@@ -186,7 +186,7 @@ class RequestTracker:
         leak_min_growth: int = default("leak_min_growth"),
         leak_min_objects: float = default("leak_min_objects"),
         min_window_samples: int = 5,
-        rss: Callable[[], int] = probes.current_rss,
+        rss: Callable[[], int] = system.current_rss,
         on_leak: Callable[[RouteStats], None] | None = None,
     ) -> None:
         if max_routes < 2:

@@ -19,8 +19,8 @@ from memguard.admission import (
     worker_count_from_environment,
 )
 from memguard.errors import BodyTooLarge, MemoryPressure
-from memguard.probes import read_vm_hwm
 from memguard.recycle import set_recycler
+from memguard.system import read_vm_hwm
 from tests.support.servers import http_request, serve, stream_upload
 
 MiB = 1 << 20

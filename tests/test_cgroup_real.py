@@ -1,4 +1,4 @@
-"""memguard's probes and doctor inside real memory cgroups on this machine."""
+"""memguard's system reads and doctor inside real memory cgroups on this machine."""
 
 from __future__ import annotations
 
@@ -45,9 +45,9 @@ def test_doctor_reports_the_limit_and_counts_oom_kills() -> None:
 
 def test_child_in_group_finds_its_group_and_peak() -> None:
     code = (
-        "import json; from memguard import probes\n"
+        "import json; from memguard import system\n"
         "b = bytearray(64 * 1024 * 1024)\n"
-        "m = probes.read_cgroup()\n"
+        "m = system.read_cgroup()\n"
         "print(json.dumps([m.info.path, m.limit, m.usage, m.peak]))\n"
     )
     with MemoryCgroup("256MiB") as group:
@@ -61,7 +61,7 @@ def test_child_in_group_finds_its_group_and_peak() -> None:
 
 
 def test_nested_group_gets_the_parents_tighter_limit() -> None:
-    code = "import json; from memguard import probes; print(json.dumps(probes.read_cgroup().limit))"
+    code = "import json; from memguard import system; print(json.dumps(system.read_cgroup().limit))"
     with MemoryCgroup("200MiB") as parent:
         child = MemoryCgroup("1GiB", root=parent.path, name="inner")
         with child:

@@ -22,8 +22,8 @@ from memguard.gunicorn import HOOKS, install, is_uvicorn_worker
 from memguard.gunicorn import slots as slot_states
 from memguard.gunicorn.limits import resolve_limits
 from memguard.gunicorn.slots import SlotTable
-from memguard.probes import memory_budget
 from memguard.recycle import release_memory
+from memguard.system import memory_budget
 
 MIB = 1 << 20
 
@@ -282,12 +282,12 @@ def test_start_warns_when_one_oom_kill_ends_the_whole_container(
     import types
 
     from memguard import gunicorn as integration
-    from memguard import probes
+    from memguard import system
 
-    real = probes.read_cgroup()
+    real = system.read_cgroup()
     if real is None:
         pytest.skip("no memory cgroup to start from")
-    monkeypatch.setattr(integration.probes, "read_cgroup",
+    monkeypatch.setattr(integration.system, "read_cgroup",
                         lambda *a, **k: dataclasses.replace(real, oom_group=True))
     guard = integration.Guard(resolve_limits({"worker_memory_limit": "80MiB"}, environ={}))
     log = RecordingLog()

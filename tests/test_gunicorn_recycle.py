@@ -217,7 +217,7 @@ def test_gc_freeze_keeps_preloaded_pages_shared(repo: Path) -> None:
                    ready_path="/ping") as server:
             http_request(server.url, path="/collect")
             (worker,) = server.wait_for_workers(1)
-            from memguard.probes import process_memory
+            from memguard.system import process_memory
 
             mem = process_memory(worker)
             assert mem.uss is not None

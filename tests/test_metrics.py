@@ -193,13 +193,13 @@ def test_a_scrape_is_rebuilt_at_most_once_per_cache_interval(
     from memguard import metrics
 
     reads: list[int] = []
-    real = metrics.probes.process_memory
+    real = metrics.system.process_memory
 
     def counting(pid: int) -> Any:
         reads.append(pid)
         return real(pid)
 
-    monkeypatch.setattr(metrics.probes, "process_memory", counting)
+    monkeypatch.setattr(metrics.system, "process_memory", counting)
     exporter = MetricsExporter(cache=0.2)
     first, _ = exporter.render()
     per_scrape = len(reads)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from memguard.cli.footprint import FootprintError, is_asgi, load_app, measure
-from memguard.probes import process_memory
 from memguard.sizes import format_size
+from memguard.system import process_memory
 from tests.support.cgroups import MemoryCgroup
 from tests.support.servers import http_request, serve
 

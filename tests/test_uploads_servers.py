@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from memguard.probes import read_vm_hwm
+from memguard.system import read_vm_hwm
 from tests.apps.upload_client import (
     BOUNDARY,
     Payload,

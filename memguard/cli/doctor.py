@@ -12,7 +12,7 @@ from typing import Any
 
 import psutil
 
-from memguard import probes
+from memguard import system
 from memguard.sizes import format_size
 
 __all__ = ["collect", "render_text", "find_gunicorn_masters"]
@@ -47,7 +47,7 @@ def _worker_rows(master: int) -> list[dict[str, Any]]:
         return rows
     for pid in [master] + [c.pid for c in children]:
         try:
-            mem = probes.process_memory(pid)
+            mem = system.process_memory(pid)
         except ProcessLookupError:
             continue
         row = dataclasses.asdict(mem)
@@ -62,10 +62,10 @@ def collect(pid: int | None = None, root: str = "/") -> dict[str, Any]:
     With ``pid`` (a gunicorn master), the cgroup reported is that process's, which is
     the one whose limit its workers hit; otherwise it is doctor's own.
     """
-    info = probes.find_cgroup(pid if pid is not None else "self", root=root)
-    cgroup = probes.read_cgroup(info, root=root) if info is not None else None
-    budget = probes.memory_budget(cgroup, root=root)
-    cpu = probes.cpu_info(cgroup.info if cgroup else None, root=root)
+    info = system.find_cgroup(pid if pid is not None else "self", root=root)
+    cgroup = system.read_cgroup(info, root=root) if info is not None else None
+    budget = system.memory_budget(cgroup, root=root)
+    cpu = system.cpu_info(cgroup.info if cgroup else None, root=root)
     vm = psutil.virtual_memory()
     swap = psutil.swap_memory()
     masters = [pid] if pid is not None else find_gunicorn_masters()

@@ -42,7 +42,7 @@ from typing import Any
 
 from memguard.cli.sizing import Footprint
 from memguard.errors import MemGuardError
-from memguard.probes import ProcessMemory, process_memory
+from memguard.system import ProcessMemory, process_memory
 
 __all__ = ["FootprintError", "load_app", "measure", "is_asgi"]
 

@@ -1,7 +1,8 @@
 """``memguard suggest``: this machine's CPUs and memory, the app's measured footprint, advice.
 
-The glue between the probes (what the machine has), :mod:`memguard.cli.footprint` (what the
-app costs) and :mod:`memguard.cli.sizing` (the decision), for the command line.
+The glue between :mod:`memguard.system` (what the machine has),
+:mod:`memguard.cli.footprint` (what the app costs) and :mod:`memguard.cli.sizing` (the
+decision), for the command line.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 
 import psutil
 
-from memguard import probes
+from memguard import system
 from memguard.cli.footprint import FootprintError, measure
 from memguard.cli.sizing import Advice, SizingInput, advise, render_text
 from memguard.sizes import parse_size
@@ -43,8 +44,8 @@ def _web_concurrency(args: argparse.Namespace) -> int | None:
 def collect(args: argparse.Namespace) -> Advice:
     """Measure the machine and the app, and decide."""
     web_concurrency = _web_concurrency(args)  # a bad value fails before the slow part
-    cpu = probes.cpu_info()
-    budget = probes.memory_budget()
+    cpu = system.cpu_info()
+    budget = system.memory_budget()
     limit, source = budget.limit, budget.source
     if not budget.constrained:
         # No container limit: what the host can give now, not what it has in total.

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
-from memguard import counters, events, probes, recycle
+from memguard import counters, events, recycle, system
 from memguard.gunicorn import slots as slot_states
 from memguard.gunicorn.limits import Limits, derive_worker_limits, resolve_limits
 from memguard.gunicorn.logs import forward_to
@@ -92,7 +92,7 @@ class Guard:
         events.emit("limit", role="master", worker_soft_limit=limits.soft,
                     worker_hard_limit=limits.hard, total_limit=limits.total,
                     container_limit=limits.container)
-        cgroup = probes.read_cgroup()
+        cgroup = system.read_cgroup()
         if cgroup is not None and cgroup.oom_group:
             server.log.warning(
                 "memguard: this cgroup has memory.oom.group=1: one worker's OOM kill ends the "

@@ -8,7 +8,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from memguard import config, probes
+from memguard import config, system
 from memguard.sizes import format_size, parse_size
 
 __all__ = ["OPTION_ALIASES", "OVERLAP_RESERVE", "Limits", "derive_worker_limits",
@@ -87,7 +87,7 @@ def normalize_options(options: Mapping[str, Any]) -> dict[str, Any]:
 def resolve_limits(
     options: Mapping[str, Any],
     environ: Mapping[str, str] | None = None,
-    cgroup: probes.CgroupMemory | None = None,
+    cgroup: system.CgroupMemory | None = None,
 ) -> Limits:
     """Read the options (keyword > ``MEMGUARD_*`` environment > default) into bytes.
 
@@ -110,8 +110,8 @@ def resolve_limits(
     total_given = ("gunicorn_total_memory_limit" in normalized
                    or "MEMGUARD_TOTAL_MEMORY_LIMIT" in env)
     if cgroup is None:
-        cgroup = probes.read_cgroup()
-    budget = probes.memory_budget(cgroup)
+        cgroup = system.read_cgroup()
+    budget = system.memory_budget(cgroup)
     container = budget.limit
 
     def size(raw: int | str | None) -> int | None:

@@ -28,14 +28,14 @@ import time
 from collections import Counter
 from typing import Any
 
-from memguard import counters, events, probes, recycle
+from memguard import counters, events, recycle, system
 from memguard.gunicorn import slots as slot_states
 from memguard.gunicorn.limits import OVERLAP_RESERVE, Limits
 from memguard.gunicorn.slots import Doorbell, SlotTable
-from memguard.gunicorn.worker import working_set_bytes
 from memguard.sizes import format_size
+from memguard.system import read_oom_kills
 
-__all__ = ["Watchdog", "WorkerRecord", "read_oom_kills"]
+__all__ = ["Watchdog", "WorkerRecord"]
 
 
 @dataclasses.dataclass
@@ -44,7 +44,7 @@ class WorkerRecord:
     age: int
     first_seen: float
     first_uss: int | None = None
-    last: probes.ProcessMemory | None = None
+    last: system.ProcessMemory | None = None
     last_time: float = 0.0
     recycle_sent: float | None = None  # when the master sent a graceful SIGTERM
     recycle_reason: str | None = None
@@ -64,22 +64,6 @@ class Overlap:
     newest_age: int  # the replacement is the first worker younger than this
     new_pid: int | None = None
     retired: float | None = None
-
-
-def read_oom_kills(cgroup: probes.CgroupInfo | None) -> tuple[int, str] | None:
-    """The OOM-kill counter that covers the workers: the cgroup's, else the system's."""
-    if cgroup is not None:
-        info = probes.read_cgroup(cgroup)
-        if info is not None and info.limit is not None:
-            return info.oom_kills, "cgroup"
-    try:
-        with open("/proc/vmstat") as f:
-            for line in f:
-                if line.startswith("oom_kill "):
-                    return int(line.split()[1]), "system"
-    except OSError:
-        pass
-    return None
 
 
 # How long a worker waits for its replacement to boot, or for another worker's to, before
@@ -106,15 +90,15 @@ class Watchdog:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.cgroup = probes.find_cgroup()
-        self._usage = probes.CgroupMemoryReader(self.cgroup) if self.cgroup else None
+        self.cgroup = system.find_cgroup()
+        self._usage = system.CgroupMemoryReader(self.cgroup) if self.cgroup else None
         oom = read_oom_kills(self.cgroup)
         self.oom_seen = oom[0] if oom else 0
         self.oom_source = oom[1] if oom else None
         # The master judges each worker's sample against the same limits the workers
         # hold (without their jitter: it is the safety net, not the first trigger).
         self.decision = recycle.RecycleDecision(limits.soft, limits.hard)
-        self.master: probes.ProcessMemory | None = None
+        self.master: system.ProcessMemory | None = None
         self.pool_reported = False
         self.ticks = 0
 
@@ -183,7 +167,7 @@ class Watchdog:
         limits = self.limits
         urgent = False
         try:
-            self.master = probes.process_memory(os.getpid())
+            self.master = system.process_memory(os.getpid())
         except (ProcessLookupError, OSError):
             self.master = None
         usage = self._working_set()
@@ -195,7 +179,7 @@ class Watchdog:
         current: list[WorkerRecord] = []
         for pid, worker in workers:
             try:
-                mem = probes.process_memory(pid)
+                mem = system.process_memory(pid)
             except (ProcessLookupError, OSError):
                 continue
             with self._lock:
@@ -258,7 +242,7 @@ class Watchdog:
         """The cgroup's usage without the inactive page cache the kernel can drop."""
         if self._usage is None:
             return None
-        return working_set_bytes(self._usage)
+        return self._usage.working_set()
 
     def _pss_total(self, current: list[WorkerRecord]) -> int:
         total = sum((r.last.pss or r.last.rss) for r in current if r.last is not None)

@@ -21,13 +21,13 @@ import threading
 import time
 from typing import Any
 
-from memguard import events, probes, recycle
+from memguard import events, recycle, system
 from memguard.gunicorn import slots as slot_states
 from memguard.gunicorn.limits import OVERLAP_RESERVE, Limits
 from memguard.gunicorn.slots import Doorbell, SlotTable
 from memguard.sizes import format_size
 
-__all__ = ["WorkerMonitor", "exit_without_teardown", "working_set_bytes"]
+__all__ = ["WorkerMonitor", "exit_without_teardown"]
 
 # Growth allowed on top of the expected one while a replacement boots (the estimate's
 # own error: a sample is one request behind).
@@ -36,22 +36,6 @@ _RECHECK_MARGIN = 2 << 20
 # this often.
 _POOL_CHECK_SECONDS = 0.01
 
-
-def working_set_bytes(reader: probes.CgroupMemoryReader) -> int | None:
-    """The cgroup's usage minus the inactive page cache the kernel can drop."""
-    usage = reader.usage()
-    info = reader.info
-    if usage is None or info is None:
-        return usage
-    name = "total_inactive_file" if info.version == 1 else "inactive_file"
-    try:
-        with open(info.directory / "memory.stat", "rb") as f:
-            for line in f:
-                if line.startswith(name.encode() + b" "):
-                    return max(usage - int(line.split()[1]), 0)
-    except (OSError, ValueError):
-        pass
-    return usage
 
 def exit_without_teardown(code: int = 0) -> None:
     """End this process the way multiprocessing ends its children: atexit handlers, then
@@ -106,10 +90,10 @@ class WorkerMonitor:
                                                 jitter=recycle.LIMIT_JITTER)
         self.recycling = False
         self._last_pool_check = 0.0
-        self._pool: probes.CgroupMemoryReader | None = None
+        self._pool: system.CgroupMemoryReader | None = None
         self._pool_threshold = 1 << 62
         if limits.total is not None:
-            reader = probes.CgroupMemoryReader()
+            reader = system.CgroupMemoryReader()
             if reader.usage() is not None:
                 self._pool = reader
                 self._pool_threshold = limits.total
@@ -141,7 +125,7 @@ class WorkerMonitor:
         self.boot_seconds = self.ready_at - self.started_at
         if getattr(getattr(self.worker, "cfg", None), "preload_app", True):
             gc.collect()
-        uss, rss = self._uss(), probes.current_rss()
+        uss, rss = self._uss(), system.current_rss()
         born_over = self.decision.start(uss, rss)
         self.slots.set_figures(self.age, uss, 0)
         self.slots.set_state(self.age, slot_states.SERVING)
@@ -162,7 +146,7 @@ class WorkerMonitor:
         if self.recycling or asked is None:
             return
         way = slot_states.WAY_NAMES.get(self.slots.way(self.age), "stop_then_start")
-        rss = probes.current_rss()
+        rss = system.current_rss()
         # The figures now, not when it asked: it kept serving while it waited.
         figures = {**asked.figures, "uss": self.decision.estimate(rss), "rss": rss,
                    "requests": self.requests,
@@ -193,7 +177,7 @@ class WorkerMonitor:
         if self.recycling:
             return
         decision = self.decision
-        rss = probes.current_rss()
+        rss = system.current_rss()
         due = decision.observe(rss)
         # The figure the other workers and the master read (largest worker, last known
         # memory): the estimate, about a third of a microsecond to publish.
@@ -228,12 +212,12 @@ class WorkerMonitor:
             return
         self._last_pool_check = now
         assert self.limits.total is not None and self._pool is not None
-        working_set = working_set_bytes(self._pool)
+        working_set = self._pool.working_set()
         reserve = self.decision.baseline_uss
         if working_set is None or working_set + reserve < self.limits.total:
             return  # page cache the kernel can drop: no smaps read for that
         uss = self._uss()
-        self.decision.sample(uss, probes.current_rss())
+        self.decision.sample(uss, system.current_rss())
         self.slots.set_figures(self.age, uss, self.requests)
         leaving, largest = self.slots.pool_view(self.age)
         if uss < largest:
@@ -268,7 +252,7 @@ class WorkerMonitor:
         decision = self.decision
         recycle.release_memory()
         uss = self._uss()
-        rss_after = probes.current_rss()
+        rss_after = system.current_rss()
         decision.sample(uss, rss_after)
         self.slots.set_figures(self.age, uss, self.requests)
         ahead = self._ahead()
@@ -300,7 +284,7 @@ class WorkerMonitor:
         hard limit, the pool's budget, or growing past what it said it would make it
         leave on its own meanwhile. A worker that would grow by more than its limit
         during a boot (a fast leak) leaves at once instead."""
-        rss = probes.current_rss()
+        rss = system.current_rss()
         age = max(time.monotonic() - self.ready_at, 0.1)
         rate = max(rss - self.decision.baseline_rss, 0) / age  # bytes a second
         # Two boots like this worker's: its replacement's on a busier machine, or that
@@ -330,7 +314,7 @@ class WorkerMonitor:
         total = self.limits.total
         if self._pool is None or total is None:
             return True
-        working_set = working_set_bytes(self._pool)
+        working_set = self._pool.working_set()
         if working_set is None:
             return True
         needed = working_set + self.decision.baseline_uss + expected
@@ -357,4 +341,4 @@ class WorkerMonitor:
 
     def _uss(self) -> int:
         uss = recycle.own_uss()
-        return uss if uss is not None else probes.current_rss()
+        return uss if uss is not None else system.current_rss()

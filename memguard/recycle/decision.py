@@ -28,7 +28,7 @@ import platform
 import random
 from typing import Any
 
-from memguard import probes
+from memguard import system
 from memguard.sizes import format_size
 
 __all__ = ["LIMIT_JITTER", "RecycleDecision", "Verdict", "format_figures", "own_uss",
@@ -265,7 +265,7 @@ def release_memory() -> bool:
 def own_uss() -> int | None:
     """This process's USS (``None`` where it cannot be read)."""
     try:
-        return probes.process_memory(os.getpid()).uss
+        return system.process_memory(os.getpid()).uss
     except (ProcessLookupError, OSError):
         return None
 

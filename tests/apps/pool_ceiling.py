@@ -20,7 +20,7 @@ from memguard import recycle
 from memguard.gunicorn import slots as slot_states
 from memguard.gunicorn.limits import resolve_limits
 from memguard.gunicorn.slots import SlotTable
-from memguard.gunicorn.worker import WorkerMonitor, working_set_bytes
+from memguard.gunicorn.worker import WorkerMonitor
 
 MIB = 1 << 20
 
@@ -53,7 +53,7 @@ def main() -> None:
     kept: list[bytes] = []
     for name, target in (("budget", limits.total), ("ceiling", limits.ceiling)):
         while True:
-            working_set = working_set_bytes(monitor._pool) or 0
+            working_set = monitor._pool.working_set() or 0
             if working_set + monitor.decision.baseline_uss >= target + MIB:
                 break
             kept.append(os.urandom(16) * (MIB // 16))

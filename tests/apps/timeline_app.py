@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import parse_qs
 
-from memguard import events, probes
+from memguard import events, system
 from memguard.recycle import request_recycle
 from memguard.sizes import parse_size
 
@@ -34,8 +34,8 @@ def _respond(start_response: Any, status: str, text: str) -> list[bytes]:
     return [body]
 
 
-def sample() -> probes.ProcessMemory:
-    mem = probes.process_memory(os.getpid())
+def sample() -> system.ProcessMemory:
+    mem = system.process_memory(os.getpid())
     events.emit("sample", role="worker", rss=mem.rss, uss=mem.uss, pss=mem.pss)
     return mem
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from memguard import events, probes, recycle
+from memguard import events, recycle, system
 from tests.apps.timeline_app import SOFT_LIMIT
 
 SAMPLE_EVERY = 0.25  # seconds between the master's samples of every worker
@@ -18,8 +18,8 @@ SAMPLE_EVERY = 0.25  # seconds between the master's samples of every worker
 _oom_kills = [0]
 
 
-def _cgroup() -> probes.CgroupMemory | None:
-    return probes.read_cgroup(probes.find_cgroup())
+def _cgroup() -> system.CgroupMemory | None:
+    return system.read_cgroup(system.find_cgroup())
 
 
 def on_starting(server: Any) -> None:
@@ -35,7 +35,7 @@ def _sampler(server: Any) -> None:
     while True:
         for pid in [server.pid, *list(server.WORKERS)]:
             try:
-                mem = probes.process_memory(pid)
+                mem = system.process_memory(pid)
             except ProcessLookupError:
                 continue
             role = "master" if pid == server.pid else "worker"

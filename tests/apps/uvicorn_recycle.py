@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from memguard import probes
+from memguard import system
 from memguard.recycle import SignalRecycler, request_recycle, set_recycler
 from tests.support.servers import run_lifespan
 
@@ -18,7 +18,7 @@ MIB = 1 << 20
 LIMIT = 60 * MIB
 set_recycler(SignalRecycler())
 _kept: list[bytes] = []
-_baseline = probes.current_rss()
+_baseline = system.current_rss()
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -32,6 +32,6 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 "headers": [(b"content-type", b"text/plain"),
                             (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
-    growth = probes.current_rss() - _baseline
+    growth = system.current_rss() - _baseline
     if growth > LIMIT:  # after the response: the memory engineer's middleware does this
         request_recycle("soft_limit", growth=growth, limit=LIMIT)

@@ -1,4 +1,4 @@
-"""Probes on fixture trees (v1, v2, nested, max, missing files) and on this machine."""
+"""memguard.system on fixture trees (v1, v2, nested, max, missing files) and on this machine."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from memguard import probes
+from memguard import system
+from memguard.system import process
 
 V1_UNLIMITED = "9223372036854771712"
 
@@ -80,10 +81,10 @@ def v2_tree(root: Path, *, group: str = "/system.slice/app.service", mem_max: st
 
 def test_v1_limit_usage_peak_oom(tmp_path: Path) -> None:
     v1_tree(tmp_path)
-    info = probes.find_cgroup(root=str(tmp_path))
+    info = system.find_cgroup(root=str(tmp_path))
     assert info is not None and info.version == 1
     assert info.path == "/kubepods/pod1/abc"
-    mem = probes.read_cgroup(info, root=str(tmp_path))
+    mem = system.read_cgroup(info, root=str(tmp_path))
     assert mem is not None
     assert mem.limit == 512 * 1024**2
     assert mem.limit_source is not None and mem.limit_source.endswith(
@@ -93,14 +94,14 @@ def test_v1_limit_usage_peak_oom(tmp_path: Path) -> None:
     assert mem.oom_kills == 3
     assert mem.swap_limit is None
     assert mem.pressure is not None and mem.pressure.some_avg10 == 1.5
-    cpu = probes.cpu_info(info, root=str(tmp_path))
+    cpu = system.cpu_info(info, root=str(tmp_path))
     assert cpu.quota == 1.5
     assert cpu.effective == min(1.5, float(os.cpu_count() or 1))
 
 
 def test_v1_ancestor_limit_is_tighter(tmp_path: Path) -> None:
     v1_tree(tmp_path, limit=V1_UNLIMITED, parent_limit="268435456")
-    mem = probes.read_cgroup(probes.find_cgroup(root=str(tmp_path)), root=str(tmp_path))
+    mem = system.read_cgroup(system.find_cgroup(root=str(tmp_path)), root=str(tmp_path))
     assert mem is not None
     assert mem.limit == 256 * 1024**2
     assert mem.limit_source is not None and mem.limit_source.endswith(
@@ -111,24 +112,24 @@ def test_v1_hierarchical_limit_from_memory_stat(tmp_path: Path) -> None:
     v1_tree(tmp_path, limit=V1_UNLIMITED)
     write(tmp_path, "/sys/fs/cgroup/memory/kubepods/pod1/abc/memory.stat",
           "cache 0\nhierarchical_memory_limit 134217728\n")
-    mem = probes.read_cgroup(root=str(tmp_path))
+    mem = system.read_cgroup(root=str(tmp_path))
     assert mem is not None and mem.limit == 128 * 1024**2
     assert "hierarchical_memory_limit" in (mem.limit_source or "")
 
 
 def test_v1_unlimited_everywhere(tmp_path: Path) -> None:
     v1_tree(tmp_path, limit=V1_UNLIMITED)
-    mem = probes.read_cgroup(root=str(tmp_path))
+    mem = system.read_cgroup(root=str(tmp_path))
     assert mem is not None and mem.limit is None
-    budget = probes.memory_budget(mem)
+    budget = system.memory_budget(mem)
     assert not budget.constrained and budget.source == "host RAM"
 
 
 def test_v2_nested_max_and_parent(tmp_path: Path) -> None:
     v2_tree(tmp_path)
-    info = probes.find_cgroup(root=str(tmp_path))
+    info = system.find_cgroup(root=str(tmp_path))
     assert info is not None and info.version == 2
-    mem = probes.read_cgroup(info, root=str(tmp_path))
+    mem = system.read_cgroup(info, root=str(tmp_path))
     assert mem is not None
     assert mem.limit == 256 * 1024**2  # "max" in the group, 256 MiB in its parent
     assert mem.usage == 50 * 1024**2
@@ -138,29 +139,29 @@ def test_v2_nested_max_and_parent(tmp_path: Path) -> None:
     assert mem.swap_limit == 0
     assert mem.pressure is not None and mem.pressure.source.startswith("cgroup")
     assert mem.pressure.some_avg10 == 12.0
-    cpu = probes.cpu_info(info, root=str(tmp_path))
+    cpu = system.cpu_info(info, root=str(tmp_path))
     assert cpu.quota == 0.5 and cpu.effective == 0.5
 
 
 def test_v2_memory_high_counts_as_budget(tmp_path: Path) -> None:
     v2_tree(tmp_path, mem_max="1073741824", parent_max="max")
     write(tmp_path, "/sys/fs/cgroup/system.slice/app.service/memory.high", "805306368\n")
-    mem = probes.read_cgroup(root=str(tmp_path))
+    mem = system.read_cgroup(root=str(tmp_path))
     assert mem is not None and mem.limit == 768 * 1024**2
 
 
 def test_v2_everything_max(tmp_path: Path) -> None:
     v2_tree(tmp_path, parent_max="max", cpu_max="max 100000")
-    mem = probes.read_cgroup(root=str(tmp_path))
+    mem = system.read_cgroup(root=str(tmp_path))
     assert mem is not None and mem.limit is None
-    assert probes.cpu_info(mem.info, root=str(tmp_path)).quota is None
+    assert system.cpu_info(mem.info, root=str(tmp_path)).quota is None
 
 
 def test_v2_container_namespace_root(tmp_path: Path) -> None:
     # Inside a container with a cgroup namespace, /proc/self/cgroup says "0::/".
     v2_tree(tmp_path, group="/", mem_max="402653184")
     write(tmp_path, "/sys/fs/cgroup/memory.max", "402653184\n")
-    mem = probes.read_cgroup(root=str(tmp_path))
+    mem = system.read_cgroup(root=str(tmp_path))
     assert mem is not None and mem.limit == 384 * 1024**2
 
 
@@ -168,7 +169,7 @@ def test_path_not_visible_in_mount_falls_back_to_mount_point(tmp_path: Path) -> 
     write(tmp_path, "/proc/self/cgroup", "0::/docker/0123abcd\n")
     write(tmp_path, "/proc/self/mountinfo", MOUNTINFO_V2)
     write(tmp_path, "/sys/fs/cgroup/memory.max", "104857600\n")
-    mem = probes.read_cgroup(root=str(tmp_path))
+    mem = system.read_cgroup(root=str(tmp_path))
     assert mem is not None and mem.limit == 100 * 1024**2
 
 
@@ -176,21 +177,42 @@ def test_missing_files_give_unknowns_not_errors(tmp_path: Path) -> None:
     write(tmp_path, "/proc/self/cgroup", "4:memory:/lonely\n")
     write(tmp_path, "/proc/self/mountinfo", MOUNTINFO_V1)
     (tmp_path / "sys/fs/cgroup/memory/lonely").mkdir(parents=True)
-    mem = probes.read_cgroup(root=str(tmp_path))
+    mem = system.read_cgroup(root=str(tmp_path))
     assert mem is not None
     assert (mem.limit, mem.usage, mem.peak, mem.oom_kills) == (None, None, None, 0)
 
 
 def test_no_cgroup_files_at_all(tmp_path: Path) -> None:
-    assert probes.find_cgroup(root=str(tmp_path)) is None
-    assert probes.read_cgroup(root=str(tmp_path)) is None
+    assert system.find_cgroup(root=str(tmp_path)) is None
+    assert system.read_cgroup(root=str(tmp_path)) is None
+
+
+def test_reader_working_set_leaves_out_inactive_page_cache(tmp_path: Path) -> None:
+    v1_tree(tmp_path)
+    v1 = "/sys/fs/cgroup/memory/kubepods/pod1/abc/memory.stat"
+    write(tmp_path, v1, "inactive_file 999\ntotal_inactive_file 41943040\n")
+    reader = system.CgroupMemoryReader(system.find_cgroup(root=str(tmp_path)))
+    # v1 counts the whole hierarchy's page cache under the total_ key.
+    assert reader.usage() == 100 * 1024**2 and reader.inactive_file() == 40 * 1024**2
+    assert reader.working_set() == 60 * 1024**2
+    write(tmp_path, v1, "total_inactive_file 209715200\n")  # more cache than usage
+    assert reader.working_set() == 0
+    assert reader.memory_stall() is None  # v1 groups have no PSI of their own
+
+    v2_tree(tmp_path / "v2")
+    v2 = system.CgroupMemoryReader(system.find_cgroup(root=str(tmp_path / "v2")))
+    assert v2.inactive_file() == 0 and v2.working_set() == 50 * 1024**2  # no memory.stat
+    write(tmp_path / "v2", "/sys/fs/cgroup/system.slice/app.service/memory.stat",
+          "anon 1\ntotal_inactive_file 1\ninactive_file 20971520\n")
+    assert v2.working_set() == 30 * 1024**2
+    assert v2.memory_stall() == 4.0  # the group's own "full avg10"
 
 
 def test_smaps_rollup_fixture(tmp_path: Path) -> None:
     write(tmp_path, "/proc/4242/smaps_rollup",
           "00400000-7fff [rollup]\nRss:  10240 kB\nPss:  6144 kB\nShared_Clean: 4096 kB\n"
           "Private_Clean: 1024 kB\nPrivate_Dirty: 3072 kB\nSwap: 0 kB\n")
-    mem = probes.process_memory(4242, root=str(tmp_path))
+    mem = system.process_memory(4242, root=str(tmp_path))
     assert (mem.rss, mem.pss, mem.uss) == (10 * 1024**2, 6 * 1024**2, 4 * 1024**2)
     assert mem.source == "smaps_rollup"
 
@@ -199,25 +221,25 @@ def test_smaps_rollup_fixture(tmp_path: Path) -> None:
 
 
 def test_current_rss_matches_psutil() -> None:
-    ours = probes.current_rss()
+    ours = system.current_rss()
     theirs = psutil.Process().memory_info().rss
     assert abs(ours - theirs) < 8 * 1024**2
 
 
 def test_current_rss_sees_growth() -> None:
-    before = probes.current_rss()
+    before = system.current_rss()
     block = bytearray(64 * 1024**2)  # zero-filled: touches every page
-    after = probes.current_rss()
+    after = system.current_rss()
     del block
     assert after - before > 60 * 1024**2
 
 
 def _python_statm_read() -> int:
-    assert probes._statm is not None
-    return probes._statm.rss()
+    assert process._statm is not None
+    return process._statm.rss()
 
 
-@pytest.mark.parametrize("read", [probes.current_rss, _python_statm_read],
+@pytest.mark.parametrize("read", [system.current_rss, _python_statm_read],
                          ids=["current_rss", "python_reader"])
 def test_forked_child_reads_its_own_statm(read: Callable[[], int]) -> None:
     """A descriptor opened before fork keeps describing the parent; ours is reopened,
@@ -254,7 +276,7 @@ def test_process_memory_of_a_forked_child_shows_shared_pages() -> None:
     try:
         os.close(write_fd)
         os.read(read_fd, 1)
-        mem = probes.process_memory(pid)
+        mem = system.process_memory(pid)
         assert mem.source == "smaps_rollup"
         assert mem.rss > 100 * 1024**2
         assert mem.uss is not None and mem.uss < 32 * 1024**2
@@ -272,25 +294,25 @@ def test_process_memory_of_a_gone_process() -> None:
         os._exit(0)
     os.waitpid(pid, 0)
     with pytest.raises(ProcessLookupError):
-        probes.process_memory(pid)
+        system.process_memory(pid)
 
 
 def test_this_machine_cgroup_is_found() -> None:
-    info = probes.find_cgroup()
+    info = system.find_cgroup()
     if info is None:
         pytest.skip("this machine has no cgroup filesystem")
-    mem = probes.read_cgroup(info)
+    mem = system.read_cgroup(info)
     assert mem is not None
     assert mem.usage is None or mem.usage > 0
-    cpu = probes.cpu_info(info)
+    cpu = system.cpu_info(info)
     assert 0 < cpu.effective <= (os.cpu_count() or 1)
 
 
 def test_cgroup_usage_reader_is_cheap_and_right() -> None:
-    reader = probes.CgroupMemoryReader()
+    reader = system.CgroupMemoryReader()
     if reader.info is None:
         pytest.skip("no cgroup here")
-    mem = probes.read_cgroup(reader.info)
+    mem = system.read_cgroup(reader.info)
     usage = reader.usage()
     assert usage is not None and mem is not None and mem.usage is not None
     assert abs(usage - mem.usage) < 256 * 1024**2
