@@ -380,3 +380,90 @@ def test_slot_table_keeps_each_workers_last_paths() -> None:
     assert table.recent_paths(7) == ([], 0)  # another worker's slot
     table.reset(6)
     assert table.recent_paths(6) == ([], 0)
+
+
+# ---- the worker's own check -------------------------------------------------------------
+
+
+class RecordingRecycler:
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def recycle(self, reason: str, figures: dict[str, Any]) -> bool:
+        self.reasons.append(reason)
+        return True
+
+
+def _one_request_growing(monitor: Any, grow: int, others: int = 0) -> bytearray:
+    """A request that keeps ``grow`` bytes, with ``others`` more in flight beside it."""
+    for _ in range(others + 1):
+        monitor.before_request("/")
+    kept = bytearray(grow)
+    kept[::4096] = b"x" * len(kept[::4096])  # resident, not only reserved
+    monitor.after_request()
+    monitor.in_flight = 0
+    return kept
+
+
+@pytest.mark.parametrize("burst_seen", [False, True])
+def test_a_worker_counts_the_pools_largest_burst_ahead(
+    workers: dict[str, Any], burst_seen: bool
+) -> None:
+    """An event-loop worker accepts a burst of connections between two of its checks, and
+    those requests keep their share whatever the check decides: a worker recycles that
+    many requests' growth before its limit, even a fresh worker that has not seen the
+    burst itself (the pool's largest burst is in the shared table)."""
+    from memguard.gunicorn.worker import WorkerMonitor
+
+    table = SlotTable()
+    kept = []
+    if burst_seen:
+        # Another worker of the pool once had 8 requests in flight at once.
+        first = workers["asgi"]
+        first.age = 1
+        other = WorkerMonitor(first, resolve_limits({}, environ={}), table,
+                              recycle.AliveFlagRecycler(first))
+        other.ready()
+        kept.append(_one_request_growing(other, 0, others=8))
+        assert other.burst == 8 and table.burst() == 8
+    recorder = RecordingRecycler()
+    previous = recycle.set_recycler(recorder)
+    try:
+        worker = workers["sync"]
+        worker.age = 2
+        uss = recycle.own_uss() or 0
+        limits = resolve_limits({"worker_memory_limit": uss + 24 * MIB}, environ={})
+        monitor = WorkerMonitor(worker, limits, table, recorder)
+        monitor.ready()
+        assert monitor.burst == (8 if burst_seen else 0)
+        monitor.ready_at -= 60  # past the first seconds, when growth may be warming up
+        # Two requests keeping 3 MiB each: 6 MiB of growth, 18 MiB under the limit.
+        kept.append(_one_request_growing(monitor, 3 * MIB))
+        kept.append(_one_request_growing(monitor, 3 * MIB))
+    finally:
+        recycle.set_recycler(previous)
+    # 8 requests x 3 MiB ahead pass the limit; without a burst the worker serves on.
+    assert recorder.reasons == (["soft_limit"] if burst_seen else [])
+
+
+def test_the_worker_and_the_master_judge_the_room_for_an_overlap_alike() -> None:
+    """Four workers near an 80 MiB soft limit in a 360 MiB budget leave no room for a
+    replacement beside one of them; two workers of 24 MiB do."""
+    from memguard.gunicorn.limits import overlap_room
+
+    table = SlotTable(slots=8)
+    for age in range(4):
+        table.reset(age, 100 + age, slot_states.SERVING)
+        table.set_figures(age, 70 * MIB, 20)
+    figures, committed = table.commitments(80 * MIB, asking_age=0, asking_growth=6 * MIB)
+    assert (figures, committed) == (280 * MIB, 326 * MIB)
+    assert overlap_room(360 * MIB, 330 * MIB, figures, committed, 20 * MIB) is None
+    small = SlotTable(slots=8)
+    for age in range(2):
+        small.reset(age, 100 + age, slot_states.SERVING)
+        small.set_figures(age, 22 * MIB, 20)
+    figures, committed = small.commitments(24 * MIB, asking_age=1, asking_growth=2 * MIB)
+    assert committed == 50 * MIB
+    room = overlap_room(360 * MIB, 90 * MIB, figures, committed, 20 * MIB)
+    assert room is not None and room == 360 * MIB - 46 * MIB - 50 * MIB - 20 * MIB - int(
+        360 * MIB * 0.15)

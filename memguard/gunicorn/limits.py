@@ -12,7 +12,7 @@ from memguard import config, system
 from memguard.sizes import format_size, parse_size
 
 __all__ = ["OPTION_ALIASES", "OVERLAP_RESERVE", "Limits", "derive_worker_limits",
-           "resolve_limits"]
+           "overlap_room", "resolve_limits"]
 
 # The worker limits are the memory section's settings (one MEMGUARD_* variable, one
 # setting): the master and the middleware in its workers read the same values.
@@ -183,3 +183,16 @@ def derive_worker_limits(limits: Limits, workers: int) -> Limits:
 # replaces) must leave free: serving workers pass their soft limit by up to a request's
 # growth before they notice, and more of them do while an overlap lasts under load.
 OVERLAP_RESERVE = 0.15
+
+
+def overlap_room(total: int, working_set: int, figures: int, committed: int,
+                 footprint: int) -> int | None:
+    """Bytes the pool's budget ``total`` has left for one more worker of ``footprint``
+    (``None``: no room), with every worker at what it may reach (``committed``, see
+    :meth:`~memguard.gunicorn.slots.SlotTable.commitments`). What the cgroup holds beyond
+    the workers' own ``figures`` (the master, page cache the kernel keeps) stays. The
+    worker asking and the master answering both judge by this, so a worker never waits
+    for an answer that is bound to be no."""
+    left = (total - max(working_set - figures, 0) - committed - footprint
+            - int(total * OVERLAP_RESERVE))
+    return left if left >= 0 else None

@@ -72,6 +72,18 @@ class SlotTable:
         struct.pack_into("=q", self._map, 0, flags | flag)
         return True
 
+    def raise_burst(self, requests: int) -> None:
+        """A worker had ``requests`` other requests in flight at once: the pool's largest
+        burst so far becomes at least that (a rare race may keep the smaller of two)."""
+        if requests > self.burst():
+            struct.pack_into("=q", self._map, 8, requests)
+
+    def burst(self) -> int:
+        """The most requests any worker of the pool has had in flight beside the one
+        it finished (header word 1): what a new worker expects before it has seen any."""
+        (requests,) = struct.unpack_from("=q", self._map, 8)
+        return int(requests)
+
     def reset(self, age: int, pid: int = 0, state: int = EMPTY) -> None:
         _SLOT.pack_into(self._map, self._offset(age), pid, state, 0, 0, 0, 0)
         _STARTED.pack_into(self._recent, (age % self.slots) * _RECENT_SLOT, 0)
@@ -124,6 +136,27 @@ class SlotTable:
     def way(self, age: int) -> int:
         (way,) = struct.unpack_from("=q", self._map, self._offset(age) + 32)
         return int(way)
+
+    def commitments(self, soft: int, asking_age: int | None = None,
+                    asking_growth: int = 0) -> tuple[int, int]:
+        """(the live workers' own figures, summed; what they may reach, summed).
+
+        A worker may reach the larger of its figure and the soft limit ``soft``; one
+        asking for a replacement (in this table, or the worker of ``asking_age`` about
+        to ask) that plus the growth it expects meanwhile.
+        """
+        figures = committed = 0
+        asking = None if asking_age is None else asking_age % self.slots
+        for i in range(self.slots):
+            _, state, figure, _, _, growth = _SLOT.unpack_from(self._map, (i + 1) * _SLOT.size)
+            if state == EMPTY:
+                continue
+            if i == asking:
+                state, growth = REPLACE, asking_growth
+            ceiling = soft + growth if state == REPLACE else soft
+            figures += figure
+            committed += max(figure, ceiling)
+        return figures, committed
 
     def pool_view(self, own_age: int) -> tuple[int, int]:
         """(memory of the workers already recycling, by their own figures; the largest

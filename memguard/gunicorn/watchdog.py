@@ -30,7 +30,7 @@ from typing import Any
 
 from memguard import counters, events, recycle, system
 from memguard.gunicorn import slots as slot_states
-from memguard.gunicorn.limits import OVERLAP_RESERVE, Limits
+from memguard.gunicorn.limits import Limits, overlap_room
 from memguard.gunicorn.slots import Doorbell, SlotTable
 from memguard.sizes import format_size
 from memguard.system import read_oom_kills
@@ -373,38 +373,25 @@ class Watchdog:
                 if overlap.old_pid != pid and now - asked >= REPLACEMENT_WAIT:
                     self._retire(pid, worker.age, slot_states.STOP_THEN_START, now)
                 continue
-            room = self._room(workers)
+            room = self._room()
             if room is not None and self._begin_overlap(pid, worker, workers, now, room):
                 overlap = self.overlap
                 continue
             # No room: stop first, and boot the replacement after.
             self._retire(pid, worker.age, slot_states.STOP_THEN_START, now)
 
-    def _room(self, workers: list[tuple[int, Any]]) -> int | None:
-        """Bytes the budget has left for one more worker of the pool's footprint, with
-        every serving worker counted at its soft limit, which it may reach meanwhile,
-        and every worker waiting for a replacement at its soft limit plus the growth it
-        said it may have while it waits (``None``: no room). Without a budget there is
-        nothing to hold it against."""
+    def _room(self) -> int | None:
+        """Bytes the budget has left for a replacement booting beside the worker it
+        replaces (``None``: no room); without a budget there is nothing to hold it
+        against."""
         total = self.limits.total
         if total is None:
             return 1 << 62
         usage = self._working_set()
         if usage is None:
             return None
-        soft = self.limits.soft or 0
-        figures = committed = 0
-        for _, worker in workers:
-            _, state, figure, _ = self.slots.read(worker.age)
-            ceiling = soft
-            if state == slot_states.REPLACE:
-                ceiling += self.slots.expected_growth(worker.age)
-            figures += figure
-            committed += max(figure, ceiling)
-        # What is not the workers' (the master, page cache the kernel keeps) stays.
-        left = (total - max(usage - figures, 0) - committed - self._footprint()
-                - int(total * OVERLAP_RESERVE))
-        return left if left >= 0 else None
+        figures, committed = self.slots.commitments(self.limits.soft or 0)
+        return overlap_room(total, usage, figures, committed, self._footprint())
 
     def _footprint(self) -> int:
         """A fresh worker's memory: the smallest first sample of the pool's workers (what

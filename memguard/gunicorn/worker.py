@@ -23,7 +23,7 @@ from typing import Any
 
 from memguard import events, recycle, system
 from memguard.gunicorn import slots as slot_states
-from memguard.gunicorn.limits import OVERLAP_RESERVE, Limits
+from memguard.gunicorn.limits import Limits, overlap_room
 from memguard.gunicorn.slots import Doorbell, SlotTable
 from memguard.sizes import format_size
 
@@ -84,6 +84,7 @@ class WorkerMonitor:
         self.requests = 0
         self.in_flight = 0
         self.pending = 0
+        self.burst = 0  # the most requests seen pending at once, in this pool
         self.rate = 0.0  # bytes of RSS kept per request, on average, since ready
         self.ready_at = time.monotonic()
         self.decision = recycle.RecycleDecision(limits.soft, limits.hard,
@@ -125,6 +126,7 @@ class WorkerMonitor:
         self.boot_seconds = self.ready_at - self.started_at
         if getattr(getattr(self.worker, "cfg", None), "preload_app", True):
             gc.collect()
+        self.burst = self.slots.burst()
         uss, rss = self._uss(), system.current_rss()
         born_over = self.decision.start(uss, rss)
         self.slots.set_figures(self.age, uss, 0)
@@ -166,8 +168,9 @@ class WorkerMonitor:
 
         With other requests still to run in this worker (gthread, asgi), each will
         likely keep what requests have kept on average so far, and a recycle lets them
-        finish: the check counts that growth ahead, or the worker would pass its limit
-        by ``pending x growth per request`` while it drains. Pending are the requests
+        finish: the check counts that growth ahead (see :meth:`_ahead`), or the worker
+        would pass its limit by ``pending x growth per request`` while it drains.
+        Pending are the requests
         started and not finished, or, where the worker counts them (gthread's and the
         asgi worker's ``nr_conns``), the connections it has accepted, which include
         those queued for a thread.
@@ -184,7 +187,10 @@ class WorkerMonitor:
         self.slots.set_figures(self.age, decision.estimate(rss), self.requests)
         # The connection of this request is still open and counted in nr_conns.
         self.pending = max(self.in_flight, getattr(self.worker, "nr_conns", 0) - 1)
-        if self.pending > 0:
+        if self.pending > self.burst:
+            self.burst = self.pending
+            self.slots.raise_burst(self.pending)
+        if self.burst:
             # Pending requests have already kept part of their share: count them in.
             self.rate = max(rss - decision.baseline_rss, 0) / (self.requests + self.in_flight)
             due = due or rss + self._ahead() >= decision.next_check_rss
@@ -196,8 +202,12 @@ class WorkerMonitor:
                 self._pool_check()
 
     def _ahead(self) -> int:
-        """Growth expected from the requests still to run in this worker."""
-        return int(self.pending * self.rate)
+        """Growth expected from the requests still to run in this worker: as many as the
+        pool's largest burst, not only those pending now. An event-loop worker accepts
+        a burst of connections in one go, between two checks; once accepted they run
+        and keep their share whatever the check decides, so a worker that waited for
+        the burst to show would pass its limit by that much."""
+        return int(self.burst * self.rate)
 
     def _pool_check(self) -> None:
         """The cgroup's usage passed the pool's budget: is this worker the one to go?
@@ -262,7 +272,7 @@ class WorkerMonitor:
             "age_seconds": round(time.monotonic() - self.ready_at, 2),
         }
         if ahead:
-            figures.update(pending=self.pending, expected_growth=ahead)
+            figures.update(pending=self.pending, burst=self.burst, expected_growth=ahead)
         was_born_over = decision.born_over
         age = time.monotonic() - self.ready_at
         verdict = decision.judge(uss, ahead, figures, age=age)
@@ -309,16 +319,18 @@ class WorkerMonitor:
 
     def _room_for_overlap(self, expected: int) -> bool:
         """Whether the pool's budget could hold a replacement beside this worker and what
-        it grows meanwhile: when it plainly cannot, asking the master would only keep
-        this worker serving (and growing) until the answer, stop-then-start anyway."""
+        it grows meanwhile, judged as the master will: when it cannot, asking would
+        only keep this worker serving (and growing) until the answer, stop-then-start
+        anyway."""
         total = self.limits.total
         if self._pool is None or total is None:
             return True
         working_set = self._pool.working_set()
         if working_set is None:
             return True
-        needed = working_set + self.decision.baseline_uss + expected
-        return needed <= total - int(total * OVERLAP_RESERVE)
+        figures, committed = self.slots.commitments(self.limits.soft or 0, self.age, expected)
+        return overlap_room(total, working_set, figures, committed,
+                            self.decision.baseline_uss) is not None
 
     def _recycle(self, reason: str, **figures: Any) -> None:
         self.recycling = True
