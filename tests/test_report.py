@@ -75,6 +75,23 @@ def test_total_drops_when_a_worker_is_gone() -> None:
     assert timeline.processes[3].slot == timeline.processes[1].slot
 
 
+def test_a_worker_known_only_by_its_exit_lived_an_instant() -> None:
+    """A replacement stopped while it booted (the pool shutting down) has no start and no
+    sample: it counts as alive at its exit, not from the log's first line."""
+    lines = [json.dumps(e) for e in [
+        {"ts": 0, "kind": "worker_start", "pid": 1, "role": "worker"},
+        {"ts": 0, "kind": "worker_start", "pid": 2, "role": "worker"},
+        {"ts": 1, "kind": "worker_start", "pid": 3, "role": "worker"},
+        {"ts": 2, "kind": "worker_exit", "pid": 1, "reason": "recycled"},
+        {"ts": 3, "kind": "worker_exit", "pid": 4, "reason": "shutdown"},
+        {"ts": 4, "kind": "worker_exit", "pid": 2, "reason": "shutdown"},
+        {"ts": 4, "kind": "worker_exit", "pid": 3, "reason": "shutdown"},
+    ]]
+    timeline = report.parse_events(lines)
+    assert timeline.processes[4].first == timeline.processes[4].last == 3
+    assert timeline.max_concurrent_workers() == 3
+
+
 def test_metric_choice_and_limit_forms() -> None:
     lines = [json.dumps(e) for e in [
         {"ts": 5, "kind": "sample", "pid": 1, "rss": 30 * MiB},

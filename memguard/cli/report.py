@@ -92,8 +92,11 @@ class WorkerSeries:
 
     @property
     def first(self) -> float:
+        """Its start, else its first sample, else its end: a worker stopped while it
+        booted is known only by its exit, and was alive then, not since the log began."""
         candidates = [t for t in (self.started, self.times[0] if self.times else None)
-                      if t is not None]
+                      if t is not None] or [t for t in (self.ended, self.exited)
+                                            if t is not None]
         return min(candidates) if candidates else 0.0
 
     @property
