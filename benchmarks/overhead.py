@@ -9,7 +9,7 @@
    cold for our code); the target is judged end to end, in ``benchmarks/end_to_end.py``.
 2. Leak reports while active: tracemalloc slows every allocation; measured on an
    allocation-heavy function and on the hello world, tracing off vs a running
-   :class:`memguard.leaks.LeakReporter`.
+   :class:`memguard.memory.LeakReporter`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 from benchmarks.harness import Result, median
 from benchmarks.overhead_apps import anchor, bare, guarded, passthrough
-from memguard.leaks import LeakReporter
+from memguard.memory import LeakReporter
 
 REPO = Path(__file__).resolve().parent.parent
 

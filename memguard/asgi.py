@@ -55,9 +55,8 @@ from memguard.http import (
     refusal_response,
 )
 from memguard.limits import BodyCounter, BodyPolicy, declared_over_limit
-from memguard.memory import MemoryLayer
+from memguard.memory import ROUTE_KEY, MemoryLayer
 from memguard.slowbody import BodyTimer
-from memguard.tracking import ROUTE_KEY
 from memguard.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["MemGuardMiddleware"]
@@ -135,7 +134,7 @@ class MemGuardMiddleware:
                 app_scope = request.app_scope
                 request.release()
         finally:
-            # 5. end: the request's route key (memguard.tracking.RouteKey), built here
+            # 5. end: the request's route key (memguard.memory.routes.RouteKey), built here
             # rather than in a function: on a server each Python call of ours per
             # request costs cache misses (benchmarks/end_to_end.py).
             route = app_scope.get("route")
@@ -403,7 +402,7 @@ class _Body:
         self._receive = request.receive
         self.counter = BodyCounter(limit)
         self.decoder = decoder
-        # memguard.admission.BodyMemoryGuard: the worker's memory against its hard
+        # memguard.memory.admission.BodyMemoryGuard: the worker's memory against its hard
         # limit, read every few MiB (None: no hard limit).
         self.memory = memory
         self.memory_at = memory.next_check if memory is not None else sys.maxsize

@@ -442,7 +442,7 @@ setting(
 
 
 # =====================================================================================
-# memory: per-request accounting, admission, worker limits (tracking.py, admission.py)
+# memory: per-request accounting, admission, worker limits (memguard/memory/)
 # =====================================================================================
 
 

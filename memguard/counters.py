@@ -2,7 +2,7 @@
 
 Refusals, recycles and sheds are rare events, so a lock per increment costs nothing
 that matters; the per-request path never touches this module unless it refuses.
-:mod:`memguard.metrics` reads :func:`snapshot` to export them.
+:mod:`memguard.memory.metrics` reads :func:`snapshot` to export them.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ which also checks the worker's memory every few MiB), call the app with a wrappe
 ``start_response``, and end (the returned iterable's ``close()``, PEP 3333). The request
 is accounted under its route template as soon as the app returns its iterable (Flask's
 rule is recorded by a hook installed here; Django needs
-``memguard.tracking.DjangoRouteMiddleware``).
+``memguard.memory.DjangoRouteMiddleware``).
 
 A request with neither Content-Length nor Transfer-Encoding has no body and goes to the
 app untouched. A chunked body is read only when the server sets ``wsgi.input_terminated``
@@ -61,8 +61,7 @@ from memguard.http import (
     status_line,
 )
 from memguard.limits import BodyCounter, BodyPolicy, declared_over_limit
-from memguard.memory import MemoryLayer
-from memguard.tracking import install_flask_route_hook, wsgi_key
+from memguard.memory import MemoryLayer, install_flask_route_hook, wsgi_key
 
 __all__ = ["MemGuardWSGIMiddleware", "WSGIInput"]
 
@@ -376,7 +375,7 @@ class WSGIInput:
                  policy: BodyPolicy, on_reject: Any, decoder: Decoder | None = None,
                  sock: Any = None, memory: Any = None) -> None:
         self._stream = stream
-        self.memory = memory  # memguard.admission.BodyMemoryGuard, or None
+        self.memory = memory  # memguard.memory.admission.BodyMemoryGuard, or None
         self.declared = declared
         self.counter = BodyCounter(limit)
         self.error: RequestRejected | None = None

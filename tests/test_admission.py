@@ -10,15 +10,9 @@ from typing import Any
 import pytest
 
 from memguard import config, counters, recycle
-from memguard.admission import (
-    CRITICAL,
-    ELEVATED,
-    OK,
-    MemoryAdmission,
-    derive_worker_limits,
-    worker_count_from_environment,
-)
 from memguard.errors import BodyTooLarge, MemoryPressure
+from memguard.memory.admission import CRITICAL, ELEVATED, OK, MemoryAdmission
+from memguard.memory.worker_limits import derive_worker_limits, worker_count_from_environment
 from memguard.recycle import set_recycler
 from memguard.system import read_vm_hwm
 from tests.support.servers import http_request, serve, stream_upload

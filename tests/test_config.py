@@ -176,8 +176,8 @@ def test_one_variable_feeds_one_setting() -> None:
 def test_the_master_and_the_middleware_resolve_the_same_bytes(soft: str, hard: str) -> None:
     """Issue 16, defect 9: without a container limit, "25%" was host RAM to the master
     and no limit at all to the middleware reading the same variable."""
-    from memguard.admission import MemoryAdmission
     from memguard.gunicorn.limits import resolve_limits
+    from memguard.memory.admission import MemoryAdmission
 
     env = {"MEMGUARD_WORKER_MEMORY_LIMIT": soft, "MEMGUARD_WORKER_MEMORY_HARD_LIMIT": hard}
     master = resolve_limits({}, environ=env)
@@ -193,21 +193,21 @@ def test_the_master_and_the_middleware_resolve_the_same_bytes(soft: str, hard: s
 
 
 @pytest.mark.parametrize(("component", "parameter", "option"), [
-    ("memguard.admission:MemoryAdmission", "refresh_interval", "memory_refresh_interval"),
-    ("memguard.admission:MemoryAdmission", "container_threshold",
+    ("memguard.memory.admission:MemoryAdmission", "refresh_interval", "memory_refresh_interval"),
+    ("memguard.memory.admission:MemoryAdmission", "container_threshold",
      "container_memory_threshold"),
-    ("memguard.admission:MemoryAdmission", "psi_threshold", "memory_psi_threshold"),
-    ("memguard.admission:MemoryAdmission", "shed", "memory_shed"),
-    ("memguard.admission:MemoryAdmission", "retry_after", "memory_retry_after"),
-    ("memguard.admission:MemoryAdmission", "body_check_every", "body_memory_check_every"),
-    ("memguard.tracking:RequestTracker", "sample_interval", "memory_sample_interval"),
-    ("memguard.tracking:RequestTracker", "max_routes", "max_routes"),
-    ("memguard.tracking:RequestTracker", "leak_window", "leak_window"),
-    ("memguard.tracking:RequestTracker", "leak_windows", "leak_windows"),
-    ("memguard.tracking:RequestTracker", "leak_min_growth", "leak_min_growth"),
-    ("memguard.tracking:RequestTracker", "leak_min_objects", "leak_min_objects"),
-    ("memguard.metrics:HealthEndpoint", "details", "readiness_details"),
-    ("memguard.metrics:MetricsExporter", "cache", "metrics_cache"),
+    ("memguard.memory.admission:MemoryAdmission", "psi_threshold", "memory_psi_threshold"),
+    ("memguard.memory.admission:MemoryAdmission", "shed", "memory_shed"),
+    ("memguard.memory.admission:MemoryAdmission", "retry_after", "memory_retry_after"),
+    ("memguard.memory.admission:MemoryAdmission", "body_check_every", "body_memory_check_every"),
+    ("memguard.memory.tracking:RequestTracker", "sample_interval", "memory_sample_interval"),
+    ("memguard.memory.tracking:RequestTracker", "max_routes", "max_routes"),
+    ("memguard.memory.tracking:RequestTracker", "leak_window", "leak_window"),
+    ("memguard.memory.tracking:RequestTracker", "leak_windows", "leak_windows"),
+    ("memguard.memory.tracking:RequestTracker", "leak_min_growth", "leak_min_growth"),
+    ("memguard.memory.tracking:RequestTracker", "leak_min_objects", "leak_min_objects"),
+    ("memguard.memory.endpoints:HealthEndpoint", "details", "readiness_details"),
+    ("memguard.memory.metrics:MetricsExporter", "cache", "metrics_cache"),
 ])
 def test_constructor_defaults_are_the_registrys(component: str, parameter: str,
                                                 option: str) -> None:

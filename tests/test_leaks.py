@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from memguard import MemGuardMiddleware
-from memguard.leaks import LeakAdmin, LeakReporter
+from memguard.memory.leaks import LeakAdmin, LeakReporter
 from tests.support.servers import http_request, serve
 
 

@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 
 from memguard import counters
-from memguard.admission import MemoryAdmission
-from memguard.metrics import HealthEndpoint, MetricsExporter, clear_multiprocess_dir
-from memguard.tracking import RequestTracker
+from memguard.memory.admission import MemoryAdmission
+from memguard.memory.endpoints import HealthEndpoint
+from memguard.memory.metrics import MetricsExporter, clear_multiprocess_dir
+from memguard.memory.tracking import RequestTracker
 from tests.support.servers import http_request, serve
 
 MiB = 1 << 20
@@ -155,7 +156,7 @@ def test_a_worker_counts_since_its_last_sync_are_written_at_exit(multiproc_dir: 
     code = (
         "import os\n"
         "from memguard import counters\n"
-        "from memguard.metrics import MetricsExporter\n"
+        "from memguard.memory.metrics import MetricsExporter\n"
         "exporter = MetricsExporter()\n"
         "exporter.sync()\n"
         "counters.increment('body', 'body_over_limit')\n"  # after the last sync
@@ -190,7 +191,7 @@ def test_readiness_says_ready_or_not_and_details_only_when_asked() -> None:
 
 def test_a_scrape_is_rebuilt_at_most_once_per_cache_interval(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from memguard import metrics
+    from memguard.memory import metrics
 
     reads: list[int] = []
     real = metrics.system.process_memory

@@ -17,7 +17,8 @@ from starlette.routing import Mount, Route
 from werkzeug.test import Client
 
 from memguard import MemGuardMiddleware, MemGuardWSGIMiddleware
-from memguard.tracking import OTHER, RequestTracker, _solve
+from memguard.memory.fit import nonnegative_least_squares
+from memguard.memory.tracking import OTHER, RequestTracker
 from tests.support.servers import http_request, serve
 
 MS = 1_000_000
@@ -98,11 +99,11 @@ def test_solver_separates_routes_and_keeps_estimates_non_negative() -> None:
             xty[i] = xty.get(i, 0.0) + xi * y
             for j, xj in row.items():
                 xtx.setdefault(i, {})[j] = xtx.get(i, {}).get(j, 0.0) + xi * xj
-    beta = _solve(xtx, xty)
+    beta = nonnegative_least_squares(xtx, xty)
     assert beta[0] == pytest.approx(5.0, abs=0.3)
     assert 0.0 <= beta[1] < 0.3
     # A route whose intervals show memory returned gets 0, never a negative "kept".
-    only = _solve({0: {0: 10.0}}, {0: -30.0})
+    only = nonnegative_least_squares({0: {0: 10.0}}, {0: -30.0})
     assert only == {0: 0.0}
 
 
@@ -225,7 +226,7 @@ def test_django_route_is_recorded(kind: str) -> None:
     import tests.apps.django_app  # noqa: F401  (configures Django once per process)
 
     with override_settings(ROOT_URLCONF="tests.apps.django_urls",
-                           MIDDLEWARE=["memguard.tracking.DjangoRouteMiddleware"]):
+                           MIDDLEWARE=["memguard.memory.DjangoRouteMiddleware"]):
         if kind == "wsgi":
             wsgi = MemGuardWSGIMiddleware(WSGIHandler())
             client = Client(wsgi)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from memguard import metrics
+from memguard.memory import metrics
 
 
 def on_starting(server: Any) -> None:

@@ -77,7 +77,7 @@ def failure(call: Any) -> str | None:
 
 
 def metrics() -> None:
-    from memguard.metrics import MetricsExporter
+    from memguard.memory.metrics import MetricsExporter
 
     MetricsExporter()
 

@@ -25,12 +25,14 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from memguard.admission import CRITICAL, OK, BodyMemoryGuard, MemoryAdmission
 from memguard.config import resolve
 from memguard.errors import MemoryPressure
-from memguard.leaks import LeakAdmin
-from memguard.metrics import HealthEndpoint, MetricsExporter
-from memguard.tracking import RequestTracker, RouteKey, Sample
+from memguard.memory.admission import CRITICAL, OK, BodyMemoryGuard, MemoryAdmission
+from memguard.memory.endpoints import HealthEndpoint
+from memguard.memory.leaks import LeakAdmin
+from memguard.memory.metrics import MetricsExporter
+from memguard.memory.routes import RouteKey
+from memguard.memory.tracking import RequestTracker, Sample
 
 __all__ = ["MemoryLayer"]
 
@@ -49,7 +51,7 @@ class MemoryLayer:
         sample = memory.start(seq, now) if now >= memory.due else None
         if memory.shedding: refusal = memory.admit(method, path, now)
         ... the app ...
-        memory.completed.append(key)        # a memguard.tracking.RouteKey
+        memory.completed.append(key)        # a memguard.memory.routes.RouteKey
         if sample is not None or memory.pressed: memory.end(sample, key)
 
     Everything else (the pressure level, samples, counting routes, the slow work) runs

@@ -34,13 +34,10 @@ its :class:`RouteStats`.
 A leak that grows one existing object (a ``bytearray`` extended in place) keeps no new
 blocks and is not attributed; the worker's growth still shows in the metrics.
 
-Route templates (``/items/{id}``, never ``/items/42``) come from the framework after the
-app ran: Starlette/FastAPI set ``scope["route"]``; Flask's rule and Django's resolver
-match are recorded by small hooks (:func:`install_flask_route_hook`,
-:class:`DjangoRouteMiddleware`) under the ``memguard.route`` key of the scope or WSGI
-environ, which any app may also set itself. Otherwise the raw path is used, up to
-``max_raw_paths`` distinct ones, then ``"other"``: the table stays bounded whatever the
-clients send.
+Which route a request was is read from its key (:mod:`memguard.memory.routes`); without
+a template, the raw path is counted, up to ``max_raw_paths`` distinct ones, then
+``"other"``: the table stays bounded whatever the clients send. The per-window fit is
+:mod:`memguard.memory.fit`.
 """
 
 from __future__ import annotations
@@ -51,36 +48,27 @@ import logging
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from memguard import counters, events, system
 from memguard.config import default
+from memguard.memory.fit import nonnegative_least_squares, standard_errors
+from memguard.memory.routes import RouteKey, hashable_key, route_key, route_template
 
 __all__ = [
-    "ROUTE_KEY",
-    "DjangoRouteMiddleware",
+    "OTHER",
     "RequestTracker",
     "RouteStats",
     "Sample",
-    "RouteKey",
-    "route_key",
-    "route_template",
-    "wsgi_key",
-    "install_flask_route_hook",
-    "wsgi_route",
 ]
 
 log = logging.getLogger("memguard.tracking")
-
-#: Scope / environ key under which an app or a framework hook names the route template.
-ROUTE_KEY = "memguard.route"
 
 OTHER = "other"
 
 _WARMUP_WINDOWS = 2  # a route's first windows with evidence never count toward a leak
 _MS = 1_000_000
-_MAX_EXACT = 48  # routes solved exactly per window (the least-evidenced rest stay at 0)
 # How soon a due sample or quiet point looks again for a request that starts alone: on
 # a worker that is never idle, each look is a call of start() that finds none.
 _RETRY_NS = 10 * _MS
@@ -336,7 +324,7 @@ class RequestTracker:
         try:
             batch = Counter(keys)
         except TypeError:  # something unhashable in a key (an app's own route name)
-            batch = Counter(_hashable(key) for key in keys)
+            batch = Counter(hashable_key(key) for key in keys)
         interval = self._interval
         for key, n in batch.items():
             stats = self._stats_for(key)
@@ -393,9 +381,9 @@ class RequestTracker:
         worker_growth = rss - self._window_rss if self._window_rss >= 0 else 0
         self._window_rss = rss
         self._window_start_ns = now
-        beta_bytes = _solve(self._xtx, self._y_bytes)
-        beta_blocks = _solve(self._xtx, self._y_blocks)
-        errors = _standard_errors(self._xtx, self._y_blocks, self._yy_blocks, self._n_rows,
+        beta_bytes = nonnegative_least_squares(self._xtx, self._y_bytes)
+        beta_blocks = nonnegative_least_squares(self._xtx, self._y_blocks)
+        errors = standard_errors(self._xtx, self._y_blocks, self._yy_blocks, self._n_rows,
                                   beta_blocks)
         self.windows_closed += 1
         evidenced = [stats for stats in self._by_index
@@ -522,177 +510,7 @@ class RequestTracker:
         }
 
 
-def _solve(xtx: Mapping[int, Mapping[int, float]], xty: Mapping[int, float],
-           ) -> dict[int, float]:
-    """Non-negative least squares for ``(X'X) beta = X'y``: "kept" cannot be negative.
-
-    Exact: the normal equations are solved by Gaussian elimination on the routes seen
-    in the window (a few dozen at most; beyond ``_MAX_EXACT`` the routes with the least
-    evidence are left at zero), and a route whose estimate comes out negative is fixed
-    at zero and the rest solved again (the active-set method). A tiny ridge keeps a
-    route that only ever ran beside another from making the system singular.
-    """
-    active = sorted(xty, key=lambda i: -xtx.get(i, {}).get(i, 0.0))[:_MAX_EXACT]
-    beta: dict[int, float] = {}
-    while active:
-        solution = _gauss(xtx, xty, active)
-        negative = [i for i in active if solution[i] < 0]
-        if not negative:
-            beta = solution
-            break
-        worst = min(negative, key=lambda i: solution[i])
-        active = [i for i in active if i != worst]
-    return {i: beta.get(i, 0.0) for i in xty}
-
-
-def _standard_errors(xtx: Mapping[int, Mapping[int, float]], xty: Mapping[int, float],
-                     yy: float, n: float, beta: Mapping[int, float]) -> dict[int, float]:
-    """Standard error of each route's estimate: residual variance times the diagonal of
-    ``(X'X)^-1`` (each column of the inverse is one more solve of the same system)."""
-    active = sorted(xty, key=lambda i: -xtx.get(i, {}).get(i, 0.0))[:_MAX_EXACT]
-    k = len(active)
-    if k == 0 or n <= k:
-        return {}
-    fitted = sum(beta.get(i, 0.0) * xty.get(i, 0.0) for i in active)
-    quadratic = sum(beta.get(i, 0.0) * xtx.get(i, {}).get(j, 0.0) * beta.get(j, 0.0)
-                    for i in active for j in active)
-    variance = max(0.0, yy - 2 * fitted + quadratic) / (n - k)
-    out: dict[int, float] = {}
-    for i in active:
-        unit = {j: (1.0 if j == i else 0.0) for j in active}
-        column = _gauss(xtx, unit, active)
-        out[i] = (variance * max(0.0, column[i])) ** 0.5
-    return out
-
-
-def _gauss(xtx: Mapping[int, Mapping[int, float]], xty: Mapping[int, float],
-           active: list[int]) -> dict[int, float]:
-    n = len(active)
-    m = [[xtx.get(i, {}).get(j, 0.0) for j in active] + [xty.get(i, 0.0)] for i in active]
-    for k in range(n):
-        m[k][k] += 1e-6 * m[k][k] + 1e-9
-    for col in range(n):
-        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
-        if abs(m[pivot][col]) < 1e-12:
-            continue
-        m[col], m[pivot] = m[pivot], m[col]
-        head = m[col]
-        for r in range(n):
-            if r != col and m[r][col] != 0.0:
-                factor = m[r][col] / head[col]
-                row = m[r]
-                for c in range(col, n + 1):
-                    row[c] -= factor * head[c]
-    return {i: (m[k][n] / m[k][k] if abs(m[k][k]) >= 1e-12 else 0.0)
-            for k, i in enumerate(active)}
-
-
-# --------------------------------------------------------------------------------------
-# Route templates
-
-
-#: What a request's end records, resolved to a route template later (flush()):
-#: ``(route_format, named, inner_root, root, path)``: the ``path_format`` of the
-#: framework's route (``scope["route"]``; ``None`` without a route, False for a route
-#: without one), the name under :data:`ROUTE_KEY`, the scope's ``root_path`` after the
-#: app ran, the one the middleware saw, and the request's path. Hashable: identical
-#: keys are counted together.
-RouteKey = tuple[Any, Any, Any, Any, str]
-
-
-def route_key(template: str | None, path: str) -> RouteKey:
-    """The key of a request whose template is known already (or ``None``: raw path)."""
-    return (None, template, None, None, path)
-
-
-def route_template(key: RouteKey) -> str | None:
-    """The route template a key names, once the app has routed the request.
-
-    Starlette (and FastAPI) set ``scope["route"]`` to the matched route, whose
-    ``path_format`` is the template without converters (``/items/{id}``). A ``Mount``
-    extends the scope's ``root_path`` with the mount's matched prefix, which is put back
-    in front of the inner template. Otherwise the :data:`ROUTE_KEY` name a hook or the
-    app set is used.
-    """
-    template, named, inner_root, root, _ = key
-    if template is None:
-        return None if named is None else str(named)
-    if not isinstance(template, str):
-        return None  # a route object without a template
-    if (isinstance(inner_root, str) and isinstance(root, str) and inner_root != root
-            and inner_root.startswith(root)):
-        return inner_root[len(root):] + template
-    return template
-
-
-def _hashable(key: RouteKey) -> RouteKey:
-    template, named, inner_root, root, path = (
-        x if isinstance(x, (str, int, type(None))) else str(x) for x in key)
-    return (template, named, inner_root, root, str(path))
-
-
 def _count_value(counter: itertools.count[int]) -> int:
     """The next number ``counter`` will give, without taking it (its repr is
     ``count(N)``)."""
     return int(repr(counter)[6:-1])
-
-
-def wsgi_key(environ: Mapping[str, Any], path: str) -> RouteKey:
-    """The route key of a WSGI request that has ended."""
-    return (None, environ.get(ROUTE_KEY), None, None, path)
-
-
-def wsgi_route(environ: Mapping[str, Any]) -> str | None:
-    """The route template a framework hook recorded in the WSGI environ, if any."""
-    named = environ.get(ROUTE_KEY)
-    return None if named is None else str(named)
-
-
-def install_flask_route_hook(app: Any) -> bool:
-    """Record Flask's URL rule (``/items/<int:id>``) in the environ of each request.
-
-    Flask clears ``environ["werkzeug.request"]`` before its WSGI call returns, so the
-    rule is copied while the request is being handled, by a ``before_request`` hook.
-    Returns False when ``app`` is not a Flask application.
-    """
-    flask_app = getattr(app, "__self__", app)  # app.wsgi_app (a bound method) works too
-    if not (hasattr(flask_app, "before_request") and hasattr(flask_app, "url_map")):
-        return False
-    if getattr(flask_app, "_memguard_route_hook", False):
-        return True
-    from flask import request
-
-    def _memguard_record_route() -> None:
-        rule = request.url_rule
-        if rule is not None:
-            request.environ[ROUTE_KEY] = rule.rule
-
-    flask_app.before_request(_memguard_record_route)
-    flask_app._memguard_route_hook = True
-    return True
-
-
-class DjangoRouteMiddleware:
-    """Django middleware recording ``request.resolver_match.route`` for memguard.
-
-    Add ``"memguard.tracking.DjangoRouteMiddleware"`` to ``MIDDLEWARE``. Under WSGI,
-    ``request.META`` is the environ the memguard middleware holds; under ASGI the
-    request's ``scope`` is.
-    """
-
-    def __init__(self, get_response: Callable[[Any], Any]) -> None:
-        self.get_response = get_response
-
-    def __call__(self, request: Any) -> Any:
-        return self.get_response(request)
-
-    def process_view(self, request: Any, view_func: Any, view_args: Any,
-                     view_kwargs: Any) -> None:
-        match = getattr(request, "resolver_match", None)
-        route = getattr(match, "route", None)
-        if route:
-            template = "/" + route.lstrip("^").rstrip("$").lstrip("/")
-            scope: MutableMapping[str, Any] | None = getattr(request, "scope", None)
-            target = scope if scope is not None else request.META
-            target[ROUTE_KEY] = template
-        return None

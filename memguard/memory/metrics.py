@@ -1,9 +1,4 @@
-"""Prometheus metrics and the health/readiness answer.
-
-Health first, since it needs nothing: :class:`HealthEndpoint` answers a liveness path
-(always 200 while the worker can answer: memory never fails liveness, or Kubernetes
-would restart a worker that only needs a rest) and a readiness path (503 while the
-worker's memory pressure is critical, so load balancers send traffic elsewhere).
+"""Prometheus metrics of memguard's state, for the metrics path.
 
 Metrics need ``prometheus-client`` (``pip install "memguard-web[prometheus]"``).
 :class:`MetricsExporter` exports:
@@ -30,7 +25,6 @@ from __future__ import annotations
 
 import atexit
 import glob
-import json
 import logging
 import os
 import time
@@ -38,15 +32,14 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from memguard import config, counters, system
-from memguard.leaks import respond_wsgi, send_asgi
+from memguard.memory.endpoints import respond_wsgi, send_asgi
 
 if TYPE_CHECKING:
-    from memguard.admission import MemoryAdmission
-    from memguard.tracking import RequestTracker
+    from memguard.memory.admission import MemoryAdmission
+    from memguard.memory.tracking import RequestTracker
 
 __all__ = [
     "GROWTH_BUCKETS",
-    "HealthEndpoint",
     "MetricsExporter",
     "child_exit",
     "clear_multiprocess_dir",
@@ -59,50 +52,6 @@ GROWTH_BUCKETS = (0.0, 4096.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216
                   67108864.0, 268435456.0, float("inf"))
 
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-
-
-# --------------------------------------------------------------------------------------
-# Health and readiness
-
-
-class HealthEndpoint:
-    """Liveness and readiness answers for the middlewares (or mounted on their own)."""
-
-    def __init__(self, admission: MemoryAdmission | None, *, readiness_path: str | None = None,
-                 liveness_path: str | None = None,
-                 details: bool = config.default("readiness_details")) -> None:
-        self.admission = admission
-        self.readiness_path = readiness_path
-        self.liveness_path = liveness_path
-        self.details = details
-        self.paths = frozenset(p for p in (readiness_path, liveness_path) if p)
-
-    def answer(self, path: str) -> tuple[int, str, bytes]:
-        if path == self.liveness_path:
-            return 200, "application/json", b'{"status":"alive"}\n'
-        admission = self.admission
-        if admission is None:
-            return 200, "application/json", b'{"status":"ready"}\n'
-        # A readiness probe must see the present, not a reading from a quiet minute ago.
-        admission.refresh()
-        ready = admission.ready
-        body: dict[str, Any] = {"status": "ready" if ready else "not_ready"}
-        if self.details:  # the pid, memory and limits are for operators, not for anyone
-            body.update(pid=os.getpid(), **admission.figures())
-        return (200 if ready else 503), "application/json", (json.dumps(body) + "\n").encode()
-
-    async def asgi(self, scope: dict[str, Any], receive: Callable[..., Any],
-                   send: Callable[..., Any]) -> None:
-        status, ctype, body = self.answer(scope["path"])
-        await send_asgi(send, status, ctype, body)
-
-    def wsgi(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
-        status, ctype, body = self.answer(environ.get("PATH_INFO", ""))
-        return respond_wsgi(start_response, status, ctype, body)
-
-
-# --------------------------------------------------------------------------------------
-# Prometheus
 
 
 class MetricsExporter:

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from memguard import system
+from memguard.memory.endpoints import respond_wsgi, send_asgi
 from memguard.sizes import format_size
 
 __all__ = [
@@ -306,28 +307,3 @@ def _report_answer(report: LeakReport, text: bool) -> tuple[int, str, bytes]:
     if text:
         return 200, "text/plain; charset=utf-8", report.to_text().encode()
     return 200, "application/json", report.to_json().encode()
-
-
-_REASONS = {200: "OK", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-            405: "Method Not Allowed", 409: "Conflict", 503: "Service Unavailable"}
-
-
-async def send_asgi(send: Callable[..., Any], status: int, ctype: str, body: bytes,
-                    extra: list[tuple[bytes, bytes]] | None = None) -> None:
-    """Send a complete small response (shared with the health and metrics endpoints)."""
-    headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode()),
-               (b"cache-control", b"no-store"), *(extra or ())]
-    if status in (401,):
-        headers.append((b"www-authenticate", b'Bearer realm="memguard"'))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-def respond_wsgi(start_response: Callable[..., Any], status: int, ctype: str, body: bytes,
-                 extra: list[tuple[str, str]] | None = None) -> list[bytes]:
-    headers = [("Content-Type", ctype), ("Content-Length", str(len(body))),
-               ("Cache-Control", "no-store"), *(extra or ())]
-    if status in (401,):
-        headers.append(("WWW-Authenticate", 'Bearer realm="memguard"'))
-    start_response(f"{status} {_REASONS.get(status, 'Unknown')}", headers)
-    return [body]
