@@ -10,24 +10,29 @@ throughput is wrk's requests per second, OOM kills the group's ``oom_kill`` coun
 
 ``memguard suggest --app X --json --memory <group limit>`` runs as a user would (a
 subprocess, outside the group), and its configuration runs as printed (memguard's ready
-config, its worker count and limits) beside the sweep in each round. Rounds are
-interleaved (every point once per round); the sweep's figures are medians over rounds,
-and the spread (max - min over the median) says how noisy the machine was.
+config, its worker class, count, threads and limits) as one more point.
 
-The best of many noisy medians is biased upwards, and a shared machine's load drifts
-within a sweep, so the ratio is measured apart: suggest's configuration and the best sweep
-point without an OOM kill run alternately, ``PAIRS`` times (the order flipped each pair),
-and the ratio is the median of the pairs' ratios.
+This machine is shared: its load drifts by more than a factor of two within minutes, so
+every point runs once per round, in an order shuffled anew each round (the first round
+goes up in counts, to find where the OOM kills start), and figures are medians over
+``ROUNDS`` rounds, with the spread (max - min over the median) of each point. Suggest's
+ratio to the best is the median of per-round ratios (suggest's run over the best point's
+run in the same round), so both see the same load. A point whose median is within the
+best point's rounds (at or above its lowest) is a tie with it: the sweep cannot tell them
+apart. Per point, wrk's own CPU time and the host's busy share are kept: they show
+whether the load generator or the machine, not the app, set the throughput.
 
 Quick mode (CI, under two minutes): one round, one second per point, worker counts on a
-doubling ladder up to the first OOM kill, one pair.
+doubling ladder up to the first OOM kill.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -45,12 +50,11 @@ MiB = 1024 * 1024
 CONNECTIONS = 64
 SECONDS = 2.0
 QUICK_SECONDS = 1.0
-ROUNDS = 3
-PAIRS = 5
-QUICK_PAIRS = 1
+ROUNDS = 5
 MAX_WORKERS = 80  # a sweep stops here even without OOM kills
 QUICK_LADDER = (1, 2, 4, 8, 16, 32, 64)
 TARGET = 0.95  # suggest's throughput over the best without OOM kills
+SUGGEST = "suggest"  # the key of suggest's configuration among the sweep's points
 
 
 @dataclass(frozen=True)
@@ -82,9 +86,9 @@ def suggest(shape: Shape) -> dict[str, Any]:
 
 
 def _suggest_args(advice: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
-    """gunicorn's arguments (but the worker count) and environment for the configuration
-    suggest printed."""
-    args = ["-c", "python:memguard.gunicorn.conf", "-k", advice["worker_class"]]
+    """gunicorn's arguments and environment for the configuration suggest printed."""
+    args = ["-c", "python:memguard.gunicorn.conf", "-k", advice["worker_class"],
+            "-w", str(advice["workers"])]
     if advice["threads"] > 1:
         args += ["--threads", str(advice["threads"])]
     if advice["preload"]:
@@ -97,10 +101,19 @@ def _suggest_args(advice: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
     return args, env
 
 
+def _host_ticks() -> tuple[int, int]:
+    """(all, idle) jiffies of every CPU, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return sum(fields), fields[3] + fields[4]
+
+
 def _wrk(url: str, seconds: float, connections: int = CONNECTIONS) -> dict[str, Any]:
+    before, ticks = resource.getrusage(resource.RUSAGE_CHILDREN), _host_ticks()
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "5s", url],
         capture_output=True, text=True, timeout=seconds + 60).stdout
+    after, ticks_after = resource.getrusage(resource.RUSAGE_CHILDREN), _host_ticks()
     rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if rate is None:
         raise RuntimeError(f"unexpected wrk output:\n{out}")
@@ -108,19 +121,23 @@ def _wrk(url: str, seconds: float, connections: int = CONNECTIONS) -> dict[str, 
                        out)
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     failed = sum(int(x) for x in errors.groups()) if errors else 0
+    wrk_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    total, idle = ticks_after[0] - ticks[0], ticks_after[1] - ticks[1]
     return {"rps": float(rate.group(1)),
-            "failed": failed + (int(non_2xx.group(1)) if non_2xx else 0)}
+            "failed": failed + (int(non_2xx.group(1)) if non_2xx else 0),
+            "wrk_cpus": round(wrk_cpu / seconds, 3),
+            "host_busy": round(1 - idle / total, 3) if total else None}
 
 
 def measure(shape: Shape, workers: int, args: list[str], env: dict[str, str],
             seconds: float) -> dict[str, Any]:
-    """One point: gunicorn with ``workers`` and ``args`` in a fresh group, warmed, then
-    loaded. The warm-up keeps no more connections than workers: requests it leaves queued
-    would be served, and counted against, the measured run."""
+    """One point: gunicorn with ``args`` (``workers`` processes) in a fresh group, warmed,
+    then loaded. The warm-up keeps no more connections than workers: requests it leaves
+    queued would be served, and counted against, the measured run."""
     with MemoryCgroup(shape.limit) as group:
         try:
-            with serve("gunicorn", shape.app, ["-k", "sync", "-w", str(workers), *args],
-                       env=env, cwd=REPO, cgroup=group, timeout=60) as server:
+            with serve("gunicorn", shape.app, args, env=env, cwd=REPO, cgroup=group,
+                       timeout=60) as server:
                 # gunicorn forks its workers a random 0-100 ms apart: all of them (unless
                 # the kernel is already killing them), then every worker builds what it
                 # builds on first use.
@@ -130,53 +147,83 @@ def measure(shape: Shape, workers: int, args: list[str], env: dict[str, str],
                     time.sleep(0.05)
                 _wrk(server.url + "/", 1, connections=min(workers, CONNECTIONS))
                 load = _wrk(server.url + "/", seconds)
-                return {**load, "oom_kills": group.oom_kills, "peak_mib": group.peak // MiB}
+                # memguard's recycles (suggest's configuration; plain gunicorn has none).
+                recycles = server.log().count("recycling worker")
+                return {**load, "oom_kills": group.oom_kills, "peak_mib": group.peak // MiB,
+                        "recycles": recycles}
         except (RuntimeError, TimeoutError) as exc:
             # The pool could not even start (the master itself was killed): a failed point.
             return {"rps": 0.0, "failed": -1, "oom_kills": max(1, group.oom_kills),
-                    "peak_mib": group.peak // MiB, "error": str(exc).splitlines()[0][:200]}
+                    "peak_mib": group.peak // MiB, "wrk_cpus": None, "host_busy": None,
+                    "recycles": None,
+                    "error": str(exc).splitlines()[0][:200]}
 
 
 def _counts(quick: bool) -> list[int]:
     return list(QUICK_LADDER) if quick else list(range(1, MAX_WORKERS + 1))
 
 
+def _show(shape: Shape, key: int | str, round_: int, data: dict[str, Any]) -> None:
+    label = f"w={key}" if isinstance(key, int) else key
+    print(f"   {shape.name:6} round {round_ + 1} {label:7}"
+          f" {data['rps']:8.1f} req/s  OOM kills {data['oom_kills']}  recycles"
+          f" {data['recycles']}  peak"
+          f" {data['peak_mib']} MiB  wrk {data['wrk_cpus']} CPUs  host busy"
+          f" {data['host_busy']}", flush=True)
+
+
 def sweep(shape: Shape, advice: dict[str, Any], quick: bool) -> dict[str, Any]:
     rounds = 1 if quick else ROUNDS
     seconds = QUICK_SECONDS if quick else SECONDS
-    points: dict[int, list[dict[str, Any]]] = {}
-    picked: list[dict[str, Any]] = []
+    points: dict[int | str, list[dict[str, Any]]] = {}
     counts: list[int] = []
-    args, env = _suggest_args(advice)
-    for round_ in range(rounds):
-        if round_ == 0:
-            oom_in_a_row = 0
-            for n in _counts(quick):
-                data = measure(shape, n, [], {}, seconds)
-                points.setdefault(n, []).append(data)
-                counts.append(n)
-                print(f"   {shape.name:6} w={n:<3} {data['rps']:8.1f} req/s  OOM kills"
-                      f" {data['oom_kills']}  peak {data['peak_mib']} MiB", flush=True)
-                oom_in_a_row = oom_in_a_row + 1 if data["oom_kills"] else 0
-                if oom_in_a_row == (1 if quick else 2):
-                    break
+    suggest_args, suggest_env = _suggest_args(advice)
+
+    def run_point(key: int | str, round_: int) -> dict[str, Any]:
+        if key == SUGGEST:
+            data = measure(shape, advice["workers"], suggest_args, suggest_env, seconds)
         else:
-            for n in counts:
-                points[n].append(measure(shape, n, [], {}, seconds))
-        data = measure(shape, advice["workers"], args, env, seconds)
-        picked.append(data)
-        print(f"   {shape.name:6} suggest (w={advice['workers']}) round {round_ + 1}:"
-              f" {data['rps']:.1f} req/s, OOM kills {data['oom_kills']},"
-              f" failed {data['failed']}", flush=True)
+            assert isinstance(key, int)
+            data = measure(shape, key, ["-k", "sync", "-w", str(key)], {}, seconds)
+        points.setdefault(key, []).append(data)
+        _show(shape, key, round_, data)
+        return data
+
+    # Round 1 finds the range: up in counts until past the memory bound.
+    oom_in_a_row = 0
+    for n in _counts(quick):
+        counts.append(n)
+        oom_in_a_row = oom_in_a_row + 1 if run_point(n, 0)["oom_kills"] else 0
+        if oom_in_a_row == (1 if quick else 2):
+            break
+    run_point(SUGGEST, 0)
+    shuffle = random.Random(f"{shape.name}").shuffle
+    for round_ in range(1, rounds):
+        order: list[int | str] = [*counts, SUGGEST]
+        shuffle(order)
+        for key in order:
+            run_point(key, round_)
+
     rows = [_merge(n, points[n]) for n in counts]
     fit = [r for r in rows if r["oom_kills"] == 0]
     best = max(fit, key=lambda r: r["rps"]) if fit else None
-    pairs = _head_to_head(shape, advice, best["workers"], QUICK_PAIRS if quick else PAIRS,
-                          seconds) if best else []
-    picked += [p["suggest"] for p in pairs]
-    suggested = _merge(advice["workers"], picked)
+    floor = min(best["rounds_rps"]) if best else None
+    for row in rows:
+        row["tie_with_best"] = bool(floor is not None and row["oom_kills"] == 0
+                                    and row["rps"] >= floor)
+    picked = _merge(advice["workers"], points[SUGGEST])
+    ratios = ([s["rps"] / b["rps"] for s, b in zip(points[SUGGEST], points[best["workers"]],
+                                                      strict=True)
+               if b["rps"]] if best else [])
+    ratio = round(median(ratios), 3) if ratios else None
+    tie = bool(floor is not None and picked["oom_kills"] == 0 and picked["rps"] >= floor)
+    verdict = ("no point without OOM kills" if best is None
+               else "OOM kill" if picked["oom_kills"]
+               else "reaches the target" if ratio is not None and ratio >= TARGET
+               else "a tie with the best, within its rounds' spread" if tie
+               else "below the target")
     same_count = next((r for r in rows if r["workers"] == advice["workers"]), None)
-    ratios = [p["suggest"]["rps"] / p["best"]["rps"] for p in pairs if p["best"]["rps"]]
+    one = next((r for r in rows if r["workers"] == 1), None)
     return {
         "shape": shape.name,
         "what": shape.what,
@@ -186,8 +233,16 @@ def sweep(shape: Shape, advice: dict[str, Any], quick: bool) -> dict[str, Any]:
         "seconds": seconds,
         "rows": rows,
         "best": best,
+        "ties_with_best": [r["workers"] for r in rows if r["tie_with_best"]],
+        # Throughput at the best count over what that many workers serving as one does:
+        # near 1 for an app that waits, unless the machine or wrk was the bottleneck.
+        "best_scaling": (round(best["rps"] / (best["workers"] * one["rps"]), 3)
+                         if best and one and one["rps"] else None),
         "suggest": {
-            **suggested,
+            **picked,
+            "worker_class": advice["worker_class"],
+            "threads": advice["threads"],
+            "preload": advice["preload"],
             "command": advice["command"],
             "decided_by": advice["decided_by"],
             "cpu_bound": advice["cpu_bound"],
@@ -195,38 +250,23 @@ def sweep(shape: Shape, advice: dict[str, Any], quick: bool) -> dict[str, Any]:
             "cpu_share": advice["inputs"].get("cpu_share"),
             "limits_mib": {k: advice[k] // MiB for k in (
                 "worker_memory_limit", "worker_memory_hard_limit", "total_memory_limit")},
-            "ratio_to_best": round(median(ratios), 3) if ratios else None,
-            "pair_ratios": [round(r, 3) for r in ratios],
+            "ratio_to_best": ratio,
+            "round_ratios": [round(r, 3) for r in ratios],
+            "tie_with_best": tie,
+            "verdict": verdict,
             "sweep_ratio_to_best": (round(same_count["rps"] / best["rps"], 3)
                                     if best and same_count else None),
         },
-        "pairs": pairs,
         "first_oom_workers": next((r["workers"] for r in rows if r["oom_kills"]), None),
     }
 
 
-def _head_to_head(shape: Shape, advice: dict[str, Any], best: int, pairs: int,
-                  seconds: float) -> list[dict[str, Any]]:
-    """Suggest's configuration and the best sweep point, run alternately."""
-    args, env = _suggest_args(advice)
-    out = []
-    for i in range(pairs):
-        pair: dict[str, Any] = {}
-        for which in (("suggest", "best") if i % 2 == 0 else ("best", "suggest")):
-            if which == "suggest":
-                pair[which] = measure(shape, advice["workers"], args, env, seconds)
-            else:
-                pair[which] = measure(shape, best, [], {}, seconds)
-        print(f"   {shape.name:6} pair {i + 1}: suggest {pair['suggest']['rps']:.1f},"
-              f" best (w={best}) {pair['best']['rps']:.1f} req/s", flush=True)
-        out.append(pair)
-    return out
-
-
 def _merge(workers: int, rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Medians over rounds; OOM kills and failures: the worst round."""
+    """Medians over rounds; OOM kills, failures, peak and wrk's CPU: the worst round."""
     rates = [r["rps"] for r in rounds]
     mid = median(rates)
+    wrk = [r["wrk_cpus"] for r in rounds if r.get("wrk_cpus") is not None]
+    busy = [r["host_busy"] for r in rounds if r.get("host_busy") is not None]
     return {
         "workers": workers,
         "rps": round(mid, 1),
@@ -234,6 +274,9 @@ def _merge(workers: int, rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "oom_kills": max(r["oom_kills"] for r in rounds),
         "failed": max(r["failed"] for r in rounds),
         "peak_mib": max(r["peak_mib"] for r in rounds),
+        "recycles": [r.get("recycles") for r in rounds],
+        "wrk_cpus": max(wrk) if wrk else None,
+        "host_busy": round(median(busy), 3) if busy else None,
         "rounds_rps": rates,
     }
 
@@ -249,10 +292,12 @@ def run(quick: bool) -> Result:
     results = []
     bounds: list[Bound] = []
     table: list[dict[str, Any]] = []
+    notes = []
     for shape in shapes:
         advice = suggest(shape)
-        print(f"   {shape.name}: suggest says {advice['workers']} workers"
-              f" (decided by {advice['decided_by']})", flush=True)
+        print(f"   {shape.name}: suggest says {advice['workers']} {advice['worker_class']}"
+              f" workers x {advice['threads']} threads (decided by {advice['decided_by']})",
+              flush=True)
         data = sweep(shape, advice, quick)
         results.append(data)
         pick = data["suggest"]
@@ -261,17 +306,32 @@ def run(quick: bool) -> Result:
         if pick["ratio_to_best"] is not None:
             bounds.append(Bound(f"{shape.name}: suggest's throughput / best without OOM",
                                 pick["ratio_to_best"], TARGET, unit="x", at_least=True))
+        notes.append(f"{shape.name}: suggest {_pick_text(pick)}: {pick['ratio_to_best']} x"
+                     f" the best ({data['best']['workers'] if data['best'] else None} sync"
+                     f" workers), {pick['verdict']}")
         table += _table_rows(data)
     spreads = [r["spread"] for d in results for r in d["rows"] if r["spread"] is not None]
-    notes = []
-    if spreads:
+    if spreads and not quick:
         notes.append(f"noise: throughput spread over rounds (max - min over median), median"
                      f" {median(spreads):.1%}, worst {max(spreads):.1%}")
+    wrk = [r["wrk_cpus"] for d in results for r in d["rows"] if r["wrk_cpus"] is not None]
+    if wrk:
+        notes.append(f"load generator: wrk used at most {max(wrk):.2f} of a CPU")
     return Result(
         "sizing",
-        figures={"connections": CONNECTIONS, "worker_class": "sync", "shapes": results},
+        figures={"connections": CONNECTIONS, "sweep_worker_class": "sync",
+                 "tie_rule": "a point ties with the best when its median is at or above the"
+                             " best point's lowest round",
+                 "ratio_rule": "median over rounds of suggest's run / the best point's run in"
+                               " the same round",
+                 "shapes": results},
         bounds=bounds, notes=notes, table=table,
     )
+
+
+def _pick_text(pick: dict[str, Any]) -> str:
+    threads = f" x {pick['threads']} threads" if pick["threads"] > 1 else ""
+    return f"{pick['workers']} {pick['worker_class']} workers{threads}"
 
 
 def _table_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -280,13 +340,13 @@ def _table_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
     rows = [{"shape": data["shape"], "workers": r["workers"], "rps": r["rps"],
              "spread": r["spread"], "oom_kills": r["oom_kills"], "failed": r["failed"],
              "peak_mib": r["peak_mib"],
-             "mark": ("best" if r["workers"] == best else "")
-             + (" suggest's count" if r["workers"] == pick["workers"] else "")}
+             "mark": ("best" if r["workers"] == best else "tie" if r["tie_with_best"] else "")}
             for r in data["rows"]]
     rows.append({"shape": data["shape"], "workers": pick["workers"], "rps": pick["rps"],
                  "spread": pick["spread"], "oom_kills": pick["oom_kills"],
                  "failed": pick["failed"], "peak_mib": pick["peak_mib"],
-                 "mark": f"suggest, as printed: {pick['ratio_to_best']} x best"})
+                 "mark": f"suggest ({_pick_text(pick)}), as printed:"
+                         f" {pick['ratio_to_best']} x best, {pick['verdict']}"})
     return rows
 
 
@@ -298,11 +358,13 @@ def markdown(result: dict[str, Any]) -> str:
         best = data["best"]
         out += [
             f"**{data['shape']}** ({data['what']}; {data['group_limit_mib']} MiB group):"
-            f" suggest picks **{pick['workers']}** (decided by {pick['decided_by']}; cpu"
+            f" suggest picks **{_pick_text(pick)}** (decided by {pick['decided_by']}; cpu"
             f" bound {pick['cpu_bound']}, memory bound {pick['memory_bound']}), best"
-            f" without OOM: {best['workers'] if best else 'none'} workers;"
+            f" without OOM: {best['workers'] if best else 'none'} sync workers;"
             f" suggest's configuration as printed: {pick['rps']:.0f} req/s,"
-            f" **{pick['ratio_to_best']} x best**, {pick['oom_kills']} OOM kills.",
+            f" **{pick['ratio_to_best']} x best** ({pick['verdict']}),"
+            f" {pick['oom_kills']} OOM kills, memguard recycles per round"
+            f" {pick['recycles']}.",
             "",
             "| workers | req/s (median) | spread | OOM kills | failed | peak MiB | |",
             "|---:|---:|---:|---:|---:|---:|---|",
@@ -311,12 +373,14 @@ def markdown(result: dict[str, Any]) -> str:
             mark = []
             if best and r["workers"] == best["workers"]:
                 mark.append("best without OOM")
-            if r["workers"] == pick["workers"]:
+            elif r["tie_with_best"]:
+                mark.append("tie")
+            if r["workers"] == pick["workers"] and pick["worker_class"] == "sync":
                 mark.append("**suggest's count**")
             out.append(f"| {r['workers']} | {r['rps']:.0f} | {r['spread']:.0%} |"
                        f" {r['oom_kills']} | {r['failed']} | {r['peak_mib']} |"
                        f" {', '.join(mark)} |")
-        out.append(f"| **{pick['workers']}, as printed** | **{pick['rps']:.0f}** |"
+        out.append(f"| **{_pick_text(pick)}, as printed** | **{pick['rps']:.0f}** |"
                    f" {pick['spread']:.0%} | {pick['oom_kills']} | {pick['failed']} |"
                    f" {pick['peak_mib']} | memguard's config and limits |")
         out.append("")
