@@ -7,9 +7,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memguard.cli.sizing import (
+    MAX_THREADS,
     Footprint,
     SizingInput,
     advise,
+    choose_worker_class,
     classic_workers,
     concurrency,
     cpu_bound,
@@ -188,10 +190,12 @@ def test_snippets_are_ready_to_use() -> None:
     assert advice.config in text
 
 
-def waiting(worker: int, wall: float = 0.020, cpu: float = 0.0002) -> list[Footprint]:
+def waiting(worker: int, wall: float = 0.020, cpu: float = 0.0002,
+            request_peak: int | None = None) -> list[Footprint]:
     """An app that mostly waits: a 20 ms database call, 0.2 ms of computing."""
     return [Footprint(preload=False, master=18 * MiB, boot=2 * MiB, worker=worker,
-                      request_seconds=wall, request_cpu_seconds=cpu)]
+                      request_seconds=wall, request_cpu_seconds=cpu,
+                      request_peak=request_peak)]
 
 
 def test_cpu_bound_follows_the_measured_share_of_computing() -> None:
@@ -218,10 +222,11 @@ def test_footprint_cpu_share() -> None:
                      request_cpu_seconds=0.0).cpu_share == 1.0
 
 
-def test_an_app_that_waits_gets_the_workers_memory_allows() -> None:
-    # A 3 MiB worker that waits 99% of the time in a 256 MiB container on 2 CPUs.
+def test_an_app_that_waits_gets_the_sync_workers_memory_allows() -> None:
+    # A 3 MiB worker that waits 99% of the time in a 256 MiB container on 2 CPUs, with
+    # sync workers asked for.
     inp = SizingInput(cpus=2, host_cpus=2, budget=256 * MiB, budget_source="cgroup",
-                      footprints=waiting(3 * MiB))
+                      footprints=waiting(3 * MiB), worker_class="sync")
     advice = advise(inp)
     assert advice.cpu_bound == 33
     # Pool 230 MiB (256 - 10%), minus the master (18) and one reserve for the pool
@@ -236,12 +241,60 @@ def test_an_app_that_waits_gets_the_workers_memory_allows() -> None:
     assert "1% of it computing" in render_text(advice)
     assert any("99% of their time waiting" in note and "gthread" in note
                for note in advice.notes)
+    assert advice.worker_class == "sync" and advice.threads == 1
+
+
+def test_an_app_that_waits_gets_gthread_unless_told_otherwise() -> None:
+    """28 sync processes that each wait 99% of the time fill 256 MiB; two gthread workers
+    keep as many requests in flight (and more) in a fraction of the memory."""
+    inp = SizingInput(cpus=2, host_cpus=2, budget=256 * MiB, budget_source="cgroup",
+                      footprints=waiting(3 * MiB))
+    advice = advise(inp)
+    assert advice.worker_class == "gthread"
+    assert advice.workers == 2 and advice.decided_by == "cpu"  # one process per CPU
+    # 2 CPUs / 1% computing = 200 requests in flight would keep them busy: capped per worker.
+    assert advice.threads == MAX_THREADS
+    assert advice.workers * advice.threads > 28  # more than the sync pool that fits
+    assert f"threads = {MAX_THREADS}" in advice.config
+    assert f"-k gthread --threads {MAX_THREADS}" in advice.command
+    assert any(note.startswith("worker class gthread: requests spend 99% of their time")
+               and "--worker-class sync" in note for note in advice.notes)
+    check_fits(advice, inp)
+
+
+def test_the_worker_class_rule() -> None:
+    assert choose_worker_class(None, 0.01) == "gthread"
+    assert choose_worker_class(None, 0.24) == "gthread"
+    assert choose_worker_class(None, 0.25) == "sync"  # computes a quarter: sync
+    assert choose_worker_class(None, None) == "sync"  # unmeasured: no thread-safety assumed
+    assert choose_worker_class("sync", 0.01) == "sync"  # given: kept
+    assert choose_worker_class("uvicorn_worker.UvicornWorker", 1.0) \
+        == "uvicorn_worker.UvicornWorker"
+
+
+def test_threads_fit_what_each_request_holds_at_once() -> None:
+    """Each thread may hold its request's peak at the same time: the soft limit must
+    hold the warmed worker, its growth allowance and every thread's peak."""
+    inp = SizingInput(cpus=2, host_cpus=2, budget=256 * MiB, budget_source="cgroup",
+                      footprints=waiting(3 * MiB, request_peak=20 * MiB))
+    advice = advise(inp)
+    assert advice.worker_class == "gthread" and advice.workers == 2
+    # Pool 230 MiB - master 18 - reserve 16 = 196, 98 MiB each; a worker needs 7 MiB with
+    # its allowance, which leaves 91 MiB: four more requests of 20 MiB beside the first.
+    assert advice.worker_memory_limit == 98 * MiB
+    assert advice.threads == 5
+    assert advice.modes[0]["request_peak"] == 20 * MiB
+    # A request of 100 MiB: one thread.
+    big = advise(SizingInput(**{**inp.__dict__,
+                                "footprints": waiting(3 * MiB, request_peak=100 * MiB)}))
+    assert big.threads == 1
 
 
 def test_an_app_that_computes_gets_one_worker_per_cpu_and_one() -> None:
     inp = SizingInput(cpus=2, host_cpus=2, budget=1 * GiB, budget_source="cgroup",
                       footprints=waiting(30 * MiB, wall=0.004, cpu=0.004))
     advice = advise(inp)
+    assert advice.worker_class == "sync" and advice.threads == 1
     assert advice.workers == 3 and advice.decided_by == "cpu"
     assert not any("waiting" in note for note in advice.notes)
     check_fits(advice, inp)
@@ -251,7 +304,13 @@ def test_gthread_threads_cover_what_the_app_waits() -> None:
     advice = advise(SizingInput(cpus=2, host_cpus=2, budget=1 * GiB, budget_source="cgroup",
                                 footprints=waiting(30 * MiB), worker_class="gthread"))
     assert advice.workers == 2
-    assert advice.threads == 8  # ceil(33 / 2), at most MAX_THREADS
+    # 2 CPUs / 1% computing: 200 in flight keep them busy; at most MAX_THREADS a worker.
+    assert advice.threads == MAX_THREADS
+    # Computing 10%: 2 / 0.1 + 1 = 21 in flight, 11 threads in each of two workers.
+    tenth = advise(SizingInput(cpus=2, host_cpus=2, budget=1 * GiB, budget_source="cgroup",
+                               footprints=waiting(30 * MiB, wall=0.02, cpu=0.002),
+                               worker_class="gthread"))
+    assert tenth.threads == 11
 
 
 @settings(max_examples=200, deadline=None)
@@ -260,16 +319,18 @@ def test_gthread_threads_cover_what_the_app_waits() -> None:
     budget_mib=st.integers(256, 64 * 1024),
     worker_mib=st.integers(5, 2000),
     master_mib=st.integers(5, 300),
-    worker_class=st.sampled_from(["sync", "gthread", "uvicorn_worker.UvicornWorker"]),
+    worker_class=st.sampled_from([None, "sync", "gthread", "uvicorn_worker.UvicornWorker"]),
     cpu_share=st.one_of(st.none(), st.floats(0, 1)),
+    peak_mib=st.one_of(st.none(), st.integers(0, 512)),
 )
 def test_advice_that_fits_always_fits(cpus: float, budget_mib: int, worker_mib: int,
-                                      master_mib: int, worker_class: str,
-                                      cpu_share: float | None) -> None:
+                                      master_mib: int, worker_class: str | None,
+                                      cpu_share: float | None, peak_mib: int | None) -> None:
     fps = [Footprint(preload=False, master=master_mib * MiB, boot=2 * MiB,
                      worker=worker_mib * MiB,
                      request_seconds=None if cpu_share is None else 0.02,
-                     request_cpu_seconds=None if cpu_share is None else 0.02 * cpu_share)]
+                     request_cpu_seconds=None if cpu_share is None else 0.02 * cpu_share,
+                     request_peak=None if peak_mib is None else peak_mib * MiB)]
     inp = SizingInput(cpus=cpus, host_cpus=max(1, int(cpus)), budget=budget_mib * MiB,
                       budget_source="cgroup", footprints=fps, worker_class=worker_class)
     advice = advise(inp)
@@ -277,5 +338,14 @@ def test_advice_that_fits_always_fits(cpus: float, budget_mib: int, worker_mib: 
     if advice.fits:
         check_fits(advice, inp)
         assert advice.workers == min(advice.cpu_bound, advice.memory_bound)
+        # Every thread's request at its peak at once, beside the warmed worker and its
+        # growth allowance: under the soft limit.
+        if advice.threads > 1 and peak_mib:
+            mode = advice.modes[0]
+            assert mode["min_worker"] + (advice.threads - 1) * peak_mib * MiB \
+                <= advice.worker_memory_limit
     else:
         assert advice.workers == 1 and advice.memory_bound == 0
+    assert 1 <= advice.threads <= MAX_THREADS
+    if worker_class is None:
+        assert advice.worker_class == choose_worker_class(None, fps[0].cpu_share)

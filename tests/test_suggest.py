@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,51 @@ def test_measure_tells_an_app_that_waits_from_one_that_computes(repo: Path) -> N
     assert waits.request_seconds is not None and waits.request_seconds >= 0.019
     assert waits.cpu_share is not None and waits.cpu_share < 0.2
     assert computes.cpu_share is not None and computes.cpu_share > 0.7
+
+
+def test_measure_sees_what_a_request_holds_while_it_runs(repo: Path) -> None:
+    """Each request of tests.apps.transient holds 32 MiB and keeps none: the request's
+    peak says so (the warmed worker does not); an app that holds nothing has a peak of a
+    few pages."""
+    (holds,), _ = measure("tests.apps.transient:wsgi_app", requests=4, cwd=repo,
+                          preload=[False])
+    (light,), _ = measure("tests.apps.hello:wsgi_app", requests=4, cwd=repo,
+                          preload=[False])
+    assert holds.request_peak is not None and holds.request_peak >= 30 * MiB
+    assert holds.worker < 30 * MiB
+    assert light.request_peak is not None and light.request_peak < 4 * MiB
+
+
+@pytest.mark.cgroup
+@pytest.mark.server
+def test_suggest_gives_an_app_that_waits_threads_that_overlap_its_waits(
+        needs_cgroup: None, repo: Path, tmp_path: Path) -> None:
+    """An app that waits 0.5 s per request: suggest, run in a 192 MiB group, picks gthread,
+    and its printed config serves 16 requests at once in about one wait, where as many
+    sync processes as it has workers would take eight."""
+    app = "benchmarks.apps.shapes:io_app"
+    env = {**_env(), "SHAPE_IO_WAIT": "0.5"}
+    with MemoryCgroup("192MiB") as group:
+        proc = group.run([sys.executable, "-m", "memguard", "suggest", "--app", app,
+                          "--requests", "3", "--json"], cwd=repo, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr.decode()
+        advice = json.loads(proc.stdout)
+        assert advice["worker_class"] == "gthread"
+        assert advice["workers"] * advice["threads"] >= 16
+        conf = tmp_path / "gunicorn.conf.py"
+        conf.write_text(advice["config"])
+        with serve("gunicorn", app, ["-c", str(conf)], cgroup=group, cwd=repo,
+                   env=env) as server:
+            server.wait_for_workers(advice["workers"])
+            assert http_request(server.url)[0] == 200
+            started = time.monotonic()
+            with ThreadPoolExecutor(16) as pool:
+                statuses = list(pool.map(lambda _: http_request(server.url)[0], range(16)))
+            elapsed = time.monotonic() - started
+            assert statuses == [200] * 16
+            # Sync: 16 x 0.5 s over two processes, 4 s at least.
+            assert elapsed < 2.0, elapsed
+            assert group.oom_kills == 0
 
 
 def test_measure_on_a_busy_cpu_still_sees_an_app_that_computes(repo: Path) -> None:

@@ -5,13 +5,15 @@
 - ``memory_app``: every worker builds a large cache on its first request (a lookup
   table, a model), then each request reads it, computes a little and waits 20 ms.
 
-WSGI, for gunicorn's sync worker. The sizes come from the environment so the benchmark
+WSGI, for gunicorn's sync and gthread workers (the cache is built once per process, under
+a lock, as a thread-safe app does). The sizes come from the environment so the benchmark
 and ``memguard suggest`` see the same app.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -22,6 +24,7 @@ IO_WAIT = float(os.environ.get("SHAPE_IO_WAIT", "0.020"))
 CACHE_BYTES = int(os.environ.get("SHAPE_CACHE_MIB", "96")) * MiB
 
 _cache: list[bytes] = []
+_cache_lock = threading.Lock()
 
 
 def _compute(loops: int) -> int:
@@ -48,8 +51,10 @@ def io_app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
 
 def memory_app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
     if not _cache:
-        # Written to, page by page: an untouched allocation would not be charged.
-        _cache.append(b"\x01" * CACHE_BYTES)
+        with _cache_lock:
+            if not _cache:
+                # Written to, page by page: an untouched allocation would not be charged.
+                _cache.append(b"\x01" * CACHE_BYTES)
     time.sleep(IO_WAIT)
     table = _cache[0]
     return _respond(start_response, b"%d %d\n" % (table[len(table) // 2], _compute(500)))

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         " app's measured footprint; print a gunicorn.conf.py",
     )
     suggest.add_argument("--app", required=True, help="the app to measure, module:attribute")
-    suggest.add_argument("--worker-class", default="sync", help="gunicorn worker class")
+    suggest.add_argument("--worker-class", help="gunicorn worker class (default: gthread for"
+                         " an app whose requests mostly wait, sync otherwise)")
     suggest.add_argument("--threads", type=int, help="threads per worker (default: chosen)")
     suggest.add_argument("--memory", help="memory budget (default: cgroup limit or host RAM)")
     suggest.add_argument("--headroom", default="10%", help="memory kept free (default: 10%%)")

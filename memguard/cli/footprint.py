@@ -42,7 +42,7 @@ from typing import Any
 
 from memguard.cli.sizing import Footprint
 from memguard.errors import MemGuardError
-from memguard.system import ProcessMemory, process_memory
+from memguard.system import ProcessMemory, current_peak_rss, current_rss, process_memory
 
 __all__ = ["FootprintError", "load_app", "measure", "is_asgi"]
 
@@ -94,19 +94,36 @@ def _runqueue_seconds() -> float:
         return 0.0
 
 
+def _reset_peak_rss() -> int | None:
+    """Set this process's peak RSS (``VmHWM``) back to its current RSS and return that;
+    ``None`` where the kernel cannot (``clear_refs`` value 5: Linux 4.0 and later)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return current_rss()
+
+
 class RequestTimings:
     """Wall and CPU time of each warm-up request: how much of a request's time a worker
     spends computing rather than waiting (a database, an API), which decides how many
     sync workers keep the CPUs busy. Time spent runnable but waiting for a CPU (other
     processes on a busy machine) is not waiting for I/O: it is left out of the wall time,
-    or a CPU-bound app measured on a loaded machine would look like it waits."""
+    or a CPU-bound app measured on a loaded machine would look like it waits.
+
+    Also each request's peak memory above the RSS it started at: the threads of a gthread
+    worker may each hold that at the same time."""
 
     def __init__(self) -> None:
         self.wall: list[float] = []
         self.cpu: list[float] = []
+        self.peaks: list[int] = []
         self._started = (0.0, 0.0, 0.0)
+        self._rss: int | None = None
 
     def start(self) -> None:
+        self._rss = _reset_peak_rss()
         self._started = (time.perf_counter(), time.process_time(), _runqueue_seconds())
 
     def stop(self) -> None:
@@ -114,6 +131,16 @@ class RequestTimings:
         queued = _runqueue_seconds() - queued
         self.wall.append(max(0.0, time.perf_counter() - wall - queued))
         self.cpu.append(time.process_time() - cpu)
+        peak = current_peak_rss() if self._rss is not None else None
+        if peak is not None and self._rss is not None:
+            self.peaks.append(max(0, peak - self._rss))
+
+    def peak(self) -> int | None:
+        """The largest request's peak above its starting RSS, the first request left out
+        when there are others (it builds what the app creates on first use); ``None``
+        where the kernel does not say."""
+        peaks = self.peaks[1:] if len(self.peaks) > 1 else self.peaks
+        return max(peaks) if peaks else None
 
     def medians(self) -> tuple[float | None, float | None]:
         """(wall, cpu) seconds of a typical request; the first request is left out when
@@ -289,7 +316,8 @@ def _worker(spec: str | None, app: Any, paths: Sequence[str], count: int,
     request_seconds, request_cpu_seconds = timings.medians()
     return {"interface": "asgi" if asgi else "wsgi", "boot": _uss(boot), "worker": _uss(warm),
             "worker_pss": warm.pss, "worker_rss": warm.rss, "statuses": statuses,
-            "request_seconds": request_seconds, "request_cpu_seconds": request_cpu_seconds}
+            "request_seconds": request_seconds, "request_cpu_seconds": request_cpu_seconds,
+            "request_peak": timings.peak()}
 
 
 def _fork_worker(spec: str | None, app: Any, paths: Sequence[str], count: int,
@@ -395,7 +423,8 @@ def measure(
         Footprint(preload=m["preload"], master=m["master"], boot=m["boot"],
                   worker=m["worker"], worker_pss=m["worker_pss"], worker_rss=m["worker_rss"],
                   request_seconds=m.get("request_seconds"),
-                  request_cpu_seconds=m.get("request_cpu_seconds"))
+                  request_cpu_seconds=m.get("request_cpu_seconds"),
+                  request_peak=m.get("request_peak"))
         for m in report["modes"]
     ]
     return footprints, report

@@ -20,11 +20,19 @@ The arithmetic, in bytes:
   replacement that boots while the old worker drains (which must not be what tips the
   container over). It is kept once for the pool, not once per worker: it is what lets a
   small worker's pool be as large as the memory allows.
+- The worker class, unless given: ``gthread`` when the app spends most of a request
+  waiting (less than ``WAITING_SHARE`` of it computing, measured in the warm-up), ``sync``
+  otherwise. Waits are served by threads sharing one process's memory, where sync needs a
+  whole process per wait: in a memory-bound container the processes run out long before
+  the CPUs are busy.
 - ``room`` = pool - master - reserve; memory bound = room // the minimum worker; cpu bound
   from effective CPUs, the worker class and how much of a request's time the app spends
-  computing (measured in the warm-up: a sync worker that waits 20 ms for every 1 ms of
-  work leaves its CPU idle, so more of them fit on one CPU); workers = min of the two
+  computing (a sync worker that waits 20 ms for every 1 ms of work leaves its CPU idle,
+  so more of them fit on one CPU; threaded workers: one per CPU); workers = min of the two
   (never less than 1; ``WEB_CONCURRENCY`` wins when it fits).
+- gthread threads: enough requests in flight to keep the CPUs busy at the measured share
+  (at most ``MAX_THREADS`` a worker), and no more than the soft limit holds when each
+  thread's request needs its measured peak (``request_peak``) at once.
 - soft limit = room // workers; hard limit = soft + reserve, so one worker at its hard
   limit beside the others at their soft limit still fits the pool.
 - With preload measured too, preload is advised only when it fits more workers or saves
@@ -47,6 +55,7 @@ __all__ = [
     "Footprint",
     "SizingInput",
     "advise",
+    "choose_worker_class",
     "classic_workers",
     "concurrency",
     "cpu_bound",
@@ -59,11 +68,14 @@ MIN_STEP_BYTES = 16 * MIB
 MIN_ALLOWANCE_BYTES = 4 * MIB
 DEFAULT_GROWTH = 0.25
 DEFAULT_HEADROOM = 0.10
-MAX_THREADS = 8
+# Threads per gthread worker at most: a process computes on one CPU at a time (the GIL),
+# so past a few dozen threads more waits only queue there.
+MAX_THREADS = 32
 # Sync workers per CPU at most, however little of a request is computing: past that the
 # server's own per-request work fills the CPU, and gthread serves waits for less memory.
 MAX_SYNC_WORKERS_PER_CPU = 16
-# Below this share of computing, a sync pool is mostly processes that wait.
+# Below this share of computing, a sync pool is mostly processes that wait: gthread is
+# advised instead (unless a worker class is given).
 WAITING_SHARE = 0.25
 
 # Worker classes that serve many connections from one event loop: one process per CPU.
@@ -86,6 +98,10 @@ class Footprint:
     worker_rss: int | None = None  # RSS (counts pages shared with the master)
     request_seconds: float | None = None  # a warm-up request's wall time (median)
     request_cpu_seconds: float | None = None  # its CPU time; the rest it spent waiting
+    # The most memory one request held at once above the worker's RSS before it (peak RSS
+    # during the request minus RSS at its start): what each thread of a gthread worker
+    # may need at the same time.
+    request_peak: int | None = None
 
     @property
     def cpu_share(self) -> float | None:
@@ -104,7 +120,7 @@ class SizingInput:
     budget: int  # the container's memory limit, or the host's RAM
     budget_source: str
     footprints: Sequence[Footprint]  # one per measured mode (with/without preload)
-    worker_class: str = "sync"
+    worker_class: str | None = None  # None: chosen here (gthread for an app that waits)
     threads: int | None = None  # None: chosen here (gthread), 1 otherwise
     headroom: int | None = None  # bytes kept free; None: DEFAULT_HEADROOM of the budget
     growth: float = DEFAULT_GROWTH
@@ -158,6 +174,17 @@ def cpu_bound(cpus: float, worker_class: str, cpu_share: float | None = None) ->
     if worker_class == "sync":
         return max(2, concurrency(cpus, cpu_share))
     return max(2, math.ceil(cpus))
+
+
+def choose_worker_class(given: str | None, cpu_share: float | None) -> str:
+    """The worker class given, or: ``gthread`` for an app whose requests mostly wait
+    (measured share of computing below ``WAITING_SHARE``), ``sync`` otherwise (and when
+    unmeasured: sync workers need no thread-safe app)."""
+    if given is not None:
+        return given
+    if cpu_share is not None and cpu_share < WAITING_SHARE:
+        return "gthread"
+    return "sync"
 
 
 def concurrency(cpus: float, cpu_share: float | None) -> int:
@@ -218,15 +245,26 @@ def _choose_mode(modes: list[dict[str, Any]], by_cpu: int, pool: int) -> int:
     return best
 
 
-def _threads(inp: SizingInput, workers: int) -> int:
+def _threads(inp: SizingInput, worker_class: str, workers: int, spare: int,
+             fp: Footprint) -> int:
+    """Threads per worker; ``spare``: what each worker's soft limit leaves above its
+    warmed footprint and growth allowance."""
     if inp.threads is not None:
         return max(1, inp.threads)
-    if inp.worker_class != "gthread":
+    if worker_class != "gthread":
         return 1
-    # Keep as many requests in flight as sync workers would need: threads cost far less
-    # memory than processes.
-    target = concurrency(inp.cpus, _share(inp))
-    return min(MAX_THREADS, max(2, math.ceil(target / workers)))
+    share = _share(inp)
+    if share is None:
+        target = concurrency(inp.cpus, None)
+    else:
+        # A waiting thread costs a stack, not a process: no cap per CPU as for sync
+        # workers, only MAX_THREADS per worker.
+        target = math.ceil(max(inp.cpus, 0.01) / max(share, 0.001) - 0.1) + 1
+    threads = min(MAX_THREADS, max(2, math.ceil(target / workers)))
+    if fp.request_peak:
+        # Every thread's request may hold its peak at once: the soft limit must hold them.
+        threads = min(threads, 1 + max(0, spare) // fp.request_peak)
+    return max(1, threads)
 
 
 def _share(inp: SizingInput) -> float | None:
@@ -249,7 +287,8 @@ def advise(inp: SizingInput) -> Advice:
     if inp.web_concurrency is not None and inp.web_concurrency < 1:
         raise ValueError(f"WEB_CONCURRENCY must be a positive integer, got {inp.web_concurrency}")
     pool = _pool(inp)
-    by_cpu = cpu_bound(inp.cpus, inp.worker_class, _share(inp))
+    worker_class = choose_worker_class(inp.worker_class, _share(inp))
+    by_cpu = cpu_bound(inp.cpus, worker_class, _share(inp))
 
     modes: list[dict[str, Any]] = []
     for fp in inp.footprints:
@@ -263,6 +302,7 @@ def advise(inp: SizingInput) -> Advice:
             "worker_rss": fp.worker_rss,
             "request_seconds": fp.request_seconds,
             "request_cpu_seconds": fp.request_cpu_seconds,
+            "request_peak": fp.request_peak,
             "min_worker": _min_worker(fp, inp.growth),
             "memory_bound": bound,
             "total_at_cpu_bound": fp.master + min(bound, by_cpu) * fp.worker,
@@ -316,13 +356,19 @@ def advise(inp: SizingInput) -> Advice:
             f" a lower one such as {_size_text(_floor_mib(2 * _min_worker(fp, inp.growth)))}"
             " recycles a leaking worker sooner"
         )
-    threads = _threads(inp, workers)
-    if threads > 1:
-        notes.append(f"{threads} threads per worker: the footprint was measured with one"
-                     " request at a time; concurrent large requests add to it")
-
+    threads = _threads(inp, worker_class, workers, soft - _min_worker(fp, inp.growth), fp)
     share = _share(inp)
-    if inp.worker_class == "sync" and share is not None and share < WAITING_SHARE:
+    if inp.worker_class is None and worker_class == "gthread" and share is not None:
+        notes.append(f"worker class gthread: requests spend {1 - share:.0%} of their time"
+                     " waiting, and threads serve waits in one process's memory"
+                     " (--worker-class sync if the app is not thread-safe)")
+    if threads > 1:
+        peak = f" ({format_size(fp.request_peak)} at most per request in the warm-up)" \
+            if fp.request_peak is not None else ""
+        notes.append(f"{threads} threads per worker: the footprint was measured with one"
+                     f" request at a time{peak}; concurrent large requests add to it")
+
+    if worker_class == "sync" and share is not None and share < WAITING_SHARE:
         notes.append(f"requests spend {1 - share:.0%} of their time waiting: with"
                      " --worker-class gthread, threads serve as many at once in fewer"
                      " processes, which share their memory")
@@ -341,11 +387,12 @@ def advise(inp: SizingInput) -> Advice:
         notes.append("preload_app = True: workers share the app's pages with the master;"
                      " MEMGUARD_GC_FREEZE=1 keeps the first gc.collect() from un-sharing them")
 
-    config, command = _snippets(inp, workers, threads, fp.preload, soft, hard, pool)
+    config, command = _snippets(inp, worker_class, workers, threads, fp.preload, soft, hard,
+                                pool)
     return Advice(
         workers=workers,
         threads=threads,
-        worker_class=inp.worker_class,
+        worker_class=worker_class,
         preload=fp.preload,
         worker_memory_limit=soft,
         worker_memory_hard_limit=hard,
@@ -374,15 +421,15 @@ def advise(inp: SizingInput) -> Advice:
     )
 
 
-def _snippets(inp: SizingInput, workers: int, threads: int, preload: bool, soft: int,
-              hard: int, pool: int) -> tuple[str, str]:
+def _snippets(inp: SizingInput, worker_class: str, workers: int, threads: int, preload: bool,
+              soft: int, hard: int, pool: int) -> tuple[str, str]:
     lines = [
         f"# gunicorn.conf.py, from `memguard suggest` ({format_size(inp.budget)} from"
         f" {inp.budget_source}, {inp.cpus:g} CPUs)",
         "from memguard.gunicorn import install",
         "",
         f"workers = {workers}",
-        f"worker_class = {inp.worker_class!r}",
+        f"worker_class = {worker_class!r}",
     ]
     if threads > 1:
         lines.append(f"threads = {threads}")
@@ -402,7 +449,7 @@ def _snippets(inp: SizingInput, workers: int, threads: int, preload: bool, soft:
         f"MEMGUARD_TOTAL_MEMORY_LIMIT={_size_text(pool)}",
     ]
     args = ["gunicorn", "-c", "python:memguard.gunicorn.conf", "-w", str(workers),
-            "-k", inp.worker_class]
+            "-k", worker_class]
     if threads > 1:
         args += ["--threads", str(threads)]
     if preload:
