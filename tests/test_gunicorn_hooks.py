@@ -3,6 +3,7 @@ shared slot table. The behaviour under real gunicorn is in test_gunicorn_recycle
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
 from collections.abc import Iterator
@@ -394,12 +395,18 @@ class RecordingRecycler:
         return True
 
 
-def _one_request_growing(monitor: Any, grow: int, others: int = 0) -> bytearray:
-    """A request that keeps ``grow`` bytes, with ``others`` more in flight beside it."""
+def _one_request_growing(monitor: Any, grow: int, others: int = 0) -> mmap.mmap | None:
+    """A request that keeps ``grow`` bytes, with ``others`` more in flight beside it.
+
+    Fresh pages of their own (an anonymous map, each page written): a bytearray could
+    reuse memory this long-lived test process freed, and RSS would not grow."""
     for _ in range(others + 1):
         monitor.before_request("/")
-    kept = bytearray(grow)
-    kept[::4096] = b"x" * len(kept[::4096])  # resident, not only reserved
+    kept = None
+    if grow:
+        kept = mmap.mmap(-1, grow)
+        for offset in range(0, grow, mmap.PAGESIZE):
+            kept[offset] = 1
     monitor.after_request()
     monitor.in_flight = 0
     return kept
@@ -437,11 +444,16 @@ def test_a_worker_counts_the_pools_largest_burst_ahead(
         monitor.ready()
         assert monitor.burst == (8 if burst_seen else 0)
         monitor.ready_at -= 60  # past the first seconds, when growth may be warming up
-        # Two requests keeping 3 MiB each: 6 MiB of growth, 18 MiB under the limit.
+        # A first request (its growth would be caches), then two keeping 3 MiB each:
+        # 6 MiB of growth, 18 MiB under the limit.
+        kept.append(_one_request_growing(monitor, 0))
         kept.append(_one_request_growing(monitor, 3 * MIB))
         kept.append(_one_request_growing(monitor, 3 * MIB))
     finally:
         recycle.set_recycler(previous)
+    for kept_map in kept:
+        if kept_map is not None:
+            kept_map.close()
     # 8 requests x 3 MiB ahead pass the limit; without a burst the worker serves on.
     assert recorder.reasons == (["soft_limit"] if burst_seen else [])
 
@@ -455,15 +467,20 @@ def test_the_worker_and_the_master_judge_the_room_for_an_overlap_alike() -> None
     for age in range(4):
         table.reset(age, 100 + age, slot_states.SERVING)
         table.set_figures(age, 70 * MIB, 20)
-    figures, committed = table.commitments(80 * MIB, asking_age=0, asking_growth=6 * MIB)
+    figures, committed = table.commitments(80 * MIB, 20 * MIB, asking_age=0,
+                                           asking_growth=6 * MIB)
     assert (figures, committed) == (280 * MIB, 326 * MIB)
     assert overlap_room(360 * MIB, 330 * MIB, figures, committed, 20 * MIB) is None
     small = SlotTable(slots=8)
     for age in range(2):
         small.reset(age, 100 + age, slot_states.SERVING)
         small.set_figures(age, 22 * MIB, 20)
-    figures, committed = small.commitments(24 * MIB, asking_age=1, asking_growth=2 * MIB)
-    assert committed == 50 * MIB
+    small.reset(2, 0, slot_states.BOOTING)  # a replacement booting: a fresh worker's
+    figures, committed = small.commitments(24 * MIB, 20 * MIB, asking_age=1,
+                                           asking_growth=2 * MIB)
+    assert committed == 70 * MIB and small.asking(0) == 0
     room = overlap_room(360 * MIB, 90 * MIB, figures, committed, 20 * MIB)
-    assert room is not None and room == 360 * MIB - 46 * MIB - 50 * MIB - 20 * MIB - int(
+    assert room is not None and room == 360 * MIB - 46 * MIB - 70 * MIB - 20 * MIB - int(
         360 * MIB * 0.15)
+    small.set_state(1, slot_states.REPLACE)
+    assert small.asking(0) == 1 and small.asking(1) == 0

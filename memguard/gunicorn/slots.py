@@ -137,13 +137,14 @@ class SlotTable:
         (way,) = struct.unpack_from("=q", self._map, self._offset(age) + 32)
         return int(way)
 
-    def commitments(self, soft: int, asking_age: int | None = None,
+    def commitments(self, soft: int, footprint: int, asking_age: int | None = None,
                     asking_growth: int = 0) -> tuple[int, int]:
         """(the live workers' own figures, summed; what they may reach, summed).
 
-        A worker may reach the larger of its figure and the soft limit ``soft``; one
-        asking for a replacement (in this table, or the worker of ``asking_age`` about
-        to ask) that plus the growth it expects meanwhile.
+        A serving worker may reach the larger of its figure and the soft limit ``soft``;
+        one asking for a replacement (in this table, or the worker of ``asking_age``
+        about to ask) that plus the growth it expects meanwhile; a booting one the
+        footprint of a fresh worker (it replaces one that leaves once it is ready).
         """
         figures = committed = 0
         asking = None if asking_age is None else asking_age % self.slots
@@ -153,10 +154,20 @@ class SlotTable:
                 continue
             if i == asking:
                 state, growth = REPLACE, asking_growth
-            ceiling = soft + growth if state == REPLACE else soft
+            if state == BOOTING:
+                ceiling = footprint
+            else:
+                ceiling = soft + growth if state == REPLACE else soft
             figures += figure
             committed += max(figure, ceiling)
         return figures, committed
+
+    def asking(self, own_age: int) -> int:
+        """Workers other than ``own_age``'s asking for a replacement: those served
+        before it, one overlap at a time."""
+        own = own_age % self.slots
+        return sum(1 for i in range(self.slots) if i != own and _SLOT.unpack_from(
+            self._map, (i + 1) * _SLOT.size)[1] == REPLACE)
 
     def pool_view(self, own_age: int) -> tuple[int, int]:
         """(memory of the workers already recycling, by their own figures; the largest

@@ -363,10 +363,15 @@ class Watchdog:
             if overlap.new_pid is not None or now - overlap.started >= REPLACEMENT_WAIT:
                 self._retire(overlap.old_pid, overlap.old_age, slot_states.SPAWN_FIRST, now)
                 overlap.retired = now
-        for pid, (worker, state) in states.items():
-            if state != slot_states.REPLACE or pid in self._leaving:
-                continue
-            asked = self._asked.setdefault(pid, now)
+        asking = [(pid, worker) for pid, (worker, state) in states.items()
+                  if state == slot_states.REPLACE and pid not in self._leaving]
+        for pid, _ in asking:
+            self._asked.setdefault(pid, now)
+        # In the order they asked: seen on the same ring, the one that expects the
+        # least growth asked first (each counts a boot for every worker before it).
+        asking.sort(key=lambda a: (self._asked[a[0]], self.slots.expected_growth(a[1].age)))
+        for pid, worker in asking:
+            asked = self._asked[pid]
             if overlap is not None:
                 # One overlap at a time: the others keep serving meanwhile, each within
                 # the growth it said it could afford (past it, it leaves on its own).
@@ -390,8 +395,9 @@ class Watchdog:
         usage = self._working_set()
         if usage is None:
             return None
-        figures, committed = self.slots.commitments(self.limits.soft or 0)
-        return overlap_room(total, usage, figures, committed, self._footprint())
+        footprint = self._footprint()
+        figures, committed = self.slots.commitments(self.limits.soft or 0, footprint)
+        return overlap_room(total, usage, figures, committed, footprint)
 
     def _footprint(self) -> int:
         """A fresh worker's memory: the smallest first sample of the pool's workers (what

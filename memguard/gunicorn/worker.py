@@ -32,6 +32,10 @@ __all__ = ["WorkerMonitor", "exit_without_teardown"]
 # Growth allowed on top of the expected one while a replacement boots (the estimate's
 # own error: a sample is one request behind).
 _RECHECK_MARGIN = 2 << 20
+# A fresh USS sample once RSS has moved this much since the last one.
+_SAMPLE_STEP = 1 << 20
+# An early ask is not retried closer to the limit than this.
+_EARLY_MIN_LEAD = 2 << 20
 # While the cgroup's usage is over the pool's budget, the working set is read at most
 # this often.
 _POOL_CHECK_SECONDS = 0.01
@@ -73,6 +77,9 @@ class WorkerMonitor:
         # replacement (booted first when the budget has room) instead of leaving now.
         self.doorbell = doorbell
         self.asked: recycle.Verdict | None = None
+        # Share of a boot's growth to ask ahead by: cut each time an early ask finds no
+        # room, so that the next is tried later (not at every sample, a USS read each).
+        self.lead_share = 1.0
         self.asked_at = 0.0
         # From fork to ready: what a replacement will take to boot (post_fork sets it).
         self.started_at = time.monotonic()
@@ -85,7 +92,10 @@ class WorkerMonitor:
         self.in_flight = 0
         self.pending = 0
         self.burst = 0  # the most requests seen pending at once, in this pool
-        self.rate = 0.0  # bytes of RSS kept per request, on average, since ready
+        # Bytes of RSS kept per request, on average, from the end of the first request
+        # (which builds the caches a replacement builds again, not a leak).
+        self.rate = 0.0
+        self.first_rss = 0
         self.ready_at = time.monotonic()
         self.decision = recycle.RecycleDecision(limits.soft, limits.hard,
                                                 jitter=recycle.LIMIT_JITTER)
@@ -190,9 +200,11 @@ class WorkerMonitor:
         if self.pending > self.burst:
             self.burst = self.pending
             self.slots.raise_burst(self.pending)
-        if self.burst:
+        if self.requests == 1:
+            self.first_rss = rss
+        elif self.burst:
             # Pending requests have already kept part of their share: count them in.
-            self.rate = max(rss - decision.baseline_rss, 0) / (self.requests + self.in_flight)
+            self.rate = max(rss - self.first_rss, 0) / (self.requests - 1 + self.in_flight)
             due = due or rss + self._ahead() >= decision.next_check_rss
         if due:
             self._checkpoint(rss)
@@ -247,13 +259,34 @@ class WorkerMonitor:
         self._recycle("pool_budget", way="stop_then_start", **figures)
 
     def _checkpoint(self, rss: int) -> None:
-        """A fresh USS sample; the full check only if the decision says a limit is near."""
-        uss = self._uss()
+        """A fresh USS sample; the full check only if the decision says a limit is near,
+        and a replacement asked for early when one could boot first."""
         decision = self.decision
-        decision.sample(uss, rss)
+        if abs(rss - decision.sample_rss) >= _SAMPLE_STEP:
+            uss = self._uss()
+            decision.sample(uss, rss)
+        else:
+            # Near a limit, with requests in flight counted ahead, a check may be due at
+            # every request: the estimate serves until RSS moves (a USS read costs
+            # milliseconds in a big worker).
+            uss = decision.estimate(rss)
         self.slots.set_figures(self.age, uss, self.requests)
-        if decision.near(uss, self._ahead()):
+        age = time.monotonic() - self.ready_at
+        if self.doorbell is not None and self.boot_seconds > 0:
+            # What it grows while a replacement boots: asked for that far ahead, the
+            # replacement is ready when this worker reaches its limit.
+            rate = max(rss - decision.baseline_rss, 0) / max(age, 0.1)
+            decision.lead = int(rate * self.boot_seconds * self.lead_share)
+        ahead = self._ahead()
+        if decision.near(uss, ahead):
             self._check()
+        elif self.asked is None and decision.due_early(uss, ahead, age):
+            figures = {"uss": uss, "rss": rss, "growth": rss - decision.baseline_rss,
+                       "baseline": decision.baseline_uss, "requests": self.requests,
+                       "age_seconds": round(age, 2), "lead": decision.lead}
+            assert decision.soft is not None
+            self._ask_for_replacement(
+                recycle.Verdict(decision.soft_reason, decision.soft, figures), early=True)
         else:
             decision.arm()
 
@@ -287,20 +320,31 @@ class WorkerMonitor:
         elif self.asked is None:
             self._ask_for_replacement(verdict)
 
-    def _ask_for_replacement(self, verdict: recycle.Verdict) -> None:
+    def _ask_for_replacement(self, verdict: recycle.Verdict, early: bool = False) -> None:
         """Keep serving, and ask the master to replace this worker: it boots the
         replacement first when the pool's budget has room for it and for what this
         worker will grow meanwhile, then tells this one to go (:meth:`retire`). Only a
         hard limit, the pool's budget, or growing past what it said it would make it
         leave on its own meanwhile. A worker that would grow by more than its limit
-        during a boot (a fast leak) leaves at once instead."""
+        during a boot (a fast leak) leaves at once instead; asked ``early`` (before its
+        limit), it serves on to its limit instead."""
         rss = system.current_rss()
         age = max(time.monotonic() - self.ready_at, 0.1)
         rate = max(rss - self.decision.baseline_rss, 0) / age  # bytes a second
-        # Two boots like this worker's: its replacement's on a busier machine, or that
-        # and part of another's it may wait for (one overlap at a time).
-        expected = int(rate * 2 * self.boot_seconds) + self._ahead() + _RECHECK_MARGIN
+        # A boot like this worker's for each worker asking before it (one overlap at a
+        # time), one for its own replacement, and one more for a busier machine.
+        boots = self.slots.asking(self.age) + 2
+        expected = int(rate * boots * self.boot_seconds) + self._ahead() + _RECHECK_MARGIN
         if expected > verdict.limit or not self._room_for_overlap(expected):
+            if early:
+                # Tried again halfway closer to the limit, and so on while that is more
+                # than a sample's step: room may come as other overlaps end, but asking
+                # at every sample would cost a USS read each.
+                lead = self.decision.lead // 2
+                self.lead_share = self.lead_share / 2 if lead >= _EARLY_MIN_LEAD else 0.0
+                self.decision.lead = lead if self.lead_share else 0
+                self.decision.arm()
+                return
             self._recycle(verdict.reason, limit=verdict.limit, way="stop_then_start",
                           **verdict.figures)
             return
@@ -328,9 +372,10 @@ class WorkerMonitor:
         working_set = self._pool.working_set()
         if working_set is None:
             return True
-        figures, committed = self.slots.commitments(self.limits.soft or 0, self.age, expected)
-        return overlap_room(total, working_set, figures, committed,
-                            self.decision.baseline_uss) is not None
+        footprint = self.decision.baseline_uss
+        figures, committed = self.slots.commitments(self.limits.soft or 0, footprint,
+                                                    self.age, expected)
+        return overlap_room(total, working_set, figures, committed, footprint) is not None
 
     def _recycle(self, reason: str, **figures: Any) -> None:
         self.recycling = True

@@ -87,6 +87,9 @@ class RecycleDecision:
         self.soft_answered = False
         self.wait_until: int | None = None
         self.observed = 0  # requests observed
+        # Growth expected while a replacement boots: a worker whose replacement can boot
+        # first asks for it this far ahead of its soft limit (:meth:`due_early`).
+        self.lead = 0
         self._last_rss: int | None = None
         self.next_check_rss = 0  # sample at the first observation
 
@@ -150,6 +153,9 @@ class RecycleDecision:
         private (which USS sees and RSS does not).
         """
         limit = self.nearest_limit()
+        soft = self.soft
+        if self.lead and soft is not None and self._soft_open():
+            limit = min(limit if limit is not None else soft, soft - self.lead)
         if limit is None:
             self.next_check_rss = 1 << 62
             return
@@ -185,14 +191,27 @@ class RecycleDecision:
         if self.soft_answered and wait_limit is not None and uss + ahead >= wait_limit:
             # Its replacement is slow to come: leave now, the pool short one worker.
             return Verdict(self.soft_reason, wait_limit, figures, urgent=True)
-        if soft is not None and not self.born_over and not self.soft_answered and (
-                uss + ahead >= soft):
+        if soft is not None and self._soft_open() and uss + ahead >= soft:
             if self.observed != 1 and not self.warmed_over(uss, age):
                 return Verdict(self.soft_reason, soft, figures)
             if uss >= soft:
                 self.born_over = True
         self.arm()
         return None
+
+    def due_early(self, uss: int, ahead: int = 0, age: float | None = None) -> bool:
+        """Within :attr:`lead` of the soft limit: time to ask for a replacement booted
+        first, so that it is ready when this worker reaches its limit, not a boot
+        later. Not a verdict: without room for the replacement the worker serves on
+        to its limit."""
+        soft = self.soft
+        return (soft is not None and self.lead > 0 and self._soft_open()
+                and self.observed > 1 and uss + ahead + self.lead >= soft
+                and not self.warmed_over(uss, age))
+
+    def _soft_open(self) -> bool:
+        """The soft limit still applies (set, not born over it, not answered yet)."""
+        return self.soft is not None and not self.born_over and not self.soft_answered
 
     def warmed_over(self, uss: int, age: float | None) -> bool:
         """Over the soft limit within seconds of starting and a few requests, having
@@ -273,7 +292,7 @@ def own_uss() -> int | None:
 _SIZE_KEYS = frozenset({"rss", "uss", "pss", "growth", "limit", "hard_limit", "baseline",
                         "figure", "usage", "budget", "swap", "expected_growth", "reserve",
                         "leaving", "ceiling", "largest_request_growth", "worker_estimate",
-                        "footprint", "room"})
+                        "footprint", "room", "lead"})
 
 
 def format_figures(figures: dict[str, Any]) -> str:
