@@ -466,6 +466,8 @@ POOL_CLASSES = {"sync": "sync", "UvicornWorker": "uvicorn_worker.UvicornWorker"}
 # --max-requests giving about memguard's restart count at the slow leak: a fresh worker's
 # ~20 MiB to the 100 MiB limit at 256 KiB a request.
 POOL_MAX_REQUESTS = 320
+# Rounds of the slow-boot pools; each round's ratio pairs two pools that ran side by side.
+POOL_ROUNDS = 5
 
 
 def _timed_load(url: str, seconds: float, clients: int) -> dict[str, Any]:
@@ -508,9 +510,12 @@ def _timed_load(url: str, seconds: float, clients: int) -> dict[str, Any]:
             "p99_ms": pct(0.99) if latencies else None}
 
 
-def _pool_row(kind: str, pattern: str, seconds: float, memguard: bool) -> dict[str, Any]:
-    """One slow-boot pool run: 3 workers of ``kind``, the app booting in 2 s and waiting
-    20 ms per request, ``pattern`` ``slow`` (256 KiB kept per request) or ``none``."""
+@contextlib.contextmanager
+def _pool(kind: str, pattern: str, memguard: bool) -> Iterator[tuple[str, Any, MemoryCgroup]]:
+    """One slow-boot pool, booted: 3 workers of ``kind``, the app booting in 2 s and
+    waiting 20 ms per request, ``pattern`` ``slow`` (256 KiB kept per request) or
+    ``none``; memguard's config or plain ``--max-requests``. Yields (name, server,
+    group)."""
     worker_class = POOL_CLASSES[kind]
     args = ["-w", str(POOL_WORKERS), "-k", worker_class, "--graceful-timeout", "10"]
     env = {**os.environ, **POOL_ENV, "LEAK_PATTERN": pattern, "PYTHONUNBUFFERED": "1"}
@@ -526,23 +531,53 @@ def _pool_row(kind: str, pattern: str, seconds: float, memguard: bool) -> dict[s
             "gunicorn", f"{APP}:{interface}_app", args, env=env, cwd=REPO, cgroup=group,
             timeout=60) as server:
         _wait_for_pool(group, POOL_WORKERS + 1)
-        load = _timed_load(server.url, seconds, POOL_CLIENTS)
+        yield name, server, group
+
+
+def _loads_at_once(urls: list[str], seconds: float, clients: int) -> list[dict[str, Any]]:
+    """:func:`_timed_load` on every URL at the same time: what this shared machine does
+    meanwhile hits every pool alike."""
+    results: list[dict[str, Any]] = [{} for _ in urls]
+
+    def run(i: int) -> None:
+        results[i] = _timed_load(urls[i], seconds, clients)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(urls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def _pool_round(kind: str, seconds: float, quick: bool) -> list[dict[str, Any]]:
+    """memguard's pool without a leak, with the slow leak, and (full mode) plain
+    ``--max-requests`` with the slow leak: booted together, loaded at once."""
+    variants = [("none", True), ("slow", True)] + ([] if quick else [("slow", False)])
+    with contextlib.ExitStack() as stack:
+        pools = [stack.enter_context(_pool(kind, pattern, memguard))
+                 for pattern, memguard in variants]
+        loads = _loads_at_once([server.url for _, server, _ in pools], seconds, POOL_CLIENTS)
         time.sleep(SETTLE)
-        log = server.log()
-        oom_kills = group.oom_kills
-    shorts = [float(x) for x in re.findall(r"the pool ran short ([\d.]+)s", log)]
-    return {"scenario": "slow_boot", "server": name, "pattern": pattern, **load,
-            "oom_kills": oom_kills,
-            "recycles": sum("recycling worker" in line for line in log.splitlines()),
-            "restarts_logged": log.count("Booting worker") - POOL_WORKERS,
-            "spawn_first": log.count("(spawn_first): the pool ran short"),
-            "stop_then_start": log.count("(stop_then_start): the pool ran short"),
-            "short_seconds_total": round(sum(shorts), 2)}
+        rows = []
+        for (name, server, group), (pattern, _), load in zip(pools, variants, loads,
+                                                              strict=True):
+            log = server.log()
+            shorts = [float(x) for x in re.findall(r"the pool ran short ([\d.]+)s", log)]
+            rows.append({
+                "scenario": "slow_boot", "server": name, "pattern": pattern, **load,
+                "oom_kills": group.oom_kills,
+                "recycles": sum("recycling worker" in line for line in log.splitlines()),
+                "restarts_logged": log.count("Booting worker") - POOL_WORKERS,
+                "spawn_first": log.count("(spawn_first): the pool ran short"),
+                "stop_then_start": log.count("(stop_then_start): the pool ran short"),
+                "short_seconds_total": round(sum(shorts), 2)})
+    return rows
 
 
 def pool_scenarios(quick: bool) -> tuple[list[dict[str, Any]], list[Bound], list[str]]:
     """The slow-boot pool, the bursty UvicornWorker comparison, and zero configuration."""
-    rounds = 1 if quick else ROUNDS
+    rounds = 1 if quick else POOL_ROUNDS
     seconds = 8.0 if quick else 20.0
     rows: list[dict[str, Any]] = []
     bounds: list[Bound] = []
@@ -550,16 +585,14 @@ def pool_scenarios(quick: bool) -> tuple[list[dict[str, Any]], list[Bound], list
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for round_ in range(rounds):
         for kind in POOL_CLASSES:
-            for pattern, memguard in (("none", True), ("slow", True), ("slow", False)):
-                if quick and not memguard:
-                    continue
-                print(f"   slow boot {kind} {pattern} memguard={memguard} "
-                      f"(round {round_ + 1}) ...", flush=True)
-                data = _pool_row(kind, pattern, seconds, memguard)
-                print(f"      {data['rps']} req/s, p99 {data['p99_ms']} ms, failed "
-                      f"{data['failed']}, OOM {data['oom_kills']}, recycles "
-                      f"{data['recycles']} ({data['spawn_first']} spawned first)", flush=True)
-                runs.setdefault((data["server"], pattern), []).append(data)
+            print(f"   slow boot {kind}: no leak, slow leak, --max-requests, loaded at once "
+                  f"(round {round_ + 1}) ...", flush=True)
+            for data in _pool_round(kind, seconds, quick):
+                print(f"      {data['server']} {data['pattern']}: {data['rps']} req/s, p99 "
+                      f"{data['p99_ms']} ms, failed {data['failed']}, OOM "
+                      f"{data['oom_kills']}, recycles {data['recycles']} "
+                      f"({data['spawn_first']} spawned first)", flush=True)
+                runs.setdefault((data["server"], data["pattern"]), []).append(data)
     for done in runs.values():
         merged = dict(done[-1])
         for key in ("rps", "p50_ms", "p99_ms", "recycles", "spawn_first"):
@@ -570,14 +603,19 @@ def pool_scenarios(quick: bool) -> tuple[list[dict[str, Any]], list[Bound], list
                                                "recycles", "spawn_first")} for r in done]
         rows.append(merged)
     for kind in POOL_CLASSES:
-        base = next((r for r in rows if r["server"] == f"memguard {kind}"
-                     and r["pattern"] == "none"), None)
+        base = runs.get((f"memguard {kind}", "none"))
         leak = next((r for r in rows if r["server"] == f"memguard {kind}"
                      and r["pattern"] == "slow"), None)
-        if base is None or leak is None or not base["rps"]:
+        if not base or leak is None:
             continue
-        leak["throughput_vs_no_leak"] = round(leak["rps"] / base["rps"], 3)
-        leak["p99_vs_no_leak"] = round(leak["p99_ms"] / base["p99_ms"], 2)
+        # Paired per round (the two pools ran side by side), then the median.
+        pairs = list(zip(runs[(leak["server"], "slow")], base, strict=True))
+        leak["throughput_vs_no_leak_rounds"] = [round(s["rps"] / b["rps"], 3)
+                                                for s, b in pairs if b["rps"]]
+        leak["p99_vs_no_leak_rounds"] = [round(s["p99_ms"] / b["p99_ms"], 2)
+                                         for s, b in pairs if b["p99_ms"]]
+        leak["throughput_vs_no_leak"] = round(median(leak["throughput_vs_no_leak_rounds"]), 3)
+        leak["p99_vs_no_leak"] = round(median(leak["p99_vs_no_leak_rounds"]), 2)
         label = f"slow boot, {kind}, slow leak"
         bounds += [Bound(f"{label}: throughput with recycles / without",
                          leak["throughput_vs_no_leak"], 0.97, at_least=True, unit="x"),
