@@ -1,5 +1,5 @@
 """gunicorn config for :mod:`tests.apps.timeline_app`: limits, lifecycle events, a
-master-side sampler, recycling by ``worker.alive = False``, and OOM-kill forensics.
+sampler in every process, recycling by ``worker.alive = False``, and OOM-kill forensics.
 
 Use: ``gunicorn -c python:tests.apps.timeline_conf tests.apps.timeline_app:app`` with
 ``MEMGUARD_EVENTS=/path/events.jsonl``.
@@ -7,13 +7,14 @@ Use: ``gunicorn -c python:tests.apps.timeline_conf tests.apps.timeline_app:app``
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
 from memguard import events, recycle, system
 from tests.apps.timeline_app import SOFT_LIMIT
 
-SAMPLE_EVERY = 0.25  # seconds between the master's samples of every worker
+SAMPLE_EVERY = 0.25  # seconds between a process's samples of itself
 
 _oom_kills = [0]
 
@@ -31,22 +32,25 @@ def on_starting(server: Any) -> None:
     events.emit("limit", **limits)
 
 
-def _sampler(server: Any) -> None:
+def _sample_self(role: str) -> None:
+    # Each process reads only its own smaps_rollup. A reader holds the memory of the
+    # process it reads until the read ends: were the kernel to OOM-kill a worker during
+    # the master's read of it, the master would free that memory after the worker had
+    # left the cgroup, and the kernel, seeing a full group and no victim still dying,
+    # would kill a second process.
     while True:
-        for pid in [server.pid, *list(server.WORKERS)]:
-            try:
-                mem = system.process_memory(pid)
-            except ProcessLookupError:
-                continue
-            role = "master" if pid == server.pid else "worker"
-            events.emit("sample", worker_pid=pid, role=role, rss=mem.rss, uss=mem.uss,
-                        pss=mem.pss)
+        mem = system.process_memory(os.getpid())
+        events.emit("sample", role=role, rss=mem.rss, uss=mem.uss, pss=mem.pss)
         threading.Event().wait(SAMPLE_EVERY)
 
 
-def when_ready(server: Any) -> None:
-    threading.Thread(target=_sampler, args=(server,), name="timeline-sampler",
+def _start_sampler(role: str) -> None:
+    threading.Thread(target=_sample_self, args=(role,), name="timeline-sampler",
                      daemon=True).start()
+
+
+def when_ready(server: Any) -> None:
+    _start_sampler("master")
 
 
 class AliveRecycler:
@@ -66,6 +70,7 @@ class AliveRecycler:
 def post_worker_init(worker: Any) -> None:
     recycle.set_recycler(AliveRecycler())
     events.emit("worker_start")
+    _start_sampler("worker")
 
 
 def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
