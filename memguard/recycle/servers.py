@@ -14,7 +14,9 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import threading
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from memguard import counters, events
@@ -124,11 +126,14 @@ class SignalRecycler(_OnceRecycler):
         return True
 
     def _stop_accepting(self) -> None:
-        """Take the running asyncio loop's listening sockets off it (best effort).
+        """Stop accepting connections in this process (best effort).
 
-        Standalone uvicorn does not hand its sockets to the app; an asyncio selector
-        loop knows them as the readers whose callback accepts connections.
+        Standalone uvicorn does not hand its sockets to the app. Under uvloop its servers
+        are closed; an asyncio selector loop knows the listening sockets as the readers
+        whose callback accepts connections, and they leave it.
         """
+        if _close_uvloop_servers(_uvicorn_servers()):
+            return
         try:
             loop = asyncio.get_running_loop()
             selector = getattr(loop, "_selector", None)
@@ -139,7 +144,7 @@ class SignalRecycler(_OnceRecycler):
                 callback = getattr(handle, "_callback", None)
                 if getattr(callback, "__name__", "") == "_accept_connection":
                     loop.remove_reader(key.fd)
-        except Exception:  # no loop, uvloop, another implementation: signal only
+        except Exception:  # no loop, another implementation: signal only
             return
 
 
@@ -189,7 +194,8 @@ class AsgiWorkerRecycler(AliveFlagRecycler):
     just after, trips asyncio's ``Server._attach`` assertion and is dropped (measured:
     3 resets in 2,000 requests). The other workers keep the listening socket. The
     worker's shutdown then waits for in-flight connections up to ``graceful_timeout``.
-    Called on the worker's event loop (from ``post_request``).
+    Called on the worker's event loop (from ``post_request``). Under uvloop its servers
+    are closed instead (:func:`stop_accepting`).
     """
 
     def _wake(self) -> None:
@@ -214,12 +220,18 @@ class UvicornWorkerRecycler(SignalRecycler):
 
 
 def stop_accepting(worker: Any) -> None:
-    """Take a gunicorn worker's listening sockets off its asyncio event loop.
+    """Stop a gunicorn worker's event loop accepting connections; those it accepted are
+    served. The other workers keep the listening sockets.
 
-    The other workers keep the sockets; connections already accepted are served. With
-    uvloop (no selector readers) this does nothing and the server's own shutdown stops
-    accepting a moment later.
+    Under uvloop the worker's servers (gunicorn's ``asgi`` worker's own, or uvicorn's)
+    are closed. On asyncio's selector loop the listening sockets are taken off the loop
+    instead (see :class:`AsgiWorkerRecycler` for why not ``Server.close()`` there).
     """
+    servers = getattr(worker, "servers", None)  # gunicorn's asgi worker
+    if servers is None and is_uvicorn_worker_class(type(worker)):
+        servers = _uvicorn_servers()
+    if _close_uvloop_servers(servers or (), getattr(worker, "sockets", ())):
+        return
     loop: Any
     try:
         loop = asyncio.get_running_loop()
@@ -232,6 +244,45 @@ def stop_accepting(worker: Any) -> None:
             loop.remove_reader(sock.fileno())
         except Exception:
             pass
+
+
+def _uvicorn_servers() -> list[Any]:
+    """The servers of the uvicorn ``Server`` running in this process, or none.
+
+    While it serves, uvicorn (0.29 and later) handles SIGTERM with its ``handle_exit``
+    method, installed with ``signal.signal``: the one public way back to it.
+    """
+    server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    if type(server).__module__ != "uvicorn.server":
+        return []
+    return list(getattr(server, "servers", ()))
+
+
+def _close_uvloop_servers(servers: Iterable[Any], listeners: Iterable[Any] = ()) -> bool:
+    """Close ``servers`` if they are uvloop's; False (nothing done) otherwise.
+
+    uvloop accepts a connection and attaches its transport in one callback, so a close
+    cannot strand one as asyncio's can; connections still in the kernel's queue stay
+    there for the other processes holding the socket. The close is a loop callback of
+    its own: run from a signal handler that interrupted the accept callback between the
+    protocol and its transport, it would drop that connection. ``listeners`` (gunicorn's
+    socket wrappers) let go of their descriptors first: libuv closes them, and a wrapper
+    closing the same number again could close a file another thread just opened.
+    """
+    servers = [s for s in servers if type(s).__module__.partition(".")[0] == "uvloop"]
+    if not servers:
+        return False
+
+    def close() -> None:
+        for listener in listeners:
+            inner = getattr(listener, "sock", None)
+            if isinstance(inner, socket.socket):
+                inner.detach()
+        for server in servers:
+            server.close()
+
+    servers[0].get_loop().call_soon_threadsafe(close)
+    return True
 
 
 def is_uvicorn_worker_class(cls: type) -> bool:
