@@ -9,11 +9,14 @@ those new requests are what tips a container over.
 from __future__ import annotations
 
 import importlib.util
+import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from tests.support.rawhttp import read_response, request_head
 from tests.support.servers import http_request, serve
 from tests.test_gunicorn_recycle import load
 
@@ -26,8 +29,7 @@ UVLOOP = importlib.util.find_spec("uvloop") is not None
 
 def _uvloop(loop: str) -> object:
     return pytest.param(loop, marks=pytest.mark.skipif(
-        not UVLOOP, reason="uvloop is not installed (the uvicorn extra brings it: "
-                           "make install)"))
+        not UVLOOP, reason="uvloop is not installed (uvicorn[standard] brings it)"))
 
 
 LOOPS = ["asyncio", _uvloop("uvloop")]
@@ -80,6 +82,28 @@ def test_a_recycling_worker_accepts_no_new_connection(kind: str, loop: str,
     assert len(answers) == 8
     assert all(isinstance(a, tuple) for a in answers), answers
     assert recycling not in {a[0] for a in answers if isinstance(a, tuple)}, log[-3000:]
+    assert "recycling worker" in log
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("kind", list(SERVERS))
+def test_a_connection_accepted_before_the_recycle_is_served_after_it(kind: str, loop: str,
+                                                                     repo: Path) -> None:
+    """A client connects, the worker accepts, and the client's request comes only after
+    the worker's recycle has started (a client slowed down between the two): it is
+    answered, not closed unanswered by the worker's shutdown."""
+    server_kind, args = SERVERS[kind](loop, 1)
+    with serve(server_kind, APP, args, cwd=repo, timeout=60) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as slow:
+            time.sleep(0.3)  # accepted by now: the loop is idle
+            status, _, _ = http_request(server.url, path="/recycle")
+            assert status == 200
+            time.sleep(0.5)  # past the signal's delay and uvicorn's next tick
+            slow.sendall(request_head("GET", "Connection: close").encode() + b"\r\n")
+            statuses, body = read_response(slow, time.monotonic() + 30)
+        log = server.log()
+    assert statuses == [200], log[-3000:]
+    assert _answer(body)[1].startswith(loop)
     assert "recycling worker" in log
 
 

@@ -102,9 +102,12 @@ class SignalRecycler(_OnceRecycler):
 
     # uvicorn's graceful shutdown closes every connection that has not started a
     # request yet, and it only stops accepting on its next tick (0.1 s): a connection
-    # accepted in between can be closed unanswered. Inside an event loop the listening
-    # sockets leave the loop first and the signal follows this much later.
+    # accepted in between would be closed unanswered. Inside an event loop the worker
+    # stops accepting first; the signal follows this much later, and then only once no
+    # connection it accepted still waits for its first request (a client slowed down
+    # between its connect and its request), for at most uvicorn's keep-alive timeout.
     SIGNAL_DELAY = 0.1
+    SIGNAL_POLL = 0.01
 
     def __init__(self, sig: int = signal.SIGTERM, logger: Any = None) -> None:
         super().__init__()
@@ -122,8 +125,33 @@ class SignalRecycler(_OnceRecycler):
         except RuntimeError:
             os.kill(os.getpid(), self.sig)
         else:
-            loop.call_later(self.SIGNAL_DELAY, os.kill, os.getpid(), self.sig)
+            # Called from a signal handler (the master's SIGUSR2), a call_later could
+            # change asyncio's timer heap while the loop pops from it.
+            loop.call_soon_threadsafe(self._signal_later, loop)
         return True
+
+    def _signal_later(self, loop: Any) -> None:
+        server = _uvicorn_server()
+        wait = getattr(getattr(server, "config", None), "timeout_keep_alive", 0)
+        deadline = loop.time() + self.SIGNAL_DELAY + wait
+        loop.call_later(self.SIGNAL_DELAY, self._signal_once_requests_started, loop, server,
+                        deadline)
+
+    def _signal_once_requests_started(self, loop: Any, server: Any, deadline: float,
+                                      passes: int = 0) -> None:
+        # Empty twice more, each time behind all the loop has queued: a connection
+        # accepted before the stop reaches uvicorn (connection_made) through up to two
+        # queued callbacks (asyncio: the accepting task, then connection_made).
+        if loop.time() < deadline:
+            if _awaiting_first_request(server):
+                loop.call_later(self.SIGNAL_POLL, self._signal_once_requests_started, loop,
+                                server, deadline)
+                return
+            if passes < 2:
+                loop.call_soon(self._signal_once_requests_started, loop, server, deadline,
+                               passes + 1)
+                return
+        os.kill(os.getpid(), self.sig)
 
     def _stop_accepting(self) -> None:
         """Stop accepting connections in this process (best effort).
@@ -132,7 +160,7 @@ class SignalRecycler(_OnceRecycler):
         are closed; an asyncio selector loop knows the listening sockets as the readers
         whose callback accepts connections, and they leave it.
         """
-        if _close_uvloop_servers(_uvicorn_servers()):
+        if _close_uvloop_servers(getattr(_uvicorn_server(), "servers", ())):
             return
         try:
             loop = asyncio.get_running_loop()
@@ -229,7 +257,7 @@ def stop_accepting(worker: Any) -> None:
     """
     servers = getattr(worker, "servers", None)  # gunicorn's asgi worker
     if servers is None and is_uvicorn_worker_class(type(worker)):
-        servers = _uvicorn_servers()
+        servers = getattr(_uvicorn_server(), "servers", None)
     if _close_uvloop_servers(servers or (), getattr(worker, "sockets", ())):
         return
     loop: Any
@@ -246,16 +274,22 @@ def stop_accepting(worker: Any) -> None:
             pass
 
 
-def _uvicorn_servers() -> list[Any]:
-    """The servers of the uvicorn ``Server`` running in this process, or none.
+def _uvicorn_server() -> Any:
+    """The uvicorn ``Server`` running in this process, or ``None``.
 
     While it serves, uvicorn (0.29 and later) handles SIGTERM with its ``handle_exit``
     method, installed with ``signal.signal``: the one public way back to it.
     """
     server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
-    if type(server).__module__ != "uvicorn.server":
-        return []
-    return list(getattr(server, "servers", ()))
+    return server if type(server).__module__ == "uvicorn.server" else None
+
+
+def _awaiting_first_request(server: Any) -> bool:
+    """Whether one of uvicorn's connections has not received its first request yet (its
+    HTTP protocols have no ``cycle`` until then)."""
+    state = getattr(server, "server_state", None)
+    connections = getattr(state, "connections", ())
+    return any(getattr(c, "cycle", False) is None for c in list(connections))
 
 
 def _close_uvloop_servers(servers: Iterable[Any], listeners: Iterable[Any] = ()) -> bool:
