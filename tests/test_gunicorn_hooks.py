@@ -467,20 +467,18 @@ def test_the_worker_and_the_master_judge_the_room_for_an_overlap_alike() -> None
     for age in range(4):
         table.reset(age, 100 + age, slot_states.SERVING)
         table.set_figures(age, 70 * MIB, 20)
-    figures, committed = table.commitments(80 * MIB, 20 * MIB, asking_age=0,
-                                           asking_growth=6 * MIB)
+    figures, committed = table.commitments(80 * MIB, asking_age=0, asking_growth=6 * MIB)
     assert (figures, committed) == (280 * MIB, 326 * MIB)
     assert overlap_room(360 * MIB, 330 * MIB, figures, committed, 20 * MIB) is None
     small = SlotTable(slots=8)
     for age in range(2):
         small.reset(age, 100 + age, slot_states.SERVING)
         small.set_figures(age, 22 * MIB, 20)
-    small.reset(2, 0, slot_states.BOOTING)  # a replacement booting: a fresh worker's
-    figures, committed = small.commitments(24 * MIB, 20 * MIB, asking_age=1,
-                                           asking_growth=2 * MIB)
-    assert committed == 70 * MIB and small.asking(0) == 0
+    small.reset(2, 0, slot_states.BOOTING)  # a replacement booting: at the soft limit too
+    figures, committed = small.commitments(24 * MIB, asking_age=1, asking_growth=2 * MIB)
+    assert committed == 74 * MIB and small.asking(0) == 0
     room = overlap_room(360 * MIB, 90 * MIB, figures, committed, 20 * MIB)
-    assert room is not None and room == 360 * MIB - 46 * MIB - 70 * MIB - 20 * MIB - int(
+    assert room is not None and room == 360 * MIB - 46 * MIB - 74 * MIB - 20 * MIB - int(
         360 * MIB * 0.15)
     small.set_state(1, slot_states.REPLACE)
     assert small.asking(0) == 1 and small.asking(1) == 0

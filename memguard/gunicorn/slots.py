@@ -137,14 +137,14 @@ class SlotTable:
         (way,) = struct.unpack_from("=q", self._map, self._offset(age) + 32)
         return int(way)
 
-    def commitments(self, soft: int, footprint: int, asking_age: int | None = None,
+    def commitments(self, soft: int, asking_age: int | None = None,
                     asking_growth: int = 0) -> tuple[int, int]:
         """(the live workers' own figures, summed; what they may reach, summed).
 
-        A serving worker may reach the larger of its figure and the soft limit ``soft``;
-        one asking for a replacement (in this table, or the worker of ``asking_age``
-        about to ask) that plus the growth it expects meanwhile; a booting one the
-        footprint of a fresh worker (it replaces one that leaves once it is ready).
+        A worker may reach the larger of its figure and the soft limit ``soft`` (a
+        booting one too: a fast leak takes a fresh worker to its limit within a boot or
+        two); one asking for a replacement (in this table, or the worker of
+        ``asking_age`` about to ask) that plus the growth it expects meanwhile.
         """
         figures = committed = 0
         asking = None if asking_age is None else asking_age % self.slots
@@ -154,10 +154,7 @@ class SlotTable:
                 continue
             if i == asking:
                 state, growth = REPLACE, asking_growth
-            if state == BOOTING:
-                ceiling = footprint
-            else:
-                ceiling = soft + growth if state == REPLACE else soft
+            ceiling = soft + growth if state == REPLACE else soft
             figures += figure
             committed += max(figure, ceiling)
         return figures, committed

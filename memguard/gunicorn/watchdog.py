@@ -395,9 +395,8 @@ class Watchdog:
         usage = self._working_set()
         if usage is None:
             return None
-        footprint = self._footprint()
-        figures, committed = self.slots.commitments(self.limits.soft or 0, footprint)
-        return overlap_room(total, usage, figures, committed, footprint)
+        figures, committed = self.slots.commitments(self.limits.soft or 0)
+        return overlap_room(total, usage, figures, committed, self._footprint())
 
     def _footprint(self) -> int:
         """A fresh worker's memory: the smallest first sample of the pool's workers (what

@@ -372,10 +372,9 @@ class WorkerMonitor:
         working_set = self._pool.working_set()
         if working_set is None:
             return True
-        footprint = self.decision.baseline_uss
-        figures, committed = self.slots.commitments(self.limits.soft or 0, footprint,
-                                                    self.age, expected)
-        return overlap_room(total, working_set, figures, committed, footprint) is not None
+        figures, committed = self.slots.commitments(self.limits.soft or 0, self.age, expected)
+        return overlap_room(total, working_set, figures, committed,
+                            self.decision.baseline_uss) is not None
 
     def _recycle(self, reason: str, **figures: Any) -> None:
         self.recycling = True
