@@ -22,6 +22,7 @@ and memguard's sync worker; memguard rows must have 0 OOM kills (hard).
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import importlib.util
 import itertools
@@ -304,13 +305,8 @@ def _load(url: str, total: int, huge_at: int | None) -> dict[str, Any]:
                 else:
                     failures[outcome] += 1
 
-    started = time.monotonic()
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(CLIENTS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return {"wall": time.monotonic() - started, "ok": ok[0], "failures": dict(failures),
+    wall = _in_threads([client] * CLIENTS)
+    return {"wall": wall, "ok": ok[0], "failures": dict(failures),
             "huge": huge.get("outcome")}
 
 
@@ -357,6 +353,17 @@ def _run_row(row: Row, pattern: str, requests: int,
         "log_recycle_lines": sum("recycl" in line.lower() for line in log.splitlines()),
         "log_sigkill_lines": log.count("SIGKILL"),
     }
+
+
+def _in_threads(targets: list[Callable[[], None]]) -> float:
+    """Run each target in its own thread, all at once; the seconds until all ended."""
+    started = time.monotonic()
+    threads = [threading.Thread(target=target, daemon=True) for target in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.monotonic() - started
 
 
 def _worker_uss(pids: set[int]) -> int:
@@ -492,13 +499,7 @@ def _timed_load(url: str, seconds: float, clients: int) -> dict[str, Any]:
                 else:
                     failures[outcome] += 1
 
-    started = time.monotonic()
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.monotonic() - started
+    wall = _in_threads([client] * clients)
     latencies.sort()
 
     def pct(q: float) -> float:
@@ -542,11 +543,7 @@ def _loads_at_once(urls: list[str], seconds: float, clients: int) -> list[dict[s
     def run(i: int) -> None:
         results[i] = _timed_load(urls[i], seconds, clients)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(urls))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _in_threads([functools.partial(run, i) for i in range(len(urls))])
     return results
 
 
