@@ -458,7 +458,7 @@ def test_a_worker_counts_the_pools_largest_burst_ahead(
     assert recorder.reasons == (["soft_limit"] if burst_seen else [])
 
 
-def test_the_worker_and_the_master_judge_the_room_for_an_overlap_alike() -> None:
+def test_room_for_an_overlap_counts_each_worker_at_what_it_may_reach() -> None:
     """Four workers near an 80 MiB soft limit in a 360 MiB budget leave no room for a
     replacement beside one of them; two workers of 24 MiB do."""
     from memguard.gunicorn.limits import overlap_room

@@ -275,8 +275,8 @@ class WorkerMonitor:
         if self.doorbell is not None and self.boot_seconds > 0:
             # What it grows while a replacement boots: asked for that far ahead, the
             # replacement is ready when this worker reaches its limit.
-            rate = max(rss - decision.baseline_rss, 0) / max(age, 0.1)
-            decision.lead = int(rate * self.boot_seconds * self.lead_share)
+            decision.lead = int(self._growth_per_second(rss) * self.boot_seconds
+                                * self.lead_share)
         ahead = self._ahead()
         if decision.near(uss, ahead):
             self._check()
@@ -329,8 +329,7 @@ class WorkerMonitor:
         during a boot (a fast leak) leaves at once instead; asked ``early`` (before its
         limit), it serves on to its limit instead."""
         rss = system.current_rss()
-        age = max(time.monotonic() - self.ready_at, 0.1)
-        rate = max(rss - self.decision.baseline_rss, 0) / age  # bytes a second
+        rate = self._growth_per_second(rss)
         # A boot like this worker's for each worker asking before it (one overlap at a
         # time), one for its own replacement, and one more for a busier machine.
         boots = self.slots.asking(self.age) + 2
@@ -360,6 +359,11 @@ class WorkerMonitor:
                                                      **verdict.figures,
                                                      "expected_growth": expected}))
         self._ring()
+
+    def _growth_per_second(self, rss: int) -> float:
+        """Bytes of RSS this worker has grown by per second since it became ready."""
+        age = max(time.monotonic() - self.ready_at, 0.1)
+        return max(rss - self.decision.baseline_rss, 0) / age
 
     def _room_for_overlap(self, expected: int) -> bool:
         """Whether the pool's budget could hold a replacement beside this worker and what
