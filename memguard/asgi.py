@@ -93,9 +93,9 @@ class MemGuardMiddleware:
             await self.app(scope, receive, send)
             return
         memory = self.memory
-        path = scope["path"]
         root = scope.get("root_path", "")
         if memory.has_endpoints:
+            path = scope["path"]
             own_path = app_path(path, root)
             handler = memory.endpoint(own_path)
             if handler is not None:
@@ -111,7 +111,7 @@ class MemGuardMiddleware:
         app_scope = scope
         try:
             if memory.shedding:
-                refusal = memory.admit(scope["method"], path, now)
+                refusal = memory.admit(scope["method"], scope["path"], now)
                 if refusal is not None and await _refuse_before_app(self, scope, send,
                                                                     refusal):
                     return
@@ -135,11 +135,15 @@ class MemGuardMiddleware:
                 request.release()
         finally:
             # 5. end: the request's route key (memguard.memory.routes.RouteKey), built here
-            # rather than in a function: on a server each Python call of ours per
-            # request costs cache misses (benchmarks/end_to_end.py).
+            # rather than in a function: on a server each Python call and each bytecode
+            # of ours per request runs with cold caches (benchmarks/end_to_end.py). The
+            # common case, a routed request outside a Mount, is its template itself.
             route = app_scope.get("route")
-            key = (None if route is None else getattr(route, "path_format", False),
-                   app_scope.get(ROUTE_KEY), app_scope.get("root_path"), root, path)
+            key = getattr(route, "path_format", None)
+            if key.__class__ is not str or app_scope.get("root_path") is not root:
+                key = (None if route is None else getattr(route, "path_format", False),
+                       app_scope.get(ROUTE_KEY), app_scope.get("root_path"), root,
+                       scope["path"])
             memory.completed.append(key)
             if sample is not None or memory.pressed:
                 memory.end(sample, key)

@@ -61,7 +61,7 @@ from memguard.http import (
     status_line,
 )
 from memguard.limits import BodyCounter, BodyPolicy, declared_over_limit
-from memguard.memory import MemoryLayer, install_flask_route_hook, wsgi_key
+from memguard.memory import ROUTE_KEY, MemoryLayer, install_flask_route_hook
 
 __all__ = ["MemGuardWSGIMiddleware", "WSGIInput"]
 
@@ -86,9 +86,8 @@ class MemGuardWSGIMiddleware:
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         memory = self.memory
-        path = environ.get("PATH_INFO", "")
         if memory.has_endpoints:
-            handler = memory.endpoint(path or "/")
+            handler = memory.endpoint(environ.get("PATH_INFO", "") or "/")
             if handler is not None:
                 answer: Iterable[bytes] = handler.wsgi(environ, start_response)
                 return answer
@@ -115,8 +114,13 @@ class MemGuardWSGIMiddleware:
                 return self.app(environ, start_response)  # wsgiref's "no length"
             return _Request(self, environ, start_response).run(now)
         finally:
-            # 5. end (the app has built its response): account it under its route.
-            key = wsgi_key(environ, _full_path(environ))
+            # 5. end (the app has built its response): its route key
+            # (memguard.memory.routes.RouteKey), the name a framework hook recorded or
+            # else the raw path, built here rather than in a function: each Python call
+            # per request runs with cold caches on a server.
+            key = environ.get(ROUTE_KEY)
+            if key.__class__ is not str:
+                key = (None, key, None, None, _full_path(environ))
             memory.completed.append(key)
             if sample is not None or memory.pressed:
                 memory.end(sample, key)

@@ -217,6 +217,29 @@ def test_flask_rule_is_recorded_by_the_wsgi_middleware() -> None:
     assert stats is not None and stats.count == 5
 
 
+@pytest.mark.parametrize(("name", "route"), [
+    ("/items/<id>", "/items/<id>"),   # the name a framework hook recorded
+    (None, "/mount/items/7"),         # none: the raw path, SCRIPT_NAME included
+    (7, "7"),                         # an app's own name that is not a str
+])
+def test_wsgi_requests_are_counted_under_their_name_or_raw_path(
+        name: Any, route: str) -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        if name is not None:
+            environ["memguard.route"] = name
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    wsgi = MemGuardWSGIMiddleware(app)
+    client = Client(wsgi)
+    for _ in range(3):
+        assert client.get("/items/7", environ_overrides={"SCRIPT_NAME": "/mount"}
+                          ).status_code == 200
+    tracker = wsgi.memory.tracker
+    assert tracker is not None
+    assert {(s.route, s.count) for s in tracker.routes() if s.count} == {(route, 3)}
+
+
 @pytest.mark.parametrize("kind", ["wsgi", "asgi"])
 def test_django_route_is_recorded(kind: str) -> None:
     from django.core.handlers.asgi import ASGIHandler

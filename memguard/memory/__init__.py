@@ -20,7 +20,6 @@ from memguard.memory.routes import (
     ROUTE_KEY,
     DjangoRouteMiddleware,
     install_flask_route_hook,
-    wsgi_key,
 )
 
 __all__ = [
@@ -29,5 +28,4 @@ __all__ = [
     "LeakReporter",
     "MemoryLayer",
     "install_flask_route_hook",
-    "wsgi_key",
 ]

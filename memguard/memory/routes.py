@@ -9,7 +9,7 @@ environ, which any app may also set itself. Otherwise the raw path is used.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 __all__ = [
@@ -20,29 +20,28 @@ __all__ = [
     "install_flask_route_hook",
     "route_key",
     "route_template",
-    "wsgi_key",
-    "wsgi_route",
 ]
 
 #: Scope / environ key under which an app or a framework hook names the route template.
 ROUTE_KEY = "memguard.route"
 
 
-#: What a request's end records, resolved to a route template later (flush()):
+#: What a request's end records, resolved to a route template later (flush()): the
+#: template itself when the middleware knows it (a str), else
 #: ``(route_format, named, inner_root, root, path)``: the ``path_format`` of the
 #: framework's route (``scope["route"]``; ``None`` without a route, False for a route
 #: without one), the name under :data:`ROUTE_KEY`, the scope's ``root_path`` after the
 #: app ran, the one the middleware saw, and the request's path. Hashable: identical
 #: keys are counted together.
-RouteKey = tuple[Any, Any, Any, Any, str]
+RouteKey = str | tuple[Any, Any, Any, Any, str]
 
 
 def route_key(template: str | None, path: str) -> RouteKey:
     """The key of a request whose template is known already (or ``None``: raw path)."""
-    return (None, template, None, None, path)
+    return template if template is not None else (None, None, None, None, path)
 
 
-def route_template(key: RouteKey) -> str | None:
+def route_template(key: tuple[Any, Any, Any, Any, str]) -> str | None:
     """The route template a key names, once the app has routed the request.
 
     Starlette (and FastAPI) set ``scope["route"]`` to the matched route, whose
@@ -64,20 +63,11 @@ def route_template(key: RouteKey) -> str | None:
 
 def hashable_key(key: RouteKey) -> RouteKey:
     """``key`` with anything unhashable in it (an app's own route name) as its ``str``."""
+    if isinstance(key, str):
+        return key
     template, named, inner_root, root, path = (
         x if isinstance(x, (str, int, type(None))) else str(x) for x in key)
     return (template, named, inner_root, root, str(path))
-
-
-def wsgi_key(environ: Mapping[str, Any], path: str) -> RouteKey:
-    """The route key of a WSGI request that has ended."""
-    return (None, environ.get(ROUTE_KEY), None, None, path)
-
-
-def wsgi_route(environ: Mapping[str, Any]) -> str | None:
-    """The route template a framework hook recorded in the WSGI environ, if any."""
-    named = environ.get(ROUTE_KEY)
-    return None if named is None else str(named)
 
 
 def install_flask_route_hook(app: Any) -> bool:

@@ -49,6 +49,7 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from itertools import repeat, starmap
 from typing import Any, NamedTuple
 
 from memguard import counters, events, system
@@ -320,7 +321,7 @@ class RequestTracker:
         completed = self.completed
         popleft = completed.popleft
         # popleft, not a copy and clear(): under threads a request may end meanwhile.
-        keys = [popleft() for _ in range(len(completed))]
+        keys = list(starmap(popleft, repeat((), len(completed))))
         try:
             batch = Counter(keys)
         except TypeError:  # something unhashable in a key (an app's own route name)
@@ -333,8 +334,12 @@ class RequestTracker:
             self._finished_n += n
 
     def _stats_for(self, key: RouteKey) -> RouteStats:
-        template = route_template(key)
-        path = key[4]
+        if isinstance(key, str):
+            template: str | None = key
+            path = key
+        else:
+            template = route_template(key)
+            path = key[4]
         stats = self._routes.get(path if template is None else template)
         if stats is None:
             stats = self._new_route(template, path)
