@@ -166,6 +166,24 @@ class SlotTable:
         return sum(1 for i in range(self.slots) if i != own and _SLOT.unpack_from(
             self._map, (i + 1) * _SLOT.size)[1] == REPLACE)
 
+    def others(self, own_age: int) -> list[int]:
+        """The figures of the workers other than ``own_age``'s that will need a
+        replacement for their limits: serving, or asking for one already."""
+        own = own_age % self.slots
+        figures = []
+        for i in range(self.slots):
+            _, state, figure, _, _, _ = _SLOT.unpack_from(self._map, (i + 1) * _SLOT.size)
+            if i != own and state in (SERVING, REPLACE):
+                figures.append(int(figure))
+        return figures
+
+    def replacing(self, own_age: int) -> bool:
+        """Whether a worker other than ``own_age``'s is asking for a replacement or
+        leaving: memory about to be given back, a turn to wait for."""
+        own = own_age % self.slots
+        return any(i != own and _SLOT.unpack_from(self._map, (i + 1) * _SLOT.size)[1]
+                   in (REPLACE, RECYCLING) for i in range(self.slots))
+
     def pool_view(self, own_age: int) -> tuple[int, int]:
         """(memory of the workers already recycling, by their own figures; the largest
         figure among the other serving workers)."""

@@ -273,10 +273,14 @@ class WorkerMonitor:
         self.slots.set_figures(self.age, uss, self.requests)
         age = time.monotonic() - self.ready_at
         if self.doorbell is not None and self.boot_seconds > 0:
-            # What it grows while a replacement boots: asked for that far ahead, the
-            # replacement is ready when this worker reaches its limit.
-            decision.lead = int(self._growth_per_second(rss) * self.boot_seconds
-                                * self.lead_share)
+            # What it grows while a replacement boots, for its own and for each worker
+            # near it in memory (one overlap at a time, they need their boots about
+            # when it does): asked for that far ahead, the replacements are ready in
+            # turn, each by its worker's limit. Workers that started together thus
+            # recycle a boot apart, and stay staggered.
+            boot_growth = self._growth_per_second(rss) * self.boot_seconds
+            boots = 1 + _neighbours(uss, self.slots.others(self.age), boot_growth)
+            decision.lead = int(boot_growth * boots * self.lead_share)
         ahead = self._ahead()
         if decision.near(uss, ahead):
             self._check()
@@ -334,7 +338,12 @@ class WorkerMonitor:
         # time), one for its own replacement, and one more for a busier machine.
         boots = self.slots.asking(self.age) + 2
         expected = int(rate * boots * self.boot_seconds) + self._ahead() + _RECHECK_MARGIN
-        if expected > verdict.limit or not self._room_for_overlap(expected):
+        uss = self.decision.estimate(rss)
+        # What it may reach beyond its soft limit meanwhile: an early ask may reach
+        # no further than the limit (what every serving worker is counted at already).
+        excess = max(uss + expected - verdict.limit, 0)
+        if expected > verdict.limit or not (self._room_for_overlap(excess)
+                                            or self._room_to_wait(excess)):
             if early:
                 # Tried again halfway closer to the limit, and so on while that is more
                 # than a sample's step: room may come as other overlaps end, but asking
@@ -349,9 +358,8 @@ class WorkerMonitor:
             return
         self.asked = verdict
         self.asked_at = time.monotonic()
-        uss = self.decision.estimate(rss)
         self.decision.answered(uss, expected)
-        self.slots.set_expected_growth(self.age, expected)
+        self.slots.set_expected_growth(self.age, excess)
         self.slots.set_state(self.age, slot_states.REPLACE)
         self.worker.log.info("memguard: worker %s asks for a replacement (%s): %s",
                              os.getpid(), verdict.reason,
@@ -365,20 +373,43 @@ class WorkerMonitor:
         age = max(time.monotonic() - self.ready_at, 0.1)
         return max(rss - self.decision.baseline_rss, 0) / age
 
-    def _room_for_overlap(self, expected: int) -> bool:
-        """Whether the pool's budget could hold a replacement beside this worker and what
-        it grows meanwhile, judged as the master will: when it cannot, asking would
-        only keep this worker serving (and growing) until the answer, stop-then-start
-        anyway."""
+    def _room_for_overlap(self, excess: int) -> bool:
+        """Whether the pool's budget could hold a replacement beside this worker and the
+        ``excess`` it may reach over its soft limit meanwhile, judged as the master
+        will: when it cannot, asking would only keep this worker serving (and growing)
+        until the answer, stop-then-start anyway."""
         total = self.limits.total
         if self._pool is None or total is None:
             return True
         working_set = self._pool.working_set()
         if working_set is None:
             return True
-        figures, committed = self.slots.commitments(self.limits.soft or 0, self.age, expected)
+        figures, committed = self.slots.commitments(self.limits.soft or 0, self.age, excess)
         return overlap_room(total, working_set, figures, committed,
                             self.decision.baseline_uss) is not None
+
+    def _room_to_wait(self, excess: int) -> bool:
+        """Whether this worker may queue its ask behind an overlap (or a recycle) under
+        way: the worker ahead is already leaving, or the budget holds the ``excess``
+        this one may reach over its soft limit until its turn; the master judges the
+        room for its replacement then, once the worker ahead has left. Without this,
+        workers that reach their limits together (a pool's first generation) all but
+        one stop before their replacements boot; queued, each overlaps in turn and
+        the generations after them stay staggered by a boot."""
+        if not self.slots.replacing(self.age):
+            return False
+        if not self.slots.asking(self.age):
+            # Nobody ahead: the worker leaving gives its memory back within a drain,
+            # and the master judges the room for this one's replacement after it.
+            return True
+        total = self.limits.total
+        if self._pool is None or total is None:
+            return True
+        working_set = self._pool.working_set()
+        if working_set is None:
+            return False
+        figures, committed = self.slots.commitments(self.limits.soft or 0, self.age, excess)
+        return overlap_room(total, working_set, figures, committed, 0) is not None
 
     def _recycle(self, reason: str, **figures: Any) -> None:
         self.recycling = True
@@ -402,3 +433,16 @@ class WorkerMonitor:
     def _uss(self) -> int:
         uss = recycle.own_uss()
         return uss if uss is not None else system.current_rss()
+
+
+def _neighbours(figure: int, others: list[int], boot_growth: float) -> int:
+    """How many of the workers at the figures ``others`` need their replacements'
+    boots about when this one does: nearest first, each counts while it is within as
+    many boots' growth as are counted so far (a pool's workers grow at about one
+    rate, so memory apart is time apart)."""
+    count = 0
+    for distance in sorted(abs(other - figure) for other in others):
+        if distance >= (count + 1) * boot_growth:
+            break
+        count += 1
+    return count
