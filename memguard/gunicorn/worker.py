@@ -335,9 +335,13 @@ class WorkerMonitor:
         rss = system.current_rss()
         rate = self._growth_per_second(rss)
         # A boot like this worker's for each worker asking before it (one overlap at a
-        # time), one for its own replacement, and one more for a busier machine.
+        # time), one for its own replacement, and one more for a busier machine; and
+        # at least one more request like its largest so far: a worker that keeps a
+        # large step every few requests takes one while it waits, whatever its
+        # average says.
         boots = self.slots.asking(self.age) + 2
-        expected = int(rate * boots * self.boot_seconds) + self._ahead() + _RECHECK_MARGIN
+        expected = max(int(rate * boots * self.boot_seconds) + self._ahead(),
+                       self.decision.largest_step) + _RECHECK_MARGIN
         uss = self.decision.estimate(rss)
         # What it may reach beyond its soft limit meanwhile: an early ask may reach
         # no further than the limit (what every serving worker is counted at already).
@@ -378,15 +382,7 @@ class WorkerMonitor:
         ``excess`` it may reach over its soft limit meanwhile, judged as the master
         will: when it cannot, asking would only keep this worker serving (and growing)
         until the answer, stop-then-start anyway."""
-        total = self.limits.total
-        if self._pool is None or total is None:
-            return True
-        working_set = self._pool.working_set()
-        if working_set is None:
-            return True
-        figures, committed = self.slots.commitments(self.limits.soft or 0, self.age, excess)
-        return overlap_room(total, working_set, figures, committed,
-                            self.decision.baseline_uss) is not None
+        return self._budget_holds(excess, self.decision.baseline_uss, unread=True)
 
     def _room_to_wait(self, excess: int) -> bool:
         """Whether this worker may queue its ask behind an overlap (or a recycle) under
@@ -402,14 +398,20 @@ class WorkerMonitor:
             # Nobody ahead: the worker leaving gives its memory back within a drain,
             # and the master judges the room for this one's replacement after it.
             return True
+        return self._budget_holds(excess, 0, unread=False)
+
+    def _budget_holds(self, excess: int, footprint: int, unread: bool) -> bool:
+        """Whether the pool's budget holds every worker at what it may reach (this one
+        ``excess`` over its soft limit) and ``footprint`` more; ``unread`` when the
+        cgroup cannot be read."""
         total = self.limits.total
         if self._pool is None or total is None:
             return True
         working_set = self._pool.working_set()
         if working_set is None:
-            return False
+            return unread
         figures, committed = self.slots.commitments(self.limits.soft or 0, self.age, excess)
-        return overlap_room(total, working_set, figures, committed, 0) is not None
+        return overlap_room(total, working_set, figures, committed, footprint) is not None
 
     def _recycle(self, reason: str, **figures: Any) -> None:
         self.recycling = True
