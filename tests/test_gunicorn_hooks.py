@@ -507,3 +507,7 @@ def test_workers_near_each_other_in_memory_ask_their_boots_ahead() -> None:
     assert table.replacing(0) and table.replacing(1)  # 1 asks, 3 leaves
     table.set_state(3, slot_states.SERVING)
     assert table.replacing(0) and not table.replacing(1)
+    # The master's measure of a replacement's boot, for workers whose own was shorter.
+    assert table.replacement_seconds() == 0.0
+    table.set_replacement_seconds(2.0135)
+    assert table.replacement_seconds() == 2.0135 and table.burst() == 0

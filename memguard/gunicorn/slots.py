@@ -84,6 +84,17 @@ class SlotTable:
         (requests,) = struct.unpack_from("=q", self._map, 8)
         return int(requests)
 
+    def set_replacement_seconds(self, seconds: float) -> None:
+        """The master saw a replacement ready ``seconds`` after the recycle decision
+        (header word 2, in microseconds)."""
+        struct.pack_into("=q", self._map, 16, int(seconds * 1e6))
+
+    def replacement_seconds(self) -> float:
+        """From a recycle decision to the replacement's readiness, last seen (0.0
+        before the first)."""
+        (micros,) = struct.unpack_from("=q", self._map, 16)
+        return int(micros) / 1e6
+
     def reset(self, age: int, pid: int = 0, state: int = EMPTY) -> None:
         _SLOT.pack_into(self._map, self._offset(age), pid, state, 0, 0, 0, 0)
         _STARTED.pack_into(self._recent, (age % self.slots) * _RECENT_SLOT, 0)

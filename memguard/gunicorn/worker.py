@@ -36,6 +36,8 @@ _RECHECK_MARGIN = 2 << 20
 _SAMPLE_STEP = 1 << 20
 # An early ask is not retried closer to the limit than this.
 _EARLY_MIN_LEAD = 2 << 20
+# Shortest interval the recent growth rate is measured over.
+_RATE_INTERVAL = 0.05
 # While the cgroup's usage is over the pool's budget, the working set is read at most
 # this often.
 _POOL_CHECK_SECONDS = 0.01
@@ -96,6 +98,8 @@ class WorkerMonitor:
         # (which builds the caches a replacement builds again, not a leak).
         self.rate = 0.0
         self.first_rss = 0
+        # Growth per second between checkpoints, smoothed: (rate, rss, when).
+        self._recent: tuple[float, int, float] | None = None
         self.ready_at = time.monotonic()
         self.decision = recycle.RecycleDecision(limits.soft, limits.hard,
                                                 jitter=recycle.LIMIT_JITTER)
@@ -278,7 +282,7 @@ class WorkerMonitor:
             # when it does): asked for that far ahead, the replacements are ready in
             # turn, each by its worker's limit. Workers that started together thus
             # recycle a boot apart, and stay staggered.
-            boot_growth = self._growth_per_second(rss) * self.boot_seconds
+            boot_growth = self._growth_per_second(rss) * self._boot()
             boots = 1 + _neighbours(uss, self.slots.others(self.age), boot_growth)
             decision.lead = int(boot_growth * boots * self.lead_share)
         ahead = self._ahead()
@@ -340,7 +344,7 @@ class WorkerMonitor:
         # large step every few requests takes one while it waits, whatever its
         # average says.
         boots = self.slots.asking(self.age) + 2
-        expected = max(int(rate * boots * self.boot_seconds) + self._ahead(),
+        expected = max(int(rate * boots * self._boot()) + self._ahead(),
                        self.decision.largest_step) + _RECHECK_MARGIN
         uss = self.decision.estimate(rss)
         # What it may reach beyond its soft limit meanwhile: an early ask may reach
@@ -372,10 +376,28 @@ class WorkerMonitor:
                                                      "expected_growth": expected}))
         self._ring()
 
+    def _boot(self) -> float:
+        """Seconds a replacement takes to be ready: this worker's own boot, or, when
+        longer, what the master last saw from a recycle decision to the replacement's
+        readiness (the arbiter's loop, a busier machine)."""
+        return max(self.boot_seconds, self.slots.replacement_seconds())
+
     def _growth_per_second(self, rss: int) -> float:
-        """Bytes of RSS this worker has grown by per second since it became ready."""
-        age = max(time.monotonic() - self.ready_at, 0.1)
-        return max(rss - self.decision.baseline_rss, 0) / age
+        """Bytes of RSS this worker grows by per second: the larger of its rate since
+        it became ready and its recent one (a worker that sat idle before its load
+        began grows faster than its lifetime average says)."""
+        now = time.monotonic()
+        lifetime = max(rss - self.decision.baseline_rss, 0) / max(now - self.ready_at, 0.1)
+        recent = self._recent
+        if recent is None:
+            self._recent = (0.0, rss, now)
+            return lifetime
+        rate, then_rss, then = recent
+        if now - then >= _RATE_INTERVAL:
+            measured = max(rss - then_rss, 0) / (now - then)
+            rate = measured if rate == 0.0 else (rate + measured) / 2
+            self._recent = (rate, rss, now)
+        return max(lifetime, rate)
 
     def _room_for_overlap(self, excess: int) -> bool:
         """Whether the pool's budget could hold a replacement beside this worker and the
