@@ -350,8 +350,13 @@ class WorkerMonitor:
         # What it may reach beyond its soft limit meanwhile: an early ask may reach
         # no further than the limit (what every serving worker is counted at already).
         excess = max(uss + expected - verdict.limit, 0)
-        if expected > verdict.limit or not (self._room_for_overlap(excess)
-                                            or self._room_to_wait(excess)):
+        # Waiting must end short of the hard limit by a request like its largest: past
+        # it the middleware sheds requests (it reads RSS) and the master stops it.
+        hard = self.limits.hard
+        past_hard = (hard is not None
+                     and max(uss, rss) + expected + self.decision.largest_step >= hard)
+        if expected > verdict.limit or past_hard or not (
+                self._room_for_overlap(excess) or self._room_to_wait(excess)):
             if early:
                 # Tried again halfway closer to the limit, and so on while that is more
                 # than a sample's step: room may come as other overlaps end, but asking
