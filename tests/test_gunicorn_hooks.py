@@ -482,32 +482,3 @@ def test_room_for_an_overlap_counts_each_worker_at_what_it_may_reach() -> None:
         360 * MIB * 0.15)
     small.set_state(1, slot_states.REPLACE)
     assert small.asking(0) == 1 and small.asking(1) == 0
-
-
-def test_workers_near_each_other_in_memory_ask_their_boots_ahead() -> None:
-    """A worker asks for its replacement a boot ahead for itself and one more for each
-    worker that needs its boot about when it does (one overlap at a time): three
-    workers at one figure count two each; a worker a long way from the others none."""
-    from memguard.gunicorn.worker import _neighbours
-
-    boot = 10 * MIB
-    assert _neighbours(60 * MIB, [60 * MIB, 61 * MIB], boot) == 2
-    assert _neighbours(60 * MIB, [65 * MIB, 78 * MIB], boot) == 2   # 5 < 10, 18 < 20
-    assert _neighbours(60 * MIB, [65 * MIB, 85 * MIB], boot) == 1   # 25 >= 20
-    assert _neighbours(20 * MIB, [75 * MIB, 90 * MIB], boot) == 0
-    assert _neighbours(60 * MIB, [], boot) == 0
-    table = SlotTable(slots=8)
-    for age, state in enumerate((slot_states.SERVING, slot_states.REPLACE,
-                                 slot_states.BOOTING, slot_states.RECYCLING)):
-        table.reset(age, 100 + age, state)
-        table.set_figures(age, (10 + age) * MIB, 5)
-    # Booting and leaving workers will not need a replacement for their limits.
-    assert sorted(table.others(0)) == [11 * MIB]
-    assert sorted(table.others(2)) == [10 * MIB, 11 * MIB]
-    assert table.replacing(0) and table.replacing(1)  # 1 asks, 3 leaves
-    table.set_state(3, slot_states.SERVING)
-    assert table.replacing(0) and not table.replacing(1)
-    # The master's measure of a replacement's boot, for workers whose own was shorter.
-    assert table.replacement_seconds() == 0.0
-    table.set_replacement_seconds(2.0135)
-    assert table.replacement_seconds() == 2.0135 and table.burst() == 0

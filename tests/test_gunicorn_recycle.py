@@ -525,29 +525,6 @@ def test_replacement_boots_before_the_worker_it_replaces_stops(
     assert timeline.max_concurrent_workers() == 3
 
 
-def test_workers_that_start_together_are_replaced_in_turn_each_booted_first(
-    group: MemoryCgroup, repo: Path, tmp_path: Path
-) -> None:
-    """Three workers start together and leak alike, so they reach their limits
-    together. One overlap at a time, they ask for their replacements a boot apart
-    (0.5 s of import here), and each replacement boots before its worker stops: the
-    pool never runs a worker short, in the first generation or after it."""
-    event_log = tmp_path / "events.jsonl"
-    env = {"MEMGUARD_WORKER_MEMORY_LIMIT": "40MiB", "MEMGUARD_EVENTS": str(event_log),
-           "LEAKY_BOOT_SECONDS": "0.5", "LEAKY_BYTES": str(256 << 10),
-           "LEAKY_REQUEST_SECONDS": "0.02"}
-    with serve("gunicorn", "tests.apps.leaky:wsgi_app", [*CONF, "-w", "3"], env=env,
-               cwd=repo, cgroup=group, ready_path="/ping", timeout=60) as server:
-        ok, failed, errors = load(server.url, count=1200, clients=3)
-        log = server.log()
-    assert (ok, failed) == (1200, 0), errors[:5]
-    assert group.oom_kills == 0
-    recorded = events(event_log)
-    ways = [e["way"] for e in recorded if e["kind"] == "replacement"]
-    assert len(ways) >= 6, log[-3000:]  # two generations at least
-    assert set(ways) == {"spawn_first"}, log[-4000:]
-
-
 @pytest.mark.parametrize("kind", ["sync", "uvicorn_worker"])
 def test_zero_configuration_keeps_a_bursty_pool_alive(
     kind: str, group: MemoryCgroup, repo: Path

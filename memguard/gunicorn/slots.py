@@ -84,17 +84,6 @@ class SlotTable:
         (requests,) = struct.unpack_from("=q", self._map, 8)
         return int(requests)
 
-    def set_replacement_seconds(self, seconds: float) -> None:
-        """The master saw a replacement ready ``seconds`` after the recycle decision
-        (header word 2, in microseconds)."""
-        struct.pack_into("=q", self._map, 16, int(seconds * 1e6))
-
-    def replacement_seconds(self) -> float:
-        """From a recycle decision to the replacement's readiness, last seen (0.0
-        before the first)."""
-        (micros,) = struct.unpack_from("=q", self._map, 16)
-        return int(micros) / 1e6
-
     def reset(self, age: int, pid: int = 0, state: int = EMPTY) -> None:
         _SLOT.pack_into(self._map, self._offset(age), pid, state, 0, 0, 0, 0)
         _STARTED.pack_into(self._recent, (age % self.slots) * _RECENT_SLOT, 0)
@@ -176,24 +165,6 @@ class SlotTable:
         own = own_age % self.slots
         return sum(1 for i in range(self.slots) if i != own and _SLOT.unpack_from(
             self._map, (i + 1) * _SLOT.size)[1] == REPLACE)
-
-    def others(self, own_age: int) -> list[int]:
-        """The figures of the workers other than ``own_age``'s that will need a
-        replacement for their limits: serving, or asking for one already."""
-        own = own_age % self.slots
-        figures = []
-        for i in range(self.slots):
-            _, state, figure, _, _, _ = _SLOT.unpack_from(self._map, (i + 1) * _SLOT.size)
-            if i != own and state in (SERVING, REPLACE):
-                figures.append(int(figure))
-        return figures
-
-    def replacing(self, own_age: int) -> bool:
-        """Whether a worker other than ``own_age``'s is asking for a replacement or
-        leaving: memory about to be given back, a turn to wait for."""
-        own = own_age % self.slots
-        return any(i != own and _SLOT.unpack_from(self._map, (i + 1) * _SLOT.size)[1]
-                   in (REPLACE, RECYCLING) for i in range(self.slots))
 
     def pool_view(self, own_age: int) -> tuple[int, int]:
         """(memory of the workers already recycling, by their own figures; the largest

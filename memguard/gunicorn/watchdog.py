@@ -477,7 +477,6 @@ class Watchdog:
                 way = "stop_then_start"
             else:
                 return  # the pool's first workers
-        self.slots.set_replacement_seconds(booted)
         self.log.info("memguard: worker %s is ready, replacing worker %s (%s): the pool "
                       "ran short %.2fs (replacement ready %.2fs after the decision)",
                       pid, replaced, way, short, booted)

@@ -36,8 +36,6 @@ _RECHECK_MARGIN = 2 << 20
 _SAMPLE_STEP = 1 << 20
 # An early ask is not retried closer to the limit than this.
 _EARLY_MIN_LEAD = 2 << 20
-# Shortest interval the recent growth rate is measured over.
-_RATE_INTERVAL = 0.05
 # While the cgroup's usage is over the pool's budget, the working set is read at most
 # this often.
 _POOL_CHECK_SECONDS = 0.01
@@ -98,8 +96,6 @@ class WorkerMonitor:
         # (which builds the caches a replacement builds again, not a leak).
         self.rate = 0.0
         self.first_rss = 0
-        # Growth per second between checkpoints, smoothed: (rate, rss, when).
-        self._recent: tuple[float, int, float] | None = None
         self.ready_at = time.monotonic()
         self.decision = recycle.RecycleDecision(limits.soft, limits.hard,
                                                 jitter=recycle.LIMIT_JITTER)
@@ -277,14 +273,10 @@ class WorkerMonitor:
         self.slots.set_figures(self.age, uss, self.requests)
         age = time.monotonic() - self.ready_at
         if self.doorbell is not None and self.boot_seconds > 0:
-            # What it grows while a replacement boots, for its own and for each worker
-            # near it in memory (one overlap at a time, they need their boots about
-            # when it does): asked for that far ahead, the replacements are ready in
-            # turn, each by its worker's limit. Workers that started together thus
-            # recycle a boot apart, and stay staggered.
-            boot_growth = self._growth_per_second(rss) * self._boot()
-            boots = 1 + _neighbours(uss, self.slots.others(self.age), boot_growth)
-            decision.lead = int(boot_growth * boots * self.lead_share)
+            # What it grows while a replacement boots: asked for that far ahead, the
+            # replacement is ready when this worker reaches its limit.
+            decision.lead = int(self._growth_per_second(rss) * self.boot_seconds
+                                * self.lead_share)
         ahead = self._ahead()
         if decision.near(uss, ahead):
             self._check()
@@ -339,24 +331,10 @@ class WorkerMonitor:
         rss = system.current_rss()
         rate = self._growth_per_second(rss)
         # A boot like this worker's for each worker asking before it (one overlap at a
-        # time), one for its own replacement, and one more for a busier machine; and
-        # at least one more request like its largest so far: a worker that keeps a
-        # large step every few requests takes one while it waits, whatever its
-        # average says.
+        # time), one for its own replacement, and one more for a busier machine.
         boots = self.slots.asking(self.age) + 2
-        expected = max(int(rate * boots * self._boot()) + self._ahead(),
-                       self.decision.largest_step) + _RECHECK_MARGIN
-        uss = self.decision.estimate(rss)
-        # What it may reach beyond its soft limit meanwhile: an early ask may reach
-        # no further than the limit (what every serving worker is counted at already).
-        excess = max(uss + expected - verdict.limit, 0)
-        # Waiting must end short of the hard limit by a request like its largest: past
-        # it the middleware sheds requests (it reads RSS) and the master stops it.
-        hard = self.limits.hard
-        past_hard = (hard is not None
-                     and max(uss, rss) + expected + self.decision.largest_step >= hard)
-        if expected > verdict.limit or past_hard or not (
-                self._room_for_overlap(excess) or self._room_to_wait(excess)):
+        expected = int(rate * boots * self.boot_seconds) + self._ahead() + _RECHECK_MARGIN
+        if expected > verdict.limit or not self._room_for_overlap(expected):
             if early:
                 # Tried again halfway closer to the limit, and so on while that is more
                 # than a sample's step: room may come as other overlaps end, but asking
@@ -371,8 +349,9 @@ class WorkerMonitor:
             return
         self.asked = verdict
         self.asked_at = time.monotonic()
+        uss = self.decision.estimate(rss)
         self.decision.answered(uss, expected)
-        self.slots.set_expected_growth(self.age, excess)
+        self.slots.set_expected_growth(self.age, expected)
         self.slots.set_state(self.age, slot_states.REPLACE)
         self.worker.log.info("memguard: worker %s asks for a replacement (%s): %s",
                              os.getpid(), verdict.reason,
@@ -381,64 +360,25 @@ class WorkerMonitor:
                                                      "expected_growth": expected}))
         self._ring()
 
-    def _boot(self) -> float:
-        """Seconds a replacement takes to be ready: this worker's own boot, or, when
-        longer, what the master last saw from a recycle decision to the replacement's
-        readiness (the arbiter's loop, a busier machine)."""
-        return max(self.boot_seconds, self.slots.replacement_seconds())
-
     def _growth_per_second(self, rss: int) -> float:
-        """Bytes of RSS this worker grows by per second: the larger of its rate since
-        it became ready and its recent one (a worker that sat idle before its load
-        began grows faster than its lifetime average says)."""
-        now = time.monotonic()
-        lifetime = max(rss - self.decision.baseline_rss, 0) / max(now - self.ready_at, 0.1)
-        recent = self._recent
-        if recent is None:
-            self._recent = (0.0, rss, now)
-            return lifetime
-        rate, then_rss, then = recent
-        if now - then >= _RATE_INTERVAL:
-            measured = max(rss - then_rss, 0) / (now - then)
-            rate = measured if rate == 0.0 else (rate + measured) / 2
-            self._recent = (rate, rss, now)
-        return max(lifetime, rate)
+        """Bytes of RSS this worker has grown by per second since it became ready."""
+        age = max(time.monotonic() - self.ready_at, 0.1)
+        return max(rss - self.decision.baseline_rss, 0) / age
 
-    def _room_for_overlap(self, excess: int) -> bool:
-        """Whether the pool's budget could hold a replacement beside this worker and the
-        ``excess`` it may reach over its soft limit meanwhile, judged as the master
-        will: when it cannot, asking would only keep this worker serving (and growing)
-        until the answer, stop-then-start anyway."""
-        return self._budget_holds(excess, self.decision.baseline_uss, unread=True)
-
-    def _room_to_wait(self, excess: int) -> bool:
-        """Whether this worker may queue its ask behind an overlap (or a recycle) under
-        way: the worker ahead is already leaving, or the budget holds the ``excess``
-        this one may reach over its soft limit until its turn; the master judges the
-        room for its replacement then, once the worker ahead has left. Without this,
-        workers that reach their limits together (a pool's first generation) all but
-        one stop before their replacements boot; queued, each overlaps in turn and
-        the generations after them stay staggered by a boot."""
-        if not self.slots.replacing(self.age):
-            return False
-        if not self.slots.asking(self.age):
-            # Nobody ahead: the worker leaving gives its memory back within a drain,
-            # and the master judges the room for this one's replacement after it.
-            return True
-        return self._budget_holds(excess, 0, unread=False)
-
-    def _budget_holds(self, excess: int, footprint: int, unread: bool) -> bool:
-        """Whether the pool's budget holds every worker at what it may reach (this one
-        ``excess`` over its soft limit) and ``footprint`` more; ``unread`` when the
-        cgroup cannot be read."""
+    def _room_for_overlap(self, expected: int) -> bool:
+        """Whether the pool's budget could hold a replacement beside this worker and what
+        it grows meanwhile, judged as the master will: when it cannot, asking would
+        only keep this worker serving (and growing) until the answer, stop-then-start
+        anyway."""
         total = self.limits.total
         if self._pool is None or total is None:
             return True
         working_set = self._pool.working_set()
         if working_set is None:
-            return unread
-        figures, committed = self.slots.commitments(self.limits.soft or 0, self.age, excess)
-        return overlap_room(total, working_set, figures, committed, footprint) is not None
+            return True
+        figures, committed = self.slots.commitments(self.limits.soft or 0, self.age, expected)
+        return overlap_room(total, working_set, figures, committed,
+                            self.decision.baseline_uss) is not None
 
     def _recycle(self, reason: str, **figures: Any) -> None:
         self.recycling = True
@@ -462,16 +402,3 @@ class WorkerMonitor:
     def _uss(self) -> int:
         uss = recycle.own_uss()
         return uss if uss is not None else system.current_rss()
-
-
-def _neighbours(figure: int, others: list[int], boot_growth: float) -> int:
-    """How many of the workers at the figures ``others`` need their replacements'
-    boots about when this one does: nearest first, each counts while it is within as
-    many boots' growth as are counted so far (a pool's workers grow at about one
-    rate, so memory apart is time apart)."""
-    count = 0
-    for distance in sorted(abs(other - figure) for other in others):
-        if distance >= (count + 1) * boot_growth:
-            break
-        count += 1
-    return count
