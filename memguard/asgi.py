@@ -135,9 +135,9 @@ class MemGuardMiddleware:
                 request.release()
         finally:
             # 5. end: the request's route key (memguard.memory.routes.RouteKey), built here
-            # rather than in a function: on a server each Python call and each bytecode
-            # of ours per request runs with cold caches (benchmarks/end_to_end.py). The
-            # common case, a routed request outside a Mount, is its template itself.
+            # rather than in a function: on a server each Python call of ours per
+            # request costs cache misses (benchmarks/end_to_end.py). The common case, a
+            # routed request outside a Mount, is its template itself.
             route = app_scope.get("route")
             key = getattr(route, "path_format", None)
             if key.__class__ is not str or app_scope.get("root_path") is not root:

@@ -49,7 +49,6 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from itertools import repeat, starmap
 from typing import Any, NamedTuple
 
 from memguard import counters, events, system
@@ -321,7 +320,7 @@ class RequestTracker:
         completed = self.completed
         popleft = completed.popleft
         # popleft, not a copy and clear(): under threads a request may end meanwhile.
-        keys = list(starmap(popleft, repeat((), len(completed))))
+        keys = [popleft() for _ in range(len(completed))]
         try:
             batch = Counter(keys)
         except TypeError:  # something unhashable in a key (an app's own route name)
