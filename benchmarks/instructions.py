@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.end_to_end import _free_port
 from benchmarks.harness import Result
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,12 +65,6 @@ def _send(port: int, count: int) -> None:
         await asyncio.gather(*(_connection(port, count // CONNECTIONS)
                                for _ in range(CONNECTIONS)))
     asyncio.run(all_connections())
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 180) -> None:
